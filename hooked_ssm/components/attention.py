@@ -1,0 +1,110 @@
+"""Full softmax attention of the Qwen3.5 / Qwen3-Next hybrids: grouped-query attention with per-head
+q/k RMS norms, partial rotary embeddings and a sigmoid output gate folded into ``q_proj``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+
+from hooked_ssm.components.norms import RMSNorm
+from hooked_ssm.config import HookedSSMConfig
+from hooked_ssm.state import AttentionCache
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class PartialRotary(nn.Module):
+    """RoPE on the first ``rotary_dim`` channels of each head (``rotate_half`` convention).
+
+    Qwen3.5's multimodal RoPE reduces to this for text, where its three position streams coincide.
+    """
+
+    def __init__(self, rotary_dim: int, theta: float):
+        super().__init__()
+        self.rotary_dim, self.theta = rotary_dim, theta
+
+    def inv_freq(self, device: torch.device) -> Tensor:
+        exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.float, device=device) / self.rotary_dim
+        return 1.0 / (self.theta**exponents)
+
+    def forward(
+        self, x: Float[Tensor, "batch pos head d_head"], positions: Tensor
+    ) -> Float[Tensor, "batch pos head d_head"]:
+        freqs = positions.float()[:, None] * self.inv_freq(x.device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype)[:, None, :], emb.sin().to(x.dtype)[:, None, :]
+        rot, rest = x[..., : emb.shape[-1]], x[..., emb.shape[-1] :]
+        return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+
+
+class GatedAttention(nn.Module):
+    def __init__(self, cfg: HookedSSMConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.d_head = cfg.n_attn_heads, cfg.n_kv_heads, cfg.d_head
+        self.output_gate = cfg.attn_output_gate
+        q_out = self.n_heads * self.d_head * (2 if self.output_gate else 1)
+        self.q_proj = nn.Linear(cfg.d_model, q_out, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.d_head, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.d_head, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.d_head, cfg.d_model, bias=False)
+        self.q_norm = RMSNorm(self.d_head, cfg.eps, cfg.norm_zero_centered)
+        self.k_norm = RMSNorm(self.d_head, cfg.eps, cfg.norm_zero_centered)
+        self.rotary = PartialRotary(cfg.rotary_dim, cfg.rope_theta)
+
+        self.hook_q = HookPoint()  # [batch, pos, head, d_head], after q_norm, before RoPE
+        self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head], after k_norm, before RoPE
+        self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_rot_q = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_rot_k = HookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos], masked, pre-softmax
+        self.hook_pattern = HookPoint()  # [batch, head, query_pos, key_pos]
+        self.hook_gate = HookPoint()  # [batch, pos, head, d_head], output-gate logits
+        self.hook_z = HookPoint()  # [batch, pos, head, d_head], gated output entering o_proj
+
+    @property
+    def W_O(self) -> Float[Tensor, "head d_head d_model"]:
+        return self.o_proj.weight.T.reshape(self.n_heads, self.d_head, -1)
+
+    def forward(
+        self,
+        x: Float[Tensor, "batch pos d_model"],
+        cache: AttentionCache | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.n_heads, -1)
+        if self.output_gate:
+            q, gate = q.chunk(2, dim=-1)
+            gate = self.hook_gate(gate)
+        q = self.hook_q(self.q_norm(q))
+        k = self.hook_k(self.k_norm(self.k_proj(x).view(batch, length, self.n_kv_heads, self.d_head)))
+        v = self.hook_v(self.v_proj(x).view(batch, length, self.n_kv_heads, self.d_head))
+
+        offset = 0 if cache is None else cache.length
+        positions = torch.arange(offset, offset + length, device=x.device)
+        q = self.hook_rot_q(self.rotary(q, positions))
+        k = self.hook_rot_k(self.rotary(k, positions))
+        if cache is not None:
+            k, v = cache.append(k, v)
+
+        group = self.n_heads // self.n_kv_heads
+        keys = k.repeat_interleave(group, dim=2)
+        values = v.repeat_interleave(group, dim=2)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, keys) * self.d_head**-0.5
+        key_positions = torch.arange(keys.shape[1], device=x.device)
+        allowed = key_positions[None, :] <= positions[:, None]  # [query, key]
+        if attention_mask is not None:  # [batch, key_pos] with 1 for real tokens
+            allowed = allowed[None, None] & attention_mask[:, None, None, -keys.shape[1] :].bool()
+        scores = self.hook_attn_scores(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min))
+        pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+        z = torch.einsum("bhqk,bkhd->bqhd", pattern, values)
+        if self.output_gate:
+            z = z * torch.sigmoid(gate)
+        z = self.hook_z(z)
+        return self.o_proj(z.reshape(batch, length, -1))

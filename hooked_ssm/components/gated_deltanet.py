@@ -1,0 +1,184 @@
+"""The Gated DeltaNet mixer of Qwen3.5 / Qwen3-Next, with every quantity of the recurrence hooked.
+
+Per value head ``h`` (key-major state ``S`` of shape ``[d_k, d_v]``)::
+
+    S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T        hook_write = b_t k_t v_t^T
+        = a_t S_{t-1} + k_t u_t^T,  u_t = b_t (v_t - a_t S_{t-1}^T k_t)   hook_delta_v = u_t
+    o_t = S_t^T q_t                                               hook_read = o_t
+    y_t = w * o_t / rms(o_t) * silu(z_t)                          hook_z = y_t
+
+``hook_write`` is the input-determined rank-1 write (the paper's native write); ``hook_delta_v``
+is the state-dependent delta-form value. An edit of either, or of ``hook_state``, becomes an
+additive change of the state at that position and so reaches every later read exactly. Edits of
+``hook_q/k/v/beta/decay`` flow into the scan as inputs (an edit of ``k`` also changes what the
+delta rule erases). Hooks are per value head, after grouped keys are expanded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+
+from hooked_ssm.components.norms import GatedRMSNorm
+from hooked_ssm.config import HookedSSMConfig
+from hooked_ssm.ops.causal_conv import causal_depthwise_conv
+from hooked_ssm.ops.gated_delta_rule import (
+    chunked_gated_delta_rule,
+    gated_delta_rule_with_edits,
+    l2_normalize,
+    recurrent_gated_delta_rule,
+)
+from hooked_ssm.state import MixerCache
+
+
+def run_hook(hook: HookPoint, x: Tensor) -> Tensor | None:
+    """Call ``hook`` on ``x``; return the edited tensor, or None if no hook changed it.
+
+    Catches both styles of edit: returning a new tensor and modifying ``x`` in place (the
+    tensor's version counter moves).
+    """
+    version = x._version
+    out = hook(x)
+    return None if (out is x and x._version == version) else out
+
+
+def changed_positions(delta: Float[Tensor, "batch pos ..."]) -> list[int]:
+    return torch.nonzero(delta.flatten(2).ne(0).any(dim=(0, 2))).flatten().tolist()
+
+
+class GatedDeltaNetMixer(nn.Module):
+    def __init__(self, cfg: HookedSSMConfig):
+        super().__init__()
+        self.n_heads, self.n_key_heads, self.d_k, self.d_v = cfg.n_heads, cfg.n_key_heads, cfg.d_k, cfg.d_v
+        self.chunk_size, self.execution = cfg.chunk_size, cfg.execution
+        key_dim, value_dim = self.n_key_heads * self.d_k, self.n_heads * self.d_v
+        self.in_proj_qkv = nn.Linear(cfg.d_model, 2 * key_dim + value_dim, bias=False)
+        self.in_proj_z = nn.Linear(cfg.d_model, value_dim, bias=False)
+        self.in_proj_b = nn.Linear(cfg.d_model, self.n_heads, bias=False)
+        self.in_proj_a = nn.Linear(cfg.d_model, self.n_heads, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(2 * key_dim + value_dim, cfg.conv_kernel))
+        nn.init.normal_(self.conv_weight, std=cfg.conv_kernel**-0.5)
+        self.A_log = nn.Parameter(torch.zeros(self.n_heads))
+        self.dt_bias = nn.Parameter(torch.ones(self.n_heads))
+        self.norm = GatedRMSNorm(self.d_v, cfg.eps)
+        self.out_proj = nn.Linear(value_dim, cfg.d_model, bias=False)
+
+        self.hook_q = HookPoint()  # [batch, pos, head, d_k]: L2-normalised, scaled by d_k**-0.5
+        self.hook_k = HookPoint()  # [batch, pos, head, d_k]: L2-normalised write/erase key
+        self.hook_v = HookPoint()  # [batch, pos, head, d_v]
+        self.hook_beta = HookPoint()  # [batch, pos, head]: write strength b_t in (0, 1)
+        self.hook_decay = HookPoint()  # [batch, pos, head]: forget gate a_t = exp(g_t) in (0, 1]
+        self.hook_gate = HookPoint()  # [batch, pos, head, d_v]: output gate logits z_t
+        self.hook_write = HookPoint()  # [batch, pos, head, d_k*d_v]: b_t k_t v_t^T, key-major
+        self.hook_delta_v = HookPoint()  # [batch, pos, head, d_v]: u_t = b_t (v_t - a_t S_{t-1}^T k_t)
+        self.hook_state = HookPoint()  # [batch, pos or selected pos, head, d_k*d_v]: S_t after the update
+        self.hook_read = HookPoint()  # [batch, pos, head, d_v]: o_t = S_t^T q_t
+        self.hook_z = HookPoint()  # [batch, pos, head, d_v]: gated-normed output entering out_proj
+
+    @property
+    def W_O(self) -> Float[Tensor, "head d_v d_model"]:
+        return self.out_proj.weight.T.reshape(self.n_heads, self.d_v, -1)
+
+    def forward(
+        self,
+        x: Float[Tensor, "batch pos d_model"],
+        cache: MixerCache | None = None,
+        attention_mask: Tensor | None = None,
+        state_positions: Sequence[int] | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        if attention_mask is not None:  # padded tokens write nothing (k = 0), as in transformers
+            x = x * attention_mask[:, -x.shape[1] :, None].to(x.dtype)
+        batch, length, _ = x.shape
+        key_dim = self.n_key_heads * self.d_k
+        conv_out, conv_state = causal_depthwise_conv(
+            self.in_proj_qkv(x), self.conv_weight, conv_state=None if cache is None else cache.conv_state
+        )
+        q, k, v = F.silu(conv_out).split([key_dim, key_dim, self.n_heads * self.d_v], dim=-1)
+        group = self.n_heads // self.n_key_heads
+        q = l2_normalize(q.float().view(batch, length, -1, self.d_k)).repeat_interleave(group, dim=2)
+        k = l2_normalize(k.float().view(batch, length, -1, self.d_k)).repeat_interleave(group, dim=2)
+        q = self.hook_q(q * self.d_k**-0.5)
+        k = self.hook_k(k)
+        v = self.hook_v(v.float().view(batch, length, self.n_heads, self.d_v))
+        beta = self.hook_beta(torch.sigmoid(self.in_proj_b(x)).float())
+        g = self._log_decay(x)
+        z = self.hook_gate(self.in_proj_z(x).view(batch, length, self.n_heads, self.d_v))
+
+        initial_state = None if cache is None else cache.ssm_state
+        o, final_state = self._scan(q, k, v, beta, g, initial_state, state_positions)
+        if cache is not None:
+            cache.conv_state, cache.ssm_state = conv_state, final_state
+
+        o = self.hook_read(o.to(x.dtype))
+        y = self.hook_z(self.norm(o, z))
+        return self.out_proj(y.reshape(batch, length, -1))
+
+    def _log_decay(self, x: Tensor) -> Float[Tensor, "batch pos head"]:
+        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
+        if not self.hook_decay.has_hooks():
+            return g
+        native = g.exp()
+        hooked = run_hook(self.hook_decay, native.clone())
+        # Keep the exact log where the hook left a value alone (exp/log round trips lose bits).
+        return g if hooked is None else torch.where(hooked == native, g, hooked.log())
+
+    def _scan(self, q, k, v, beta, g, initial_state, state_positions):
+        """Run the recurrence, honouring edits made through hook_write / hook_delta_v / hook_state."""
+        edits: dict[int, Tensor] = {}
+        if self.hook_write.has_hooks():
+            edits = self._write_edits(q.shape, k, v, beta)
+        want_states = self.hook_state.has_hooks()
+        want_delta_v = self.hook_delta_v.has_hooks()
+        if not (edits or want_states or want_delta_v):
+            if self.execution == "recurrent":
+                return recurrent_gated_delta_rule(q, k, v, beta, g, initial_state)[:2]
+            return chunked_gated_delta_rule(q, k, v, beta, g, initial_state, self.chunk_size)
+
+        positions = list(range(q.shape[1])) if state_positions is None else list(state_positions)
+        run = lambda edits, positions, delta_v: self._scan_with_edits(  # noqa: E731
+            q, k, v, beta, g, initial_state, edits, positions, delta_v
+        )
+        o, state, states, delta_v = run(edits, positions if want_states else None, want_delta_v)
+
+        # Observation hooks that may edit: their edits are additive state changes at their positions.
+        later_edits: dict[int, Tensor] = {}
+        if want_delta_v:
+            hooked = run_hook(self.hook_delta_v, delta_v)
+            if hooked is not None:
+                native = run(edits, None, True)[3]
+                diff = hooked - native
+                for t in changed_positions(diff):
+                    later_edits[t] = k[:, t, :, :, None] * diff[:, t, :, None, :]
+        if want_states:
+            flat = states.flatten(-2)
+            hooked = run_hook(self.hook_state, flat)
+            if hooked is not None:
+                native = run(edits, positions, False)[2].flatten(-2)
+                diff = (hooked - native).view(states.shape)
+                for i in changed_positions(diff):
+                    later_edits[positions[i]] = later_edits.get(positions[i], 0) + diff[:, i]
+        if later_edits:
+            for t, delta in later_edits.items():
+                edits[t] = edits[t] + delta if t in edits else delta
+            o, state = run(edits, None, False)[:2]
+        return o, state
+
+    def _write_edits(self, shape, k, v, beta) -> dict[int, Tensor]:
+        batch, length, heads, _ = shape
+        native = lambda: (beta[..., None, None] * k[..., :, None] * v[..., None, :]).flatten(-2)  # noqa: E731
+        hooked = run_hook(self.hook_write, native())
+        if hooked is None:
+            return {}
+        diff = (hooked - native()).view(batch, length, heads, self.d_k, self.d_v)
+        return {t: diff[:, t] for t in changed_positions(diff)}
+
+    def _scan_with_edits(self, q, k, v, beta, g, initial_state, edits, positions, delta_v):
+        if delta_v or self.execution == "recurrent":
+            return recurrent_gated_delta_rule(q, k, v, beta, g, initial_state, edits, positions, delta_v)
+        return (*gated_delta_rule_with_edits(q, k, v, beta, g, initial_state, edits, positions, self.chunk_size), None)

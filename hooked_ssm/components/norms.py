@@ -1,0 +1,47 @@
+"""RMS norms: the residual-stream norm and the per-head gated norm of recurrent mixers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32. ``zero_centered`` scales by ``1 + w`` (Qwen3.5 / Qwen3-Next)."""
+
+    def __init__(self, d: int, eps: float, zero_centered: bool):
+        super().__init__()
+        self.eps = eps
+        self.zero_centered = zero_centered
+        self.w = nn.Parameter(torch.zeros(d) if zero_centered else torch.ones(d))
+        self.hook_normalized = HookPoint()  # [batch, pos, d] (or [batch, pos, head, d] for per-head norms)
+
+    def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        scale = (1.0 + self.w.float()) if self.zero_centered else self.w.float()
+        return self.hook_normalized((normed * scale).type_as(x))
+
+
+class GatedRMSNorm(nn.Module):
+    """Per-head RMS norm followed by a SiLU gate: ``w * o / rms(o) * silu(z)`` (norm before gate).
+
+    The cast points follow transformers' ``Qwen3_5RMSNormGated`` so bf16 runs match it too.
+    """
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.w = nn.Parameter(torch.ones(d))
+
+    def forward(
+        self, o: Float[Tensor, "... d"], gate: Float[Tensor, "... d"]
+    ) -> Float[Tensor, "... d"]:
+        dtype = o.dtype
+        o32 = o.float()
+        normed = (o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+        return (self.w * normed * F.silu(gate.float())).to(dtype)

@@ -1,0 +1,363 @@
+"""``HookedSSM``: a TransformerLens-style hooked model for recurrent-state (hybrid) language models."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens.HookedTransformer import Output
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.utilities import USE_DEFAULT_VALUE, Slice, lm_cross_entropy_loss, sample_logits
+from transformers import PreTrainedTokenizerBase
+
+from hooked_ssm.components.block import Block
+from hooked_ssm.components.embed import Embed, Unembed
+from hooked_ssm.components.norms import RMSNorm
+from hooked_ssm.config import HookedSSMConfig
+from hooked_ssm.hook_names import resolve_hook_name
+from hooked_ssm.state import RecurrentState
+
+TextOrTokens = str | list[str] | Int[Tensor, "batch pos"] | Int[Tensor, "pos"]
+ReturnType = Literal["logits", "loss", "both"] | None
+# Hooks whose position dim may already be a selection (see `state_positions`).
+_STATE_HOOK_SUFFIX = "hook_state"
+# Attention patterns are [batch, head, query_pos, key_pos]: their query position is dim 2.
+_QUERY_POS_DIM2_SUFFIXES = ("hook_attn_scores", "hook_pattern")
+
+
+class HookedSSM(HookedRootModule):
+    """A hybrid recurrent LM with every per-token quantity of its recurrence exposed as a HookPoint.
+
+    Mirrors ``HookedTransformer``: ``forward``, ``run_with_hooks``, ``run_with_cache``, ``hooks``,
+    ``generate``, the tokenizer helpers and the weight properties. Recurrent mixers live at
+    ``blocks.{l}.mixer`` (hooks ``hook_q/k/v/beta/decay/gate/write/delta_v/state/read/z``), full
+    attention layers at ``blocks.{l}.attn``.
+    """
+
+    def __init__(
+        self,
+        cfg: HookedSSMConfig,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        move_to_device: bool = True,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embed(cfg.d_vocab, cfg.d_model)
+        self.hook_embed = HookPoint()  # [batch, pos, d_model]
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
+        self.ln_final = RMSNorm(cfg.d_model, cfg.eps, cfg.norm_zero_centered)
+        self.unembed = Unembed(cfg.d_vocab, cfg.d_model)
+        if cfg.tie_word_embeddings:
+            self.unembed.weight = self.embed.W_E
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        if tokenizer is not None:
+            self.set_tokenizer(tokenizer)
+        # Absolute index of position 0 of the running forward call (non-zero while decoding with a
+        # RecurrentState), so hooks can target absolute positions during generation.
+        self.current_position_offset = 0
+        if move_to_device:
+            self.to(cfg.device, cfg.dtype)
+        self.setup()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_name_or_path: str | Path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        **config_overrides: Any,
+    ) -> "HookedSSM":
+        """Load a Hugging Face checkpoint (a local directory or a Hub id) or a bundled toy model.
+
+        ``config_overrides`` set HookedSSMConfig fields (e.g. ``execution="recurrent"``).
+        """
+        from hooked_ssm.pretrained import load_pretrained
+
+        return load_pretrained(cls, model_name_or_path, device, dtype, tokenizer, **config_overrides)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input: TextOrTokens,
+        return_type: ReturnType = "logits",
+        loss_per_token: bool = False,
+        prepend_bos: bool | None = USE_DEFAULT_VALUE,
+        padding_side: Literal["left", "right"] | None = USE_DEFAULT_VALUE,
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        stop_at_layer: int | None = None,
+        past_state: RecurrentState | None = None,
+        state_positions: Sequence[int] | None = None,
+    ) -> Any:
+        """Run the model.
+
+        Args:
+            input: text, a list of texts, or token ids ``[batch, pos]`` / ``[pos]``.
+            return_type: "logits", "loss" (mean next-token loss), "both" (``Output(logits, loss)``) or None.
+            stop_at_layer: run only blocks ``[0, stop_at_layer)`` and return the residual stream.
+            past_state: a ``RecurrentState`` to continue from; it is updated in place.
+            state_positions: positions (of this call) at which ``hook_state`` materialises the state.
+                Default: every position. Only paid for when ``hook_state`` has hooks.
+        """
+        if isinstance(input, (str, list)):
+            tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
+        else:
+            tokens = input if input.dim() == 2 else input.unsqueeze(0)
+        tokens = self._check_tokens(tokens)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(tokens.device)
+        self.current_position_offset = 0 if past_state is None else past_state.n_tokens
+
+        resid = self.hook_embed(self.embed(tokens))
+        for layer, block in enumerate(self.blocks[:stop_at_layer]):
+            cache = None if past_state is None else past_state.layers[layer]
+            resid = block(resid, cache, attention_mask, state_positions)
+        if stop_at_layer is not None:
+            return resid
+        if past_state is not None:
+            past_state.n_tokens += tokens.shape[1]
+        if return_type is None:
+            return None
+        logits = self.unembed(self.ln_final(resid))
+        if return_type == "logits":
+            return logits
+        loss = lm_cross_entropy_loss(logits, tokens, attention_mask, per_token=loss_per_token)
+        return loss if return_type == "loss" else Output(logits, loss)
+
+    def _check_tokens(self, tokens: Tensor) -> Tensor:
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"Token ids must be an integer tensor, got {tokens.dtype}.")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.cfg.d_vocab):
+            raise ValueError(
+                f"Token ids must lie in [0, {self.cfg.d_vocab}) (d_vocab); got values in "
+                f"[{int(tokens.min())}, {int(tokens.max())}]. Was the input tokenized for another model?"
+            )
+        return tokens.to(self.cfg.device)
+
+    # ------------------------------------------------------------------ hooks
+    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:
+        if isinstance(name, str):
+            name = resolve_hook_name(name, self.hook_dict)
+        super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+
+    def _enable_hook_with_name(self, name: str, hook, dir) -> None:
+        # Used by `hooks()` / `run_with_hooks`: same name checks as `add_hook`.
+        super()._enable_hook_with_name(resolve_hook_name(name, self.hook_dict), hook, dir)
+
+    def run_with_cache(
+        self,
+        *model_args: Any,
+        names_filter: str | list[str] | Any = None,
+        device: str | torch.device | None = None,
+        remove_batch_dim: bool = False,
+        incl_bwd: bool = False,
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        pos_slice: Slice | int | list[int] | tuple | None = None,
+        return_cache_object: bool = True,
+        **model_kwargs: Any,
+    ) -> tuple[Any, ActivationCache | dict[str, Tensor]]:
+        """Run the model and cache activations (an ``ActivationCache`` by default).
+
+        ``pos_slice`` selects positions on the position dim (dim 1, or dim 2 of attention patterns).
+        When it is given, ``hook_state`` materialises only the selected positions instead of the
+        whole trajectory.
+        """
+        if isinstance(names_filter, str):
+            names_filter = [names_filter]
+        if isinstance(names_filter, list):
+            names_filter = [resolve_hook_name(name, self.hook_dict) for name in names_filter]
+        positions = None
+        if pos_slice is not None:
+            pos_slice = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
+            if "state_positions" not in model_kwargs:
+                length = self._input_length(model_args[0] if model_args else model_kwargs["input"], model_kwargs)
+                positions = pos_slice.indices(length).tolist()
+                model_kwargs["state_positions"] = positions
+        out, cache = super().run_with_cache(
+            *model_args,
+            names_filter=names_filter,
+            device=device,
+            remove_batch_dim=remove_batch_dim,
+            incl_bwd=incl_bwd,
+            reset_hooks_end=reset_hooks_end,
+            clear_contexts=clear_contexts,
+            **model_kwargs,
+        )
+        if pos_slice is not None:
+            cache = {name: self._slice_positions(name, act, pos_slice, remove_batch_dim, positions is not None)
+                     for name, act in cache.items()}
+        if return_cache_object:
+            cache = ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+        return out, cache
+
+    def _input_length(self, input: Any, model_kwargs: dict[str, Any]) -> int:
+        if isinstance(input, (str, list)):
+            input = self.to_tokens(input, prepend_bos=model_kwargs.get("prepend_bos"))
+        return input.shape[-1]
+
+    @staticmethod
+    def _slice_positions(name: str, act: Tensor, pos_slice: Slice, no_batch: bool, states_selected: bool) -> Tensor:
+        if states_selected and name.removesuffix("_grad").endswith(_STATE_HOOK_SUFFIX):
+            return act  # already materialised at the selected positions only
+        dim = 2 if name.removesuffix("_grad").endswith(_QUERY_POS_DIM2_SUFFIXES) else 1
+        dim -= int(no_batch)
+        return pos_slice.apply(act, dim=dim) if act.dim() > dim else act
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        input: TextOrTokens = "",
+        max_new_tokens: int = 10,
+        stop_at_eos: bool = True,
+        eos_token_id: int | None = None,
+        do_sample: bool = True,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float = 1.0,
+        freq_penalty: float = 0.0,
+        use_past_kv_cache: bool = True,
+        prepend_bos: bool | None = USE_DEFAULT_VALUE,
+        padding_side: Literal["left", "right"] | None = USE_DEFAULT_VALUE,
+        return_type: Literal["input", "str", "tokens"] = "input",
+        verbose: bool = True,
+    ) -> Int[Tensor, "batch pos_plus_new"] | str | list[str]:
+        """Sample (or greedily decode with ``do_sample=False``) ``max_new_tokens`` tokens.
+
+        With ``use_past_kv_cache`` (default) each new token costs one step of the recurrence via a
+        ``RecurrentState``; otherwise the whole sequence is re-run each step. Hooks stay live, so an
+        edit installed during decoding takes effect (``current_position_offset`` gives the absolute
+        position of the token being processed).
+        """
+        text_input = isinstance(input, (str, list))
+        tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side) if text_input else input
+        tokens = self._check_tokens(tokens if tokens.dim() == 2 else tokens.unsqueeze(0))
+        if stop_at_eos and eos_token_id is None:
+            eos_token_id = self.cfg.eos_token_id if self.tokenizer is None else self.tokenizer.eos_token_id
+            if eos_token_id is None:
+                raise ValueError("stop_at_eos=True needs an eos_token_id (the model's tokenizer has none).")
+        finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        state = RecurrentState.empty(self.cfg.layer_types) if use_past_kv_cache else None
+        new_tokens = tokens
+        for _ in tqdm(range(max_new_tokens), disable=not verbose):
+            logits = self.forward(new_tokens if use_past_kv_cache else tokens, past_state=state)[:, -1]
+            if do_sample:
+                next_token = sample_logits(logits, top_k, top_p, temperature, freq_penalty, tokens=tokens)
+            else:
+                next_token = logits.argmax(dim=-1)
+            if stop_at_eos:
+                next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
+                finished |= next_token == eos_token_id
+            new_tokens = next_token[:, None]
+            tokens = torch.cat([tokens, new_tokens], dim=1)
+            if stop_at_eos and finished.all():
+                break
+        if return_type == "tokens" or (return_type == "input" and not text_input):
+            return tokens
+        strings = self.to_string(tokens)
+        return strings[0] if isinstance(input, str) or (return_type == "str" and len(strings) == 1) else strings
+
+    # ------------------------------------------------------------------ tokenizer
+    def set_tokenizer(self, tokenizer: PreTrainedTokenizerBase, default_padding_side: str | None = None) -> None:
+        """Attach a tokenizer without any Hub access (unlike HookedTransformer.set_tokenizer)."""
+        self.tokenizer = tokenizer
+        if default_padding_side is not None:
+            tokenizer.padding_side = default_padding_side
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        empty = tokenizer("")["input_ids"]
+        self.cfg.tokenizer_prepends_bos = bool(empty) and empty[0] == tokenizer.bos_token_id
+        if tokenizer.bos_token is None:
+            self.cfg.default_prepend_bos = False
+
+    def _require_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
+            raise ValueError("This model has no tokenizer: pass tokenizer= to from_pretrained or call set_tokenizer().")
+        return self.tokenizer
+
+    def to_tokens(
+        self,
+        input: str | list[str],
+        prepend_bos: bool | None = USE_DEFAULT_VALUE,
+        padding_side: Literal["left", "right"] | None = USE_DEFAULT_VALUE,
+        move_to_device: bool = True,
+        truncate: bool = True,
+    ) -> Int[Tensor, "batch pos"]:
+        tokenizer = self._require_tokenizer()
+        prepend_bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+        texts = [input] if isinstance(input, str) else list(input)
+        if prepend_bos and not self.cfg.tokenizer_prepends_bos:
+            if tokenizer.bos_token is None:
+                raise ValueError("The tokenizer has no BOS token; call with prepend_bos=False.")
+            texts = [tokenizer.bos_token + text for text in texts]
+        side = padding_side or tokenizer.padding_side or self.cfg.default_padding_side
+        previous_side, tokenizer.padding_side = tokenizer.padding_side, side
+        try:
+            tokens = tokenizer(
+                texts, return_tensors="pt", padding=True, truncation=truncate, max_length=self.cfg.n_ctx if truncate else None
+            )["input_ids"]
+        finally:
+            tokenizer.padding_side = previous_side
+        return tokens.to(self.cfg.device) if move_to_device else tokens
+
+    def to_string(self, tokens: Int[Tensor, "... pos"] | list[int]) -> str | list[str]:
+        tokenizer = self._require_tokenizer()
+        tokens = torch.as_tensor(tokens)
+        if tokens.dim() <= 1:
+            return tokenizer.decode(tokens.tolist())
+        return [tokenizer.decode(row.tolist()) for row in tokens]
+
+    def to_str_tokens(
+        self,
+        input: str | Int[Tensor, "pos"] | list[int],
+        prepend_bos: bool | None = USE_DEFAULT_VALUE,
+        padding_side: Literal["left", "right"] | None = USE_DEFAULT_VALUE,
+    ) -> list[str]:
+        tokenizer = self._require_tokenizer()
+        if isinstance(input, str):
+            input = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)[0]
+        ids = torch.as_tensor(input).flatten().tolist()
+        return [tokenizer.decode([token]) for token in ids]
+
+    def to_single_token(self, string: str) -> int:
+        tokens = self.to_tokens(string, prepend_bos=False)[0]
+        if tokens.numel() != 1:
+            raise ValueError(f"{string!r} is {tokens.numel()} tokens, not one: {self.to_str_tokens(tokens)}.")
+        return int(tokens[0])
+
+    # ------------------------------------------------------------------ weights and devices
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        return self.embed.W_E
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.unembed.W_U
+
+    @property
+    def W_O(self) -> list[Float[Tensor, "head d_head d_model"]]:
+        """Per layer, the output projection of its mixer or attention, split by head."""
+        return [(block.attn if block.layer_type == "full_attention" else block.mixer).W_O for block in self.blocks]
+
+    def to(self, *args: Any, **kwargs: Any) -> "HookedSSM":
+        device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None:
+            self.cfg.device = str(device)
+        if dtype is not None:
+            self.cfg.dtype = dtype
+        return super().to(*args, **kwargs)
+
+    def cuda(self, device: int | torch.device | None = None) -> "HookedSSM":
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else (device or "cuda"))
+
+    def cpu(self) -> "HookedSSM":
+        return self.to("cpu")

@@ -1,0 +1,1 @@
+"""Recurrences and sequence ops as pure functions (no hooks, no modules)."""

@@ -1,0 +1,183 @@
+"""The gated delta rule as pure functions: a recurrent (reference) form, a chunked form, and a
+form that applies exact additive edits to the state at chosen positions.
+
+Orientation is key-major throughout: per head the state ``S`` is ``[d_k, d_v]`` and
+
+    S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T        (the update)
+    o_t = S_t^T q_t                                                        (the read, after the update)
+
+with ``alpha_t = exp(g_t)``. Inputs are expected already normalised and scaled (``q`` carries the
+``d_k ** -0.5`` factor), already expanded to one key per value head, and in float32.
+
+The update is affine in ``S``: the transition ``alpha_t (I - beta_t k_t k_t^T)`` does not depend on
+the state. So adding a matrix ``D`` to ``S_t`` (a write edit, a state edit) is exact if the scan is
+split at ``t``: scan up to ``t``, add ``D`` to the carried state, correct the read at ``t``, scan on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+# Per-position additive edits of the state after the update at that position: {t: [batch, head, d_k, d_v]}.
+StateEdits = Mapping[int, Float[Tensor, "batch head d_k d_v"]]
+
+
+def l2_normalize(x: Float[Tensor, "... d"], eps: float = 1e-6) -> Float[Tensor, "... d"]:
+    """``x / sqrt(sum(x^2) + eps)``: the eps sits inside the root (the FLA / transformers convention)."""
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def _zero_state(k: Tensor, v: Tensor) -> Tensor:
+    batch, _, heads, d_k = k.shape
+    return k.new_zeros(batch, heads, d_k, v.shape[-1])
+
+
+def recurrent_gated_delta_rule(
+    q: Float[Tensor, "batch pos head d_k"],
+    k: Float[Tensor, "batch pos head d_k"],
+    v: Float[Tensor, "batch pos head d_v"],
+    beta: Float[Tensor, "batch pos head"],
+    g: Float[Tensor, "batch pos head"],
+    initial_state: Float[Tensor, "batch head d_k d_v"] | None = None,
+    edits: StateEdits | None = None,
+    state_positions: Sequence[int] | None = None,
+    return_delta_v: bool = False,
+) -> tuple[
+    Float[Tensor, "batch pos head d_v"],
+    Float[Tensor, "batch head d_k d_v"],
+    Float[Tensor, "batch n_sel head d_k d_v"] | None,
+    Float[Tensor, "batch pos head d_v"] | None,
+]:
+    """Token-by-token gated delta rule, the reference every faster form is tested against.
+
+    Returns ``(o, final_state, states, delta_v)``: ``states`` holds ``S_t`` (after any edit at ``t``)
+    for each position in ``state_positions``; ``delta_v`` holds the delta-form value
+    ``u_t = beta_t (v_t - alpha_t S_{t-1}^T k_t)``, the value actually written (``S_t = alpha_t S_{t-1} + k_t u_t^T``).
+    """
+    state = _zero_state(k, v) if initial_state is None else initial_state
+    edits = edits or {}
+    wanted = set(state_positions or ())
+    outputs, states, delta_vs = [], {}, []
+    for t in range(q.shape[1]):
+        state = state * g[:, t].exp()[..., None, None]
+        predicted = torch.einsum("bhkv,bhk->bhv", state, k[:, t])
+        delta_v = beta[:, t, :, None] * (v[:, t] - predicted)
+        state = state + k[:, t, :, :, None] * delta_v[:, :, None, :]
+        if t in edits:
+            state = state + edits[t]
+        outputs.append(torch.einsum("bhkv,bhk->bhv", state, q[:, t]))
+        if t in wanted:
+            states[t] = state
+        if return_delta_v:
+            delta_vs.append(delta_v)
+    o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(v.shape)
+    selected = torch.stack([states[t] for t in state_positions], dim=1) if state_positions else None
+    return o, state, selected, torch.stack(delta_vs, dim=1) if return_delta_v else None
+
+
+def chunked_gated_delta_rule(
+    q: Float[Tensor, "batch pos head d_k"],
+    k: Float[Tensor, "batch pos head d_k"],
+    v: Float[Tensor, "batch pos head d_v"],
+    beta: Float[Tensor, "batch pos head"],
+    g: Float[Tensor, "batch pos head"],
+    initial_state: Float[Tensor, "batch head d_k d_v"] | None = None,
+    chunk_size: int = 64,
+) -> tuple[Float[Tensor, "batch pos head d_v"], Float[Tensor, "batch head d_k d_v"]]:
+    """Chunkwise-parallel gated delta rule (the WY / UT-transform algorithm of Yang et al.).
+
+    Inside a chunk the ``c`` delta-rule updates collapse into one triangular solve; chunks are then
+    scanned sequentially. Padding to a multiple of ``chunk_size`` uses ``g = 0, beta = 0`` tokens,
+    which leave the state untouched.
+    """
+    batch, length, heads, d_k = k.shape
+    state = _zero_state(k, v) if initial_state is None else initial_state
+    if length == 0:
+        return v.new_zeros(v.shape), state
+    pad = (-length) % chunk_size
+    # [batch, head, n_chunks, chunk, ...]
+    def to_chunks(x: Tensor) -> Tensor:
+        x = x.transpose(1, 2)
+        x = F.pad(x, (0, 0, 0, pad)) if x.dim() == 4 else F.pad(x, (0, pad))
+        return x.reshape(batch, heads, -1, chunk_size, *x.shape[3:])
+
+    q_c, k_c, v_c, beta_c, g_c = map(to_chunks, (q, k, v, beta, g))
+    cum_g = g_c.cumsum(dim=-1)  # log of the decay from the chunk start to each position
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
+    # decay[i, j] = exp(cum_g_i - cum_g_j) for j <= i, 0 above the diagonal (masked before exp).
+    decay = (cum_g[..., :, None] - cum_g[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+
+    k_beta = k_c * beta_c[..., None]
+    # UT transform: (I + strictly-lower(k_beta k^T * decay)) [u | w] = [v_beta | k_beta * exp(cum_g)]
+    system = (k_beta @ k_c.transpose(-1, -2)) * decay
+    system = system.masked_fill(~causal.tril(-1), 0.0) + torch.eye(chunk_size, device=q.device, dtype=q.dtype)
+    pseudo_values = torch.linalg.solve_triangular(system, v_c * beta_c[..., None], upper=False, unitriangular=True)
+    state_readers = torch.linalg.solve_triangular(
+        system, k_beta * cum_g.exp()[..., None], upper=False, unitriangular=True
+    )
+    intra = (q_c @ k_c.transpose(-1, -2)) * decay
+    q_decayed = q_c * cum_g.exp()[..., None]
+    k_to_end = k_c * (cum_g[..., -1:] - cum_g).exp()[..., None]
+    chunk_decay = cum_g[..., -1].exp()[..., None, None]
+
+    outputs = []
+    for i in range(q_c.shape[2]):
+        values = pseudo_values[:, :, i] - state_readers[:, :, i] @ state
+        outputs.append(q_decayed[:, :, i] @ state + intra[:, :, i] @ values)
+        state = state * chunk_decay[:, :, i] + k_to_end[:, :, i].transpose(-1, -2) @ values
+    o = torch.stack(outputs, dim=2).reshape(batch, heads, -1, v.shape[-1])[:, :, :length]
+    return o.transpose(1, 2), state
+
+
+def gated_delta_rule_with_edits(
+    q: Float[Tensor, "batch pos head d_k"],
+    k: Float[Tensor, "batch pos head d_k"],
+    v: Float[Tensor, "batch pos head d_v"],
+    beta: Float[Tensor, "batch pos head"],
+    g: Float[Tensor, "batch pos head"],
+    initial_state: Float[Tensor, "batch head d_k d_v"] | None = None,
+    edits: StateEdits | None = None,
+    state_positions: Sequence[int] | None = None,
+    chunk_size: int = 64,
+) -> tuple[
+    Float[Tensor, "batch pos head d_v"],
+    Float[Tensor, "batch head d_k d_v"],
+    Float[Tensor, "batch n_sel head d_k d_v"] | None,
+]:
+    """Chunked scan split at the edited positions and the positions whose state is wanted.
+
+    Exact for additive edits of the state (see the module docstring). Each split costs one more
+    chunked call, so when the breakpoints are dense (segments shorter than ``chunk_size // 4``
+    on average) the recurrent form is used instead: it is then the cheaper of the two.
+    """
+    edits = edits or {}
+    length = q.shape[1]
+    breakpoints = sorted(set(edits) | set(state_positions or ()))
+    if len(breakpoints) * max(chunk_size // 4, 1) > length:
+        o, state, states, _ = recurrent_gated_delta_rule(q, k, v, beta, g, initial_state, edits, state_positions)
+        return o, state, states
+
+    state = _zero_state(k, v) if initial_state is None else initial_state
+    outputs, states, start = [], {}, 0
+    for end in [*breakpoints, length - 1]:
+        if end < start:  # the last breakpoint was the final position
+            continue
+        segment = slice(start, end + 1)
+        o, state = chunked_gated_delta_rule(
+            q[:, segment], k[:, segment], v[:, segment], beta[:, segment], g[:, segment], state, chunk_size
+        )
+        if end in edits:
+            state = state + edits[end]
+            # The read at `end` happens after the update, so it sees the edit too.
+            o = o.clone()
+            o[:, -1] += torch.einsum("bhkv,bhk->bhv", edits[end], q[:, end])
+        states[end] = state
+        outputs.append(o)
+        start = end + 1
+    selected = torch.stack([states[t] for t in state_positions], dim=1) if state_positions else None
+    return torch.cat(outputs, dim=1), state, selected

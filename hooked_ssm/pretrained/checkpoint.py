@@ -1,0 +1,62 @@
+"""Reading checkpoint directories: config.json plus (possibly sharded) safetensors, with clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, malformed, or does not fit the architecture it claims."""
+
+
+def read_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no config.json; is it a Hugging Face checkpoint directory?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); re-download or re-save the checkpoint.") from err
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index} is malformed ({err!r}); re-download the checkpoint.") from err
+        files = [directory / shard for shard in shards]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{directory} is missing shards {missing} listed in {index.name}.")
+        return files
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory} holds no *.safetensors weights.")
+    return files
+
+
+def read_safetensors(directory: Path) -> dict[str, Tensor]:
+    state: dict[str, Tensor] = {}
+    for file in safetensors_files(directory):
+        try:
+            state.update(load_file(file))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(
+                f"Could not read {file}: {err}. The file is truncated or corrupt; re-download or re-save it."
+            ) from err
+    return state
+
+
+def take(state: dict[str, Tensor], key: str) -> Tensor:
+    """Pop ``key``; a missing key means the checkpoint does not match its config."""
+    try:
+        return state.pop(key)
+    except KeyError:
+        raise CheckpointError(f"Checkpoint is missing the tensor {key!r} that its config implies.") from None

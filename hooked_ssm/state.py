@@ -1,0 +1,48 @@
+"""``RecurrentState``: the O(1)-per-token decoding cache of a HookedSSM.
+
+A recurrent mixer layer carries its short-convolution window and its matrix state; a full
+attention layer of a hybrid carries an ordinary key/value cache. Passing the same
+``RecurrentState`` to successive ``forward`` calls continues the sequence exactly where the
+previous call stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+
+@dataclass
+class MixerCache:
+    conv_state: Float[Tensor, "batch channel kernel_minus_1"] | None = None
+    ssm_state: Float[Tensor, "batch head d_k d_v"] | None = None  # float32, key-major
+
+
+@dataclass
+class AttentionCache:
+    keys: Float[Tensor, "batch pos kv_head d_head"] | None = None
+    values: Float[Tensor, "batch pos kv_head d_head"] | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[1]
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.keys = k if self.keys is None else torch.cat([self.keys, k], dim=1)
+        self.values = v if self.values is None else torch.cat([self.values, v], dim=1)
+        return self.keys, self.values
+
+
+@dataclass
+class RecurrentState:
+    """Per-layer caches plus the number of tokens already consumed."""
+
+    layers: list[MixerCache | AttentionCache] = field(default_factory=list)
+    n_tokens: int = 0
+
+    @classmethod
+    def empty(cls, layer_types: list[str]) -> "RecurrentState":
+        return cls([AttentionCache() if kind == "full_attention" else MixerCache() for kind in layer_types])

@@ -112,6 +112,8 @@ class HookedSSM(HookedRootModule):
         else:
             tokens = input if input.dim() == 2 else input.unsqueeze(0)
         tokens = self._check_tokens(tokens)
+        if state_positions is not None:
+            state_positions = self._check_positions(state_positions, tokens.shape[1])
         if attention_mask is not None:
             attention_mask = attention_mask.to(tokens.device)
         self.current_position_offset = 0 if past_state is None else past_state.n_tokens
@@ -141,6 +143,13 @@ class HookedSSM(HookedRootModule):
                 f"[{int(tokens.min())}, {int(tokens.max())}]. Was the input tokenized for another model?"
             )
         return tokens.to(self.cfg.device)
+
+    @staticmethod
+    def _check_positions(positions: Sequence[int], length: int) -> list[int]:
+        resolved = [int(p) + length if int(p) < 0 else int(p) for p in positions]
+        if any(not 0 <= p < length for p in resolved):
+            raise ValueError(f"state_positions {list(positions)} fall outside a sequence of {length} tokens.")
+        return resolved
 
     # ------------------------------------------------------------------ hooks
     def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:

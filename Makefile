@@ -1,0 +1,21 @@
+# Two entry points that set up what they need on a fresh machine (a virtualenv in .venv).
+#   make demo   - the main job on the bundled toy model
+#   make test   - the test suite (what CI runs)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is installed first and pinned: a bare `torch` requirement pulls a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+.PHONY: demo test
+demo: $(VENV)/.installed
+	$(PY) -m hooked_ssm.demo
+
+test: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q tests

@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny random Hugging Face reference models built from config classes and saved
+locally with ``save_pretrained`` (never downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    Qwen3_5Config,
+    Qwen3_5ForCausalLM,
+    Qwen3_5ForConditionalGeneration,
+    Qwen3_5TextConfig,
+    Qwen3NextConfig,
+    Qwen3NextForCausalLM,
+)
+
+VOCAB = 300
+ROPE = {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
+        "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+HYBRID_LAYERS = ["linear_attention", "linear_attention", "full_attention", "linear_attention", "full_attention"]
+
+
+def gdn_text_kwargs(**overrides) -> dict:
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=len(HYBRID_LAYERS),
+        layer_types=HYBRID_LAYERS, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
+        linear_conv_kernel_dim=4, hidden_act="silu", rms_norm_eps=1e-6, rope_parameters=ROPE,
+        max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Perturb every parameter: HF initialises norms to 0/1 and gates to constants, which would hide bugs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            scale = 0.3 if ("norm" in name or "A_log" in name or "dt_bias" in name) else 0.05
+            param.add_(scale * torch.randn(param.shape, generator=gen))
+    return model.eval()
+
+
+def save(model, tmp_path_factory, name):
+    directory = tmp_path_factory.mktemp(name)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def qwen35(tmp_path_factory):
+    torch.manual_seed(0)
+    model = randomize_(Qwen3_5ForCausalLM(Qwen3_5TextConfig(**gdn_text_kwargs(tie_word_embeddings=True))))
+    return save(model, tmp_path_factory, "qwen35"), model
+
+
+@pytest.fixture(scope="session")
+def qwen35_untied(tmp_path_factory):
+    torch.manual_seed(1)
+    model = randomize_(Qwen3_5ForCausalLM(Qwen3_5TextConfig(**gdn_text_kwargs(tie_word_embeddings=False))), seed=1)
+    return save(model, tmp_path_factory, "qwen35_untied"), model
+
+
+@pytest.fixture(scope="session")
+def qwen35_vlm(tmp_path_factory):
+    """The layout of the real Qwen/Qwen3.5-* releases: model.language_model.*, model.visual.*, text_config."""
+    torch.manual_seed(2)
+    config = Qwen3_5Config(
+        text_config=gdn_text_kwargs(tie_word_embeddings=True),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64,
+                           patch_size=4, temporal_patch_size=1, num_position_embeddings=16),
+        tie_word_embeddings=True,
+    )
+    model = randomize_(Qwen3_5ForConditionalGeneration(config), seed=2)
+    return save(model, tmp_path_factory, "qwen35_vlm"), model
+
+
+@pytest.fixture(scope="session")
+def qwen3_next(tmp_path_factory):
+    torch.manual_seed(3)
+    config = Qwen3NextConfig(**gdn_text_kwargs(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+        decoder_sparse_step=2, mlp_only_layers=[], norm_topk_prob=True, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.25},
+    ))
+    model = randomize_(Qwen3NextForCausalLM(config), seed=3)
+    return save(model, tmp_path_factory, "qwen3_next"), model

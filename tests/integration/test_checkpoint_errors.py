@@ -60,3 +60,19 @@ def test_token_ids_out_of_range(qwen35):
         model(torch.tensor([[1, 2, 300]]))
     with pytest.raises(TypeError, match="integer tensor"):
         model(torch.tensor([[1.0, 2.0]]))
+
+
+def test_hub_ids_are_fetched_with_huggingface_hub(qwen35, monkeypatch):
+    """A Hub id goes through snapshot_download (which honours HF_HUB_OFFLINE); no other network access."""
+    import huggingface_hub
+
+    requested = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        requested.append((repo_id, allow_patterns))
+        return str(qwen35[0])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    model = HookedSSM.from_pretrained("Qwen/Qwen3.5-0.8B")
+    assert requested[0][0] == "Qwen/Qwen3.5-0.8B" and "*.safetensors" in requested[0][1]
+    assert model.cfg.model_name == "Qwen/Qwen3.5-0.8B"

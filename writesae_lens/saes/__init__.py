@@ -1,0 +1,55 @@
+"""Matrix-input SAE architectures, registered with SAELens when this package is imported.
+
+| architecture | encoder | decoder | paper name |
+|---|---|---|---|
+| ``"writesae"`` | bilinear (``tied`` option) | rank-1 ``u_i w_i^T`` | BilinearSAE / WriteSAE (primary) |
+| ``"writesae_matrix"`` | dense on ``vec(X)`` | rank-1 | MatrixSAE / "Rank-1" |
+| ``"writesae_bilinear"`` | bilinear | flat | "Bilinear-flat" |
+
+The flat baseline is SAELens's own ``"topk"`` / ``"batchtopk"`` SAE on the same site.
+"""
+
+from sae_lens import register_sae_class, register_sae_training_class
+from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
+
+from writesae_lens.saes.bilinear import (
+    BilinearFlatSAE,
+    BilinearFlatSAEConfig,
+    BilinearFlatTrainingSAE,
+    BilinearFlatTrainingSAEConfig,
+)
+from writesae_lens.saes.matrix import (
+    MatrixWriteSAE,
+    MatrixWriteSAEConfig,
+    MatrixWriteTrainingSAE,
+    MatrixWriteTrainingSAEConfig,
+)
+from writesae_lens.saes.matrix_sae import RankBreakingFoldError
+from writesae_lens.saes.write_sae import WriteSAE, WriteSAEConfig, WriteTrainingSAE, WriteTrainingSAEConfig
+
+ARCHITECTURES = {
+    "writesae": (WriteSAE, WriteSAEConfig, WriteTrainingSAE, WriteTrainingSAEConfig),
+    "writesae_matrix": (MatrixWriteSAE, MatrixWriteSAEConfig, MatrixWriteTrainingSAE, MatrixWriteTrainingSAEConfig),
+    "writesae_bilinear": (BilinearFlatSAE, BilinearFlatSAEConfig, BilinearFlatTrainingSAE, BilinearFlatTrainingSAEConfig),
+}
+
+
+def register_architectures() -> None:
+    """Register every architecture with SAELens; safe to call more than once."""
+    for name, (sae, cfg, training_sae, training_cfg) in ARCHITECTURES.items():
+        if name not in SAE_CLASS_REGISTRY:
+            register_sae_class(name, sae, cfg)
+        if name not in SAE_TRAINING_CLASS_REGISTRY:
+            register_sae_training_class(name, training_sae, training_cfg)
+
+
+register_architectures()
+
+__all__ = [
+    "ARCHITECTURES",
+    "RankBreakingFoldError",
+    "register_architectures",
+    "WriteSAE", "WriteSAEConfig", "WriteTrainingSAE", "WriteTrainingSAEConfig",
+    "MatrixWriteSAE", "MatrixWriteSAEConfig", "MatrixWriteTrainingSAE", "MatrixWriteTrainingSAEConfig",
+    "BilinearFlatSAE", "BilinearFlatSAEConfig", "BilinearFlatTrainingSAE", "BilinearFlatTrainingSAEConfig",
+]

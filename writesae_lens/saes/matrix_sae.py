@@ -1,0 +1,361 @@
+"""Shared machinery of the matrix-input SAEs: configs, encoders, decoders, sparsity, folding.
+
+Each SAE reads a flattened ``d_k x d_v`` matrix (a cache write or a state, key-major, entry
+``i*d_v + j``) and is assembled from one encoder and one decoder mixin:
+
+- ``BilinearEncoder``: ``pre_i = a_i^T X b_i + c_i`` (factors ``A_enc [d_sae, d_k]``, ``B_enc [d_sae, d_v]``,
+  or the decoder's own factors when ``tied``); ``W_enc`` is a derived ``[d_in, d_sae]`` view.
+- ``DenseEncoder``: ``pre = vec(X) W_enc + c``.
+- ``Rank1Decoder``: atoms ``u_i w_i^T`` stored factored (``U_dec [d_sae, d_k]``, ``V_dec [d_sae, d_v]``);
+  ``W_dec`` is a derived view whose rows are exactly rank 1, and an atom's norm is ``||u_i|| ||w_i||``.
+- ``FlatDecoder``: a dense ``W_dec [d_sae, d_in]``.
+
+Sparsity is TopK (``k`` per token) or BatchTopK (``k`` on average over a batch; a learned global
+threshold at inference), with SAELens's dead-latent auxiliary loss. Input centring uses SAELens's
+``b_dec`` subtraction: :meth:`set_input_mean` installs the mean matrix ``M`` of the site, as the
+paper trains on ``vec(S_t - M)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+from jaxtyping import Float
+from sae_lens.saes.batchtopk_sae import BatchTopK
+from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepOutput
+from sae_lens.saes.topk_sae import TopK, calculate_topk_aux_acts
+from torch import Tensor
+
+Sparsity = Literal["topk", "batchtopk"]
+
+
+class RankBreakingFoldError(ValueError):
+    """A fold (e.g. covariance whitening) would make rank-1 atoms full rank."""
+
+
+@dataclass(kw_only=True)
+class MatrixSAEFields:
+    """Fields every matrix SAE config carries (inference and training)."""
+
+    d_k: int
+    d_v: int
+    k: float = 32
+    sparsity: Sparsity = "topk"
+    rescale_acts_by_decoder_norm: bool = False
+
+    def check_matrix_fields(self, d_in: int, normalize_activations: str) -> None:
+        if d_in != self.d_k * self.d_v:
+            raise ValueError(
+                f"d_in ({d_in}) must equal d_k * d_v ({self.d_k} * {self.d_v} = {self.d_k * self.d_v}): "
+                "matrix SAEs read one flattened d_k x d_v matrix per head."
+            )
+        if self.sparsity not in ("topk", "batchtopk"):
+            raise ValueError(f"sparsity must be 'topk' or 'batchtopk', not {self.sparsity!r}.")
+        if normalize_activations in ("covariance_whitening", "layer_norm", "constant_norm_rescale"):
+            raise RankBreakingFoldError(
+                f"normalize_activations={normalize_activations!r} is not supported by matrix SAEs: whitening "
+                "folds M^-1 into the decoder (atoms stop being rank 1) and per-token norms break the aux loss. "
+                "Use 'none' or 'expected_average_only_in'."
+            )
+
+
+@dataclass(kw_only=True)
+class MatrixTrainingFields:
+    """Training-only fields (recorded in the saved SAE's metadata)."""
+
+    aux_loss_coefficient: float = 1e-2  # lambda_aux of the paper (App. D)
+    aux_k: int = 256  # k_aux: dead latents asked to explain the residual
+    topk_threshold_lr: float = 0.01  # BatchTopK's moving-average threshold
+    learn_b_dec: bool = False  # the paper keeps the mean M fixed
+
+
+class ThresholdActivation(nn.Module):
+    """Inference form of BatchTopK: keep activations above the learned global threshold."""
+
+    def __init__(self, sae: nn.Module):
+        super().__init__()
+        self._sae = [sae]  # not a submodule: avoid a reference cycle in named_modules
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.where(x > self._sae[0].threshold, x, torch.zeros_like(x))
+
+
+# ---------------------------------------------------------------- encoders
+class BilinearEncoder:
+    """``pre_i = a_i^T X b_i + c_i``; with ``tied`` the decoder's ``u_i, w_i`` serve as ``a_i, b_i``."""
+
+    tied: bool = False
+
+    def init_encoder(self) -> None:
+        cfg = self.cfg
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=self.dtype, device=self.device))
+        if not self.tied:
+            a, b = _decoder_like_factors(self)
+            self.A_enc = nn.Parameter(a)
+            self.B_enc = nn.Parameter(b)
+
+    def encoder_factors(self) -> tuple[Tensor, Tensor]:
+        return (self.U_dec, self.V_dec) if self.tied else (self.A_enc, self.B_enc)
+
+    @property
+    def W_enc(self) -> Float[Tensor, "d_in d_sae"]:
+        a, b = self.encoder_factors()
+        return (a[:, :, None] * b[:, None, :]).flatten(1).T
+
+    def hidden_pre(self, sae_in: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
+        a, b = self.encoder_factors()
+        x = sae_in.unflatten(-1, (self.cfg.d_k, self.cfg.d_v))
+        return ((x @ b.T) * a.T).sum(dim=-2) + self.b_enc
+
+    def scale_encoder_(self, scale: Tensor) -> None:
+        if self.tied:
+            raise NotImplementedError("A tied encoder shares the decoder's factors; it cannot be rescaled alone.")
+        self.A_enc.data.mul_(scale[:, None] if scale.dim() else scale)
+
+
+class DenseEncoder:
+    """``pre = vec(X) W_enc + c`` (the paper's dense-encoder 'WriteSAE' / MatrixSAE)."""
+
+    def init_encoder(self) -> None:
+        self.b_enc = nn.Parameter(torch.zeros(self.cfg.d_sae, dtype=self.dtype, device=self.device))
+        self.W_enc = nn.Parameter(self.W_dec.detach().T.clone().contiguous())
+
+    def hidden_pre(self, sae_in: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
+        return sae_in @ self.W_enc + self.b_enc
+
+    def scale_encoder_(self, scale: Tensor) -> None:
+        self.W_enc.data.mul_(scale[None, :] if scale.dim() else scale)
+
+
+# ---------------------------------------------------------------- decoders
+class Rank1Decoder:
+    """Atoms ``u_i w_i^T``, never materialised except through the derived ``W_dec`` view."""
+
+    def init_decoder(self, init_norm: float | None) -> None:
+        cfg, kw = self.cfg, dict(dtype=self.dtype, device=self.device)
+        u = torch.randn(cfg.d_sae, cfg.d_k, **kw)
+        w = torch.randn(cfg.d_sae, cfg.d_v, **kw)
+        scale = (init_norm or 1.0) ** 0.5
+        self.U_dec = nn.Parameter(u / u.norm(dim=-1, keepdim=True) * scale)
+        self.V_dec = nn.Parameter(w / w.norm(dim=-1, keepdim=True) * scale)
+
+    @property
+    def W_dec(self) -> Float[Tensor, "d_sae d_in"]:
+        return (self.U_dec[:, :, None] * self.V_dec[:, None, :]).flatten(1)
+
+    def atom_norms(self) -> Float[Tensor, "d_sae"]:
+        """Frobenius norm of each atom: ``||u_i|| ||w_i||``."""
+        return self.U_dec.norm(dim=-1) * self.V_dec.norm(dim=-1)
+
+    def decode_atoms(self, acts: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
+        # sum_i z_i u_i w_i^T = U^T diag(z) V, without building the [d_sae, d_in] matrix.
+        recon = (acts[..., :, None] * self.U_dec).transpose(-1, -2) @ self.V_dec
+        return recon.flatten(-2)
+
+    def scale_decoder_(self, scale: Tensor) -> None:
+        self.U_dec.data.mul_(scale[:, None] if scale.dim() else scale)
+
+    def normalize_decoder_(self) -> Tensor:
+        norms = self.atom_norms().clamp(min=1e-8)
+        self.U_dec.data.div_(self.U_dec.norm(dim=-1, keepdim=True).clamp(min=1e-8))
+        self.V_dec.data.div_(self.V_dec.norm(dim=-1, keepdim=True).clamp(min=1e-8))
+        return norms
+
+    def atoms(self) -> tuple[Float[Tensor, "d_sae d_k"], Float[Tensor, "d_sae d_v"]]:
+        """Unit-norm factors ``(u_i/||u_i||, w_i/||w_i||)``: atom i is ``outer(u_i, w_i)`` with norm 1."""
+        return (
+            self.U_dec / self.U_dec.norm(dim=-1, keepdim=True).clamp(min=1e-8),
+            self.V_dec / self.V_dec.norm(dim=-1, keepdim=True).clamp(min=1e-8),
+        )
+
+
+class FlatDecoder:
+    """Dense atoms of ``d_k * d_v`` entries (the 'bilinear-flat' control)."""
+
+    def init_decoder(self, init_norm: float | None) -> None:
+        w = torch.randn(self.cfg.d_sae, self.cfg.d_in, dtype=self.dtype, device=self.device)
+        self.W_dec = nn.Parameter(w / w.norm(dim=-1, keepdim=True) * (init_norm or 1.0))
+
+    def atom_norms(self) -> Float[Tensor, "d_sae"]:
+        return self.W_dec.norm(dim=-1)
+
+    def decode_atoms(self, acts: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
+        return acts @ self.W_dec
+
+    def scale_decoder_(self, scale: Tensor) -> None:
+        self.W_dec.data.mul_(scale[:, None] if scale.dim() else scale)
+
+    def normalize_decoder_(self) -> Tensor:
+        norms = self.atom_norms().clamp(min=1e-8)
+        self.W_dec.data.div_(norms[:, None])
+        return norms
+
+
+def _decoder_like_factors(sae: Any) -> tuple[Tensor, Tensor]:
+    if hasattr(sae, "U_dec"):
+        return sae.U_dec.detach().clone(), sae.V_dec.detach().clone()
+    a = torch.randn(sae.cfg.d_sae, sae.cfg.d_k, dtype=sae.dtype, device=sae.device)
+    b = torch.randn(sae.cfg.d_sae, sae.cfg.d_v, dtype=sae.dtype, device=sae.device)
+    return a / a.norm(dim=-1, keepdim=True), b / b.norm(dim=-1, keepdim=True)
+
+
+# ---------------------------------------------------------------- the SAE behaviour shared by all
+class MatrixSAEMixin:
+    """Encode/decode, folds and helpers; used by both the inference and the training classes."""
+
+    def _init_matrix_weights(self, init_norm: float | None, threshold_name: str = "threshold") -> None:
+        self.b_dec = nn.Parameter(torch.zeros(self.cfg.d_in, dtype=self.dtype, device=self.device))
+        self.init_decoder(init_norm)
+        self.init_encoder()
+        if self.cfg.sparsity == "batchtopk":
+            self.register_buffer(threshold_name, torch.zeros((), dtype=torch.double, device=self.device))
+
+    def get_activation_fn(self):
+        if self.cfg.sparsity == "topk":
+            return TopK(int(self.cfg.k))
+        return ThresholdActivation(self)
+
+    def _pre_and_acts(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        sae_in = self.process_sae_in(x)
+        hidden_pre = self.hook_sae_acts_pre(self.hidden_pre(sae_in))
+        if self.cfg.rescale_acts_by_decoder_norm:
+            hidden_pre = hidden_pre * self.atom_norms()
+        return self.hook_sae_acts_post(self.activation_fn(hidden_pre)), hidden_pre
+
+    def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
+        return self._pre_and_acts(x)[0]
+
+    def _decode_no_bias(self, acts: Tensor) -> Tensor:
+        if self.cfg.rescale_acts_by_decoder_norm:
+            acts = acts / self.atom_norms().clamp(min=1e-8)
+        return self.decode_atoms(acts)
+
+    def decode(self, feature_acts: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
+        sae_out = self.hook_sae_recons(self._decode_no_bias(feature_acts) + self.b_dec)
+        sae_out = self.run_time_activation_norm_fn_out(sae_out)
+        return self.reshape_fn_out(sae_out, self.d_head)
+
+    @torch.no_grad()
+    def get_W_dec_norm(self) -> Tensor:
+        return self.atom_norms().clamp(min=1e-8)
+
+    @torch.no_grad()
+    def fold_and_get_W_dec_norm(self) -> Tensor:
+        """Make every atom unit-norm and move its norm into the encoder (outputs unchanged)."""
+        norms = self.normalize_decoder_()
+        self.scale_encoder_(norms)
+        self.b_enc.data.mul_(norms)
+        return norms
+
+    def fold_W_dec_norm(self) -> None:
+        if not self.cfg.rescale_acts_by_decoder_norm:
+            raise NotImplementedError(
+                "Folding decoder norms changes which latents win the TopK unless the SAE was trained "
+                "with rescale_acts_by_decoder_norm=True."
+            )
+        self.fold_and_get_W_dec_norm()
+
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        scale = torch.tensor(scaling_factor, dtype=self.dtype, device=self.device)
+        self.scale_encoder_(scale)
+        self.scale_decoder_(1.0 / scale)
+        self.b_dec.data.div_(scale)
+        if self.cfg.sparsity == "batchtopk" and self.cfg.rescale_acts_by_decoder_norm:
+            self._threshold_tensor().div_(scaling_factor)
+        self.cfg.normalize_activations = "none"
+
+    def fold_activation_whitening(self, mean: Tensor, whitening_matrix: Tensor, unwhitening_matrix: Tensor) -> None:
+        raise RankBreakingFoldError(
+            "Covariance whitening cannot be folded into a matrix SAE: W_dec M^-1 is no longer rank 1 "
+            "(and a bilinear encoder stops being bilinear). Train with normalize_activations='none'."
+        )
+
+    def _threshold_tensor(self) -> Tensor:
+        return self.threshold
+
+    @torch.no_grad()
+    def set_input_mean(self, mean: Float[Tensor, "d_in"]) -> None:
+        """Centre inputs on the site's mean matrix ``M`` (the SAE reads ``vec(X - M)``, adds ``M`` back)."""
+        if mean.shape != (self.cfg.d_in,):
+            raise ValueError(f"mean must have shape ({self.cfg.d_in},), got {tuple(mean.shape)}.")
+        self.b_dec.data.copy_(mean.to(self.b_dec))
+        self.cfg.apply_b_dec_to_input = True
+
+
+class MatrixTrainingMixin(MatrixSAEMixin):
+    """What the TrainingSAE classes add: hidden pre-activations, the aux loss, BatchTopK's threshold."""
+
+    def get_activation_fn(self):
+        if self.cfg.sparsity == "topk":
+            return TopK(int(self.cfg.k))
+        return BatchTopK(self.cfg.k)
+
+    def _init_training_weights(self) -> None:
+        self._init_matrix_weights(self.cfg.decoder_init_norm, threshold_name="topk_threshold")
+        self.b_dec.requires_grad_(self.cfg.learn_b_dec)
+
+    def _threshold_tensor(self) -> Tensor:
+        return self.topk_threshold
+
+    def encode_with_hidden_pre(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._pre_and_acts(x)
+
+    def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
+        return {}
+
+    def calculate_aux_loss(
+        self, step_input: TrainStepInput, feature_acts: Tensor, hidden_pre: Tensor, sae_out: Tensor
+    ) -> dict[str, Tensor]:
+        """Dead latents reconstruct the residual of the live ones (Gao et al.; SAELens's TopK aux loss)."""
+        dead = step_input.dead_neuron_mask
+        if dead is None or (n_dead := int(dead.sum())) == 0:
+            return {"auxiliary_reconstruction_loss": sae_out.new_tensor(0.0)}
+        k_aux = min(self.cfg.aux_k, n_dead)
+        aux_acts = calculate_topk_aux_acts(k_aux=k_aux, hidden_pre=hidden_pre, dead_neuron_mask=dead)
+        residual = (step_input.sae_in - sae_out).detach()
+        loss = (self._decode_no_bias(aux_acts) - residual).pow(2).sum(dim=-1).mean()
+        scale = min(n_dead / self.cfg.aux_k, 1.0)
+        return {"auxiliary_reconstruction_loss": self.cfg.aux_loss_coefficient * scale * loss}
+
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        output = super().training_forward_pass(step_input)
+        if self.cfg.sparsity == "batchtopk":
+            positive = output.feature_acts[output.feature_acts > 0]
+            if positive.numel():
+                lr = self.cfg.topk_threshold_lr
+                self.topk_threshold = (1 - lr) * self.topk_threshold + lr * positive.min().detach().double()
+            output.metrics["topk_threshold"] = self.topk_threshold
+        return output
+
+    @torch.no_grad()
+    def log_histograms(self) -> dict[str, Any]:
+        return {"weights/W_dec_norms": self.atom_norms().detach().float().cpu().numpy()}
+
+    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        """Save unit-norm atoms (norms folded into the encoder) and BatchTopK's threshold as ``threshold``."""
+        if self.cfg.rescale_acts_by_decoder_norm:
+            norms = self.atom_norms().detach().clamp(min=1e-8)
+            for name, value in _folded_norm_tensors(self, state_dict, norms).items():
+                state_dict[name] = value
+        if self.cfg.sparsity == "batchtopk":
+            state_dict["threshold"] = state_dict.pop("topk_threshold")
+
+
+def _folded_norm_tensors(sae: Any, state_dict: dict[str, Any], norms: Tensor) -> dict[str, Tensor]:
+    out = {"b_enc": state_dict["b_enc"] * norms}
+    if "U_dec" in state_dict:
+        out["U_dec"] = state_dict["U_dec"] / state_dict["U_dec"].norm(dim=-1, keepdim=True).clamp(min=1e-8)
+        out["V_dec"] = state_dict["V_dec"] / state_dict["V_dec"].norm(dim=-1, keepdim=True).clamp(min=1e-8)
+    else:
+        out["W_dec"] = state_dict["W_dec"] / norms[:, None]
+    if "A_enc" in state_dict:
+        out["A_enc"] = state_dict["A_enc"] * norms[:, None]
+    elif "W_enc" in state_dict:
+        out["W_enc"] = state_dict["W_enc"] * norms[None, :]
+    else:
+        raise NotImplementedError("A tied bilinear SAE cannot fold decoder norms; train it with rescale off.")
+    return out

@@ -18,4 +18,4 @@ demo: $(VENV)/.installed
 	$(PY) -m hooked_ssm.demo
 
 test: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q --nbmake tests tutorials

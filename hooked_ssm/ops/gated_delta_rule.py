@@ -99,6 +99,8 @@ def chunked_gated_delta_rule(
     state = _zero_state(k, v) if initial_state is None else initial_state
     if length == 0:
         return v.new_zeros(v.shape), state
+    # A sequence shorter than a chunk needs no padding up to a full chunk (decoding steps, short prompts).
+    chunk_size = min(chunk_size, 1 << (length - 1).bit_length())
     pad = (-length) % chunk_size
     # [batch, head, n_chunks, chunk, ...]
     def to_chunks(x: Tensor) -> Tensor:

@@ -151,8 +151,14 @@ class Rank1Decoder:
         return self.U_dec.norm(dim=-1) * self.V_dec.norm(dim=-1)
 
     def decode_atoms(self, acts: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
-        # sum_i z_i u_i w_i^T = U^T diag(z) V, without building the [d_sae, d_in] matrix.
-        recon = (acts[..., :, None] * self.U_dec).transpose(-1, -2) @ self.V_dec
+        # sum_i z_i u_i w_i^T = U^T diag(z) V, without building the [d_sae, d_in] matrix. Sparse codes
+        # (TopK) only touch their active atoms: O(n_active d_k d_v) per token instead of O(d_sae d_k d_v).
+        n_active = int((acts != 0).sum(-1).max()) if acts.numel() else 0
+        if 0 < n_active * 4 <= acts.shape[-1]:
+            values, index = acts.topk(n_active, dim=-1)
+            recon = (values[..., :, None] * self.U_dec[index]).transpose(-1, -2) @ self.V_dec[index]
+        else:
+            recon = (acts[..., :, None] * self.U_dec).transpose(-1, -2) @ self.V_dec
         return recon.flatten(-2)
 
     def scale_decoder_(self, scale: Tensor) -> None:

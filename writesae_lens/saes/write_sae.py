@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from jaxtyping import Float
 from sae_lens.saes.sae import SAE, SAEConfig, TrainingSAE, TrainingSAEConfig
 from torch import Tensor

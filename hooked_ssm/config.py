@@ -7,8 +7,10 @@ from typing import Any, Literal
 
 import torch
 
-LayerType = Literal["gated_deltanet", "full_attention"]
-SUPPORTED_LAYER_TYPES: tuple[str, ...] = ("gated_deltanet", "full_attention")
+LayerType = Literal["gated_deltanet", "mamba2", "rwkv7", "full_attention"]
+SUPPORTED_LAYER_TYPES: tuple[str, ...] = ("gated_deltanet", "mamba2", "rwkv7", "full_attention")
+# Recurrent mixer kinds that use grouped keys (n_key_heads key groups serve n_heads heads).
+_GROUPED_KEY_MIXERS = ("gated_deltanet", "mamba2")
 Execution = Literal["chunked", "recurrent"]
 
 
@@ -20,6 +22,14 @@ class HookedSSMConfig:
     ``n_layers``, ``d_vocab``, ``n_ctx``, ``d_mlp``, ``device``, ``default_prepend_bos`` ...);
     the recurrent-mixer fields are ours. ``n_heads`` is the number of *value* heads of the
     recurrent mixer: hooks, states and writes are per value head.
+
+    Per family, the shared recurrent fields mean:
+
+    - Gated DeltaNet: ``d_k``/``d_v`` key/value head dims, ``n_key_heads`` key heads.
+    - Mamba-2: ``d_k`` = ``d_state`` (N), ``d_v`` = ``headdim`` (P), ``n_key_heads`` = ``n_groups``
+      (B and C are shared by ``n_heads // n_groups`` heads, like grouped keys).
+    - RWKV-7: ``d_k`` = ``d_v`` = head size, ``n_key_heads`` = ``n_heads``; ``d_mlp`` is the
+      channel-mix width; the ``rwkv_*_lora`` fields are the LoRA ranks.
     """
 
     d_model: int
@@ -34,6 +44,18 @@ class HookedSSMConfig:
     conv_kernel: int = 4
     chunk_size: int = 64
     execution: Execution = "chunked"
+    # Mamba-2: conv bias, in/out projection bias, dt clamp, fp32 residual stream.
+    conv_bias: bool = False
+    proj_bias: bool = False
+    time_step_limit: tuple[float, float] = (0.0, float("inf"))
+    residual_in_fp32: bool = False
+    # RWKV-7: LoRA ranks of the decay, in-context learning rate, value-residual and gate LoRAs;
+    # eps of the per-head GroupNorm on the read.
+    rwkv_decay_lora: int = 0
+    rwkv_a_lora: int = 0
+    rwkv_v_lora: int = 0
+    rwkv_gate_lora: int = 0
+    group_norm_eps: float = 64e-5
     # Full softmax attention layers of hybrids.
     n_attn_heads: int = 0
     n_kv_heads: int = 0
@@ -50,9 +72,11 @@ class HookedSSMConfig:
     d_shared_expert: int = 0
     norm_topk_prob: bool = True
     moe_layers: list[bool] = field(default_factory=list)
-    # Norms: Qwen3.5 / Qwen3-Next RMSNorms scale by (1 + w).
+    # Norms: Qwen3.5 / Qwen3-Next RMSNorms scale by (1 + w); Mamba-2 uses plain RMSNorms,
+    # RWKV-7 LayerNorms with bias (norm_type="layernorm").
     eps: float = 1e-6
     norm_zero_centered: bool = True
+    norm_type: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     tie_word_embeddings: bool = True
     # Bookkeeping, as in HookedTransformerConfig.
     model_name: str = "custom"
@@ -74,10 +98,15 @@ class HookedSSMConfig:
         unknown = sorted(set(self.layer_types) - set(SUPPORTED_LAYER_TYPES))
         if unknown:
             raise ValueError(f"Unsupported layer types {unknown}; supported: {list(SUPPORTED_LAYER_TYPES)}.")
-        if "gated_deltanet" in self.layer_types and (self.n_key_heads <= 0 or self.n_heads % self.n_key_heads):
+        if any(kind in self.layer_types for kind in _GROUPED_KEY_MIXERS) and (
+            self.n_key_heads <= 0 or self.n_heads % self.n_key_heads
+        ):
             raise ValueError(
                 f"n_heads ({self.n_heads}) must be a positive multiple of n_key_heads ({self.n_key_heads})."
             )
+        if self.norm_type not in ("rmsnorm", "layernorm"):
+            raise ValueError(f"norm_type must be 'rmsnorm' or 'layernorm', not {self.norm_type!r}.")
+        self.time_step_limit = (float(self.time_step_limit[0]), float(self.time_step_limit[1]))
         if not self.moe_layers:
             self.moe_layers = [self.n_experts > 0] * self.n_layers
         if self.execution not in ("chunked", "recurrent"):

@@ -17,9 +17,8 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import USE_DEFAULT_VALUE, Slice, lm_cross_entropy_loss, sample_logits
 from transformers import PreTrainedTokenizerBase
 
-from hooked_ssm.components.block import Block
+from hooked_ssm.components.block import build_blocks, build_final_norm
 from hooked_ssm.components.embed import Embed, Unembed
-from hooked_ssm.components.norms import RMSNorm
 from hooked_ssm.config import HookedSSMConfig
 from hooked_ssm.hook_names import resolve_hook_name
 from hooked_ssm.state import RecurrentState
@@ -33,12 +32,13 @@ _QUERY_POS_DIM2_SUFFIXES = ("hook_attn_scores", "hook_pattern")
 
 
 class HookedSSM(HookedRootModule):
-    """A hybrid recurrent LM with every per-token quantity of its recurrence exposed as a HookPoint.
+    """A recurrent (or hybrid) LM with every per-token quantity of its recurrence exposed as a HookPoint.
 
     Mirrors ``HookedTransformer``: ``forward``, ``run_with_hooks``, ``run_with_cache``, ``hooks``,
-    ``generate``, the tokenizer helpers and the weight properties. Recurrent mixers live at
-    ``blocks.{l}.mixer`` (hooks ``hook_q/k/v/beta/decay/gate/write/delta_v/state/read/z``), full
-    attention layers at ``blocks.{l}.attn``.
+    ``generate``, the tokenizer helpers and the weight properties. Recurrent mixers (Gated
+    DeltaNet, Mamba-2, RWKV-7) live at ``blocks.{l}.mixer`` with one hook vocabulary
+    (``hook_q/k/v/decay/gate/write/state/read/z`` plus family-specific ones); full attention
+    layers of hybrids at ``blocks.{l}.attn``.
     """
 
     def __init__(
@@ -51,8 +51,8 @@ class HookedSSM(HookedRootModule):
         self.cfg = cfg
         self.embed = Embed(cfg.d_vocab, cfg.d_model)
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
-        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
-        self.ln_final = RMSNorm(cfg.d_model, cfg.eps, cfg.norm_zero_centered)
+        self.blocks = nn.ModuleList(build_blocks(cfg))
+        self.ln_final = build_final_norm(cfg)
         self.unembed = Unembed(cfg.d_vocab, cfg.d_model)
         if cfg.tie_word_embeddings:
             self.unembed.weight = self.embed.W_E

@@ -1,7 +1,8 @@
 """``RecurrentState``: the O(1)-per-token decoding cache of a HookedSSM.
 
-A recurrent mixer layer carries its short-convolution window and its matrix state; a full
-attention layer of a hybrid carries an ordinary key/value cache. Passing the same
+A recurrent mixer layer carries its short-convolution window and its matrix state (Gated DeltaNet,
+Mamba-2), an RWKV-7 layer its two token-shift vectors and its matrix state, and a full attention
+layer of a hybrid carries an ordinary key/value cache. Passing the same
 ``RecurrentState`` to successive ``forward`` calls continues the sequence exactly where the
 previous call stopped.
 """
@@ -19,6 +20,16 @@ from torch import Tensor
 class MixerCache:
     conv_state: Float[Tensor, "batch channel kernel_minus_1"] | None = None
     ssm_state: Float[Tensor, "batch head d_k d_v"] | None = None  # float32, key-major
+
+
+@dataclass
+class RWKV7Cache:
+    """RWKV-7 layer: the previous token's normed inputs of the time mix and of the channel mix
+    (the token-shift "x_prev" vectors) and the key-major matrix state."""
+
+    mixer_shift: Float[Tensor, "batch d_model"] | None = None
+    ssm_state: Float[Tensor, "batch head d_k d_v"] | None = None  # float32, key-major
+    mlp_shift: Float[Tensor, "batch d_model"] | None = None
 
 
 @dataclass
@@ -40,9 +51,10 @@ class AttentionCache:
 class RecurrentState:
     """Per-layer caches plus the number of tokens already consumed."""
 
-    layers: list[MixerCache | AttentionCache] = field(default_factory=list)
+    layers: list[MixerCache | RWKV7Cache | AttentionCache] = field(default_factory=list)
     n_tokens: int = 0
 
     @classmethod
     def empty(cls, layer_types: list[str]) -> "RecurrentState":
-        return cls([AttentionCache() if kind == "full_attention" else MixerCache() for kind in layer_types])
+        caches = {"full_attention": AttentionCache, "rwkv7": RWKV7Cache}
+        return cls([caches.get(kind, MixerCache)() for kind in layer_types])

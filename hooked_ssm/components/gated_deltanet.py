@@ -26,6 +26,14 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from hooked_ssm.components.norms import GatedRMSNorm
+from hooked_ssm.components.recurrent_mixer import (  # noqa: F401  (run_hook/changed_positions re-exported)
+    changed_positions,
+    log_decay_through_hook,
+    merge_edits,
+    run_hook,
+    state_hook_edits,
+    write_edits,
+)
 from hooked_ssm.config import HookedSSMConfig
 from hooked_ssm.ops.causal_conv import causal_depthwise_conv
 from hooked_ssm.ops.gated_delta_rule import (
@@ -35,21 +43,6 @@ from hooked_ssm.ops.gated_delta_rule import (
     recurrent_gated_delta_rule,
 )
 from hooked_ssm.state import MixerCache
-
-
-def run_hook(hook: HookPoint, x: Tensor) -> Tensor | None:
-    """Call ``hook`` on ``x``; return the edited tensor, or None if no hook changed it.
-
-    Catches both styles of edit: returning a new tensor and modifying ``x`` in place (the
-    tensor's version counter moves).
-    """
-    version = x._version
-    out = hook(x)
-    return None if (out is x and x._version == version) else out
-
-
-def changed_positions(delta: Float[Tensor, "batch pos ..."]) -> list[int]:
-    return torch.nonzero(delta.flatten(2).ne(0).any(dim=(0, 2))).flatten().tolist()
 
 
 class GatedDeltaNetMixer(nn.Module):
@@ -121,12 +114,7 @@ class GatedDeltaNetMixer(nn.Module):
 
     def _log_decay(self, x: Tensor) -> Float[Tensor, "batch pos head"]:
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
-        if not self.hook_decay.has_hooks():
-            return g
-        native = g.exp()
-        hooked = run_hook(self.hook_decay, native.clone())
-        # Keep the exact log where the hook left a value alone (exp/log round trips lose bits).
-        return g if hooked is None else torch.where(hooked == native, g, hooked.log())
+        return log_decay_through_hook(self.hook_decay, g)
 
     def _scan(self, q, k, v, beta, g, initial_state, state_positions):
         """Run the recurrence, honouring edits made through hook_write / hook_delta_v / hook_state."""
@@ -155,28 +143,17 @@ class GatedDeltaNetMixer(nn.Module):
                 diff = hooked - native
                 for t in changed_positions(diff):
                     later_edits[t] = k[:, t, :, :, None] * diff[:, t, :, None, :]
-        if want_states:
-            flat = states.flatten(-2)
-            hooked = run_hook(self.hook_state, flat)
-            if hooked is not None:
-                native = run(edits, positions, False)[2].flatten(-2)
-                diff = (hooked - native).view(states.shape)
-                for i in changed_positions(diff):
-                    later_edits[positions[i]] = later_edits.get(positions[i], 0) + diff[:, i]
+        if want_states and states is not None:
+            native_states = lambda: run(edits, positions, False)[2]  # noqa: E731
+            later_edits = merge_edits(later_edits, state_hook_edits(self.hook_state, states, positions, native_states))
         if later_edits:
-            for t, delta in later_edits.items():
-                edits[t] = edits[t] + delta if t in edits else delta
+            edits = merge_edits(edits, later_edits)
             o, state = run(edits, None, False)[:2]
         return o, state
 
     def _write_edits(self, shape, k, v, beta) -> dict[int, Tensor]:
-        batch, length, heads, _ = shape
         native = lambda: (beta[..., None, None] * k[..., :, None] * v[..., None, :]).flatten(-2)  # noqa: E731
-        hooked = run_hook(self.hook_write, native())
-        if hooked is None:
-            return {}
-        diff = (hooked - native()).view(batch, length, heads, self.d_k, self.d_v)
-        return {t: diff[:, t] for t in changed_positions(diff)}
+        return write_edits(self.hook_write, native, self.d_k, self.d_v)
 
     def _scan_with_edits(self, q, k, v, beta, g, initial_state, edits, positions, delta_v):
         if delta_v or self.execution == "recurrent":

@@ -45,3 +45,18 @@ class GatedRMSNorm(nn.Module):
         o32 = o.float()
         normed = (o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
         return (self.w * normed * F.silu(gate.float())).to(dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias (RWKV-7), computed in float32: ``(x - mean) / sqrt(var + eps) * w + b``."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.w = nn.Parameter(torch.ones(d))
+        self.b = nn.Parameter(torch.zeros(d))
+        self.hook_normalized = HookPoint()  # [batch, pos, d]
+
+    def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        out = F.layer_norm(x.float(), (x.shape[-1],), self.w.float(), self.b.float(), self.eps)
+        return self.hook_normalized(out.type_as(x))

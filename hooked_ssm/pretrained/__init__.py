@@ -1,8 +1,13 @@
 """Loading pretrained checkpoints into HookedSSM: one converter module per family.
 
-``load_pretrained`` accepts a local checkpoint directory (``config.json`` + safetensors, sharded or
-not), the name of a bundled toy model, or a Hugging Face Hub id (downloaded with
-``huggingface_hub``, which honours ``HF_HUB_OFFLINE=1``).
+``load_pretrained`` accepts
+- a local checkpoint directory: ``config.json`` + safetensors (sharded or not) or
+  ``pytorch_model.bin`` (transformers layouts, the original mamba_ssm layout, fla-hub RWKV-7);
+- a local BlinkDL RWKV-7 ``.pth`` file;
+- the name of a bundled toy model;
+- a release name from :mod:`hooked_ssm.pretrained.model_names` (``state-spaces/mamba2-370m``,
+  ``rwkv7-g1-0.4b`` ...) or any Hugging Face Hub id (downloaded with ``huggingface_hub``, which
+  honours ``HF_HUB_OFFLINE=1``).
 """
 
 from __future__ import annotations
@@ -13,16 +18,23 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from hooked_ssm.config import HookedSSMConfig
-from hooked_ssm.pretrained import qwen3_5
+from hooked_ssm.pretrained import mamba2, qwen3_5, rwkv7
 from hooked_ssm.pretrained.checkpoint import CheckpointError, read_config, read_safetensors
+from hooked_ssm.pretrained.model_names import Release, find_release, release_names
+from hooked_ssm.pretrained.torch_files import TORCH_WEIGHT_SUFFIXES, read_torch_file, read_weights
 
 if TYPE_CHECKING:
     from hooked_ssm.model import HookedSSM
 
-CONVERTERS: dict[str, ModuleType] = {arch: qwen3_5 for arch in qwen3_5.ARCHITECTURES}
+CONVERTERS: dict[str, ModuleType] = {
+    **{arch: qwen3_5 for arch in qwen3_5.ARCHITECTURES},
+    **{arch: mamba2 for arch in (*mamba2.ARCHITECTURES, mamba2.MAMBA_SSM)},
+    **{arch: rwkv7 for arch in (*rwkv7.ARCHITECTURES, rwkv7.BLINK)},
+}
 TOY_MODELS_DIR = Path(__file__).parent / "toy"
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 
@@ -32,22 +44,48 @@ def supported_architectures() -> list[str]:
 
 
 def resolve_checkpoint_dir(name_or_path: str | Path) -> Path:
+    """The local checkpoint for ``name_or_path``: a directory, or a BlinkDL ``.pth`` file.
+
+    Downloads release names and Hub ids (only those: a local path never touches the network).
+    """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if path.is_file():
+        if path.suffix in TORCH_WEIGHT_SUFFIXES:
+            return path
+        raise CheckpointError(
+            f"{path} is a file; pass the checkpoint directory that holds config.json "
+            f"(or a BlinkDL RWKV-7 .pth file)."
+        )
+    if path.suffix in TORCH_WEIGHT_SUFFIXES:
+        raise CheckpointError(f"{path} does not exist.")
     toy = TOY_MODELS_DIR / str(name_or_path)
     if (toy / "config.json").is_file():
         return toy
-    if path.exists():
-        raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds config.json.")
+    found = find_release(str(name_or_path))
+    if found is not None:
+        return _download_release(*found)
     if str(name_or_path).count("/") != 1:
         raise CheckpointError(
-            f"{name_or_path!r} is neither a local checkpoint directory, a bundled toy model "
-            f"({sorted(p.name for p in TOY_MODELS_DIR.glob('*/config.json'))}), nor a Hub id like 'org/name'."
+            f"{name_or_path!r} is neither a local checkpoint directory or .pth file, a bundled toy model "
+            f"({sorted(p.name for p in TOY_MODELS_DIR.glob('*/config.json'))}), a known release "
+            f"({', '.join(release_names())}), nor a Hub id like 'org/name'."
         )
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(str(name_or_path), allow_patterns=_HUB_FILES))
+
+
+def _download_release(name: str, release: Release) -> Path:
+    if release.filename is not None:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(release.repo_id, release.filename))
+    from huggingface_hub import snapshot_download
+
+    patterns = [*_HUB_FILES, "pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]
+    return Path(snapshot_download(release.repo_id, allow_patterns=patterns))
 
 
 def _architecture(raw_config: dict, directory: Path) -> str:
@@ -55,6 +93,13 @@ def _architecture(raw_config: dict, directory: Path) -> str:
     for name in names:
         if name in CONVERTERS:
             return name
+    if not names:
+        if mamba2.is_mamba_ssm_config(raw_config):
+            return mamba2.MAMBA_SSM
+        if raw_config.get("model_type") == "mamba2":
+            return "Mamba2ForCausalLM"
+        if rwkv7.is_rwkv7_config(raw_config):
+            return "RWKV7ForCausalLM"
     raise CheckpointError(
         f"Unsupported architecture {names or raw_config.get('model_type')!r} in {directory / 'config.json'}. "
         f"HookedSSM supports: {', '.join(supported_architectures())}."
@@ -71,6 +116,45 @@ def _load_tokenizer(directory: Path) -> PreTrainedTokenizerBase | None:
         return None
 
 
+def _load_release_tokenizer(release: Release | None) -> PreTrainedTokenizerBase | None:
+    if release is None or release.tokenizer is None:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(release.tokenizer)
+    except Exception as err:  # offline, or the Hub is unreachable: weights still load
+        warnings.warn(f"Could not load the tokenizer {release.tokenizer!r} ({err}); continuing without one.")
+        return None
+
+
+def _read_checkpoint(source: Path, release: Release | None) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
+    """``(architecture, config fields, raw state dict)`` of a checkpoint directory or .pth file."""
+    defaults = release.defaults if release is not None else {}
+    if source.is_file():
+        state = read_torch_file(source)
+        return rwkv7.BLINK, rwkv7.config_from_blink(state, defaults), state
+    raw_config = read_config(source)
+    architecture = _architecture(raw_config, source)
+    converter = CONVERTERS[architecture]
+    if converter is qwen3_5:
+        fields = qwen3_5.config_from_hf(AutoConfig.from_pretrained(source), architecture)
+        return architecture, fields, read_safetensors(source)
+    state = read_weights(source)
+    if architecture == mamba2.MAMBA_SSM:
+        return architecture, mamba2.config_from_mamba_ssm(raw_config, state, defaults), state
+    if converter is mamba2:
+        return architecture, mamba2.config_from_hf(AutoConfig.from_pretrained(source)), state
+    state = rwkv7.fla_to_blink(state, bool(raw_config.get("tie_word_embeddings", False)))
+    return architecture, rwkv7.config_from_fla(raw_config, state), state
+
+
+def _check_expected(fields: dict[str, Any], release: Release | None, source: Path) -> None:
+    if release is None:
+        return
+    wrong = {key: (fields.get(key), value) for key, value in release.expect.items() if fields.get(key) != value}
+    if wrong:
+        raise CheckpointError(f"{source} does not have the dims of its release (got vs expected: {wrong}).")
+
+
 def load_pretrained(
     model_cls: type["HookedSSM"],
     name_or_path: str | Path,
@@ -79,11 +163,13 @@ def load_pretrained(
     tokenizer: PreTrainedTokenizerBase | None = None,
     **config_overrides: Any,
 ) -> "HookedSSM":
-    directory = resolve_checkpoint_dir(name_or_path)
-    raw_config = read_config(directory)
-    architecture = _architecture(raw_config, directory)
+    source = resolve_checkpoint_dir(name_or_path)
+    is_local = Path(name_or_path).expanduser().exists()
+    found = None if is_local else find_release(str(name_or_path))
+    release = found[1] if found else None
+    architecture, fields, raw_state = _read_checkpoint(source, release)
+    _check_expected(fields, release, source)
     converter = CONVERTERS[architecture]
-    fields = converter.config_from_hf(AutoConfig.from_pretrained(directory), architecture)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     cfg = HookedSSMConfig(
@@ -93,7 +179,7 @@ def load_pretrained(
         device=None if device is None else str(device),
         **config_overrides,
     )
-    state = converter.convert_state_dict(read_safetensors(directory), cfg)
+    state = converter.convert_state_dict(raw_state, cfg)
     if cfg.tie_word_embeddings:
         state["unembed.weight"] = state["embed.W_E"]
     with torch.device("meta"):  # no random init of weights that are about to be replaced
@@ -101,12 +187,17 @@ def load_pretrained(
     missing = set(model.state_dict()) - set(state)
     if missing:
         raise CheckpointError(f"Converted checkpoint lacks parameters {sorted(missing)[:8]}.")
-    model.load_state_dict(state, strict=True, assign=True)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:  # shape mismatches: the weights do not fit the config
+        raise CheckpointError(f"The weights in {source} do not fit its config: {err}") from err
     if cfg.tie_word_embeddings:
         model.unembed.weight = model.embed.W_E
     model.to(cfg.device, cfg.dtype)
-    tokenizer = tokenizer or _load_tokenizer(directory)
+    if tokenizer is None:
+        tokenizer = _load_tokenizer(source) if source.is_dir() else None
+        tokenizer = tokenizer or _load_release_tokenizer(release)
     if tokenizer is not None:
         model.set_tokenizer(tokenizer)
-        model.cfg.tokenizer_name = str(name_or_path)
+        model.cfg.tokenizer_name = str(name_or_path) if release is None else (release.tokenizer or str(name_or_path))
     return model.eval()

@@ -56,7 +56,10 @@ def test_training_through_sae_lens_reduces_loss_and_reloads(model, dataset, tmp_
     assert loaded.cfg.metadata.hook_head_index == HEAD
     with torch.no_grad():
         if sparsity == "topk":
-            torch.testing.assert_close(loaded(acts), trained(acts), atol=1e-5, rtol=1e-4)
+            # Saving folds atom norms into the encoder, which moves pre-activations by float rounding;
+            # a token whose k-th and (k+1)-th latents are that close may pick the other one.
+            same = (loaded(acts) - trained(acts)).abs().amax(-1) <= 1e-4
+            assert same.float().mean() >= 0.99, f"{int((~same).sum())} of {len(same)} tokens differ"
         torch.testing.assert_close(SAE.load_from_disk(tmp_path / "out")(acts), loaded(acts))
     if hasattr(loaded, "U_dec"):
         atoms = loaded.W_dec.view(-1, model.cfg.d_k, model.cfg.d_v)

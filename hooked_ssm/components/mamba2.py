@@ -1,0 +1,164 @@
+"""The Mamba-2 mixer (``Mamba2ForCausalLM`` / ``state-spaces/mamba2-*``), with every quantity of the
+recurrence hooked.
+
+Per head ``h`` (key-major state ``H`` of shape ``[d_state, headdim]``, the transpose of what
+transformers and mamba_ssm store), with ``x_t`` the post-conv input of the head and ``B_t``/``C_t``
+its group's key and query::
+
+    dt_t = clamp(softplus(dt_raw_t + dt_bias), *time_step_limit)     hook_dt
+    H_t  = exp(dt_t A) H_{t-1} + B_t (dt_t x_t)^T                    hook_decay = exp(dt_t A)
+                                                                     hook_k = B_t, hook_v = dt_t x_t
+                                                                     hook_write = B_t (dt_t x_t)^T
+    r_t  = H_t^T C_t                                                  hook_q = C_t, hook_read = r_t
+    y_t  = r_t + D x_t                                                (D skip, uses hook_x's value)
+    z    = w * rmsnorm_groups(y * silu(gate))                         hook_gate = gate, hook_z = z
+
+so Mamba-2 speaks the same vocabulary as Gated DeltaNet: ``k`` = B (d_state), ``v`` = dt x
+(headdim), ``q`` = C. The gated norm multiplies by the gate *before* normalising (the opposite of
+the Gated DeltaNet norm) and normalises over groups of ``d_inner / n_groups`` channels.
+
+Edit semantics:
+
+- ``hook_x`` edits move both the write (``v = dt * x``) and the D skip (``D`` uses ``hook_x``'s
+  value); ``hook_v`` edits move only the write, the D skip keeps the unedited ``x``.
+- ``hook_dt`` edits move both the write and the decay; ``hook_decay`` edits only the decay.
+- ``hook_write`` and ``hook_state`` edits are additive state edits at their positions, applied
+  exactly (the chunked scan is split there) and read by every later token.
+
+``execution="chunked"`` (default) runs the chunked SSD scan; ``"recurrent"`` runs the per-token
+loop. Both give the same answer (to float rounding). Single-token steps (decoding with a
+``RecurrentState``) always take one recurrent step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+
+from hooked_ssm.components.recurrent_mixer import log_decay_through_hook, scan_with_state_hooks
+from hooked_ssm.config import HookedSSMConfig
+from hooked_ssm.ops.causal_conv import causal_depthwise_conv
+from hooked_ssm.ops.ssd import chunked_ssd, recurrent_ssd, ssd_with_edits
+from hooked_ssm.state import MixerCache
+
+
+class GroupedGatedRMSNorm(nn.Module):
+    """Mamba-2's gated norm: ``w * rmsnorm(y * silu(gate))`` with the RMS taken over groups of
+    ``group_size`` channels (gate *before* norm), computed in float32 like ``MambaRMSNormGated``."""
+
+    def __init__(self, d: int, group_size: int, eps: float):
+        super().__init__()
+        self.eps, self.group_size = eps, group_size
+        self.w = nn.Parameter(torch.ones(d))
+
+    def forward(self, y: Float[Tensor, "... d"], gate: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        dtype = y.dtype
+        gated = y.float() * F.silu(gate.float())
+        groups = gated.unflatten(-1, (-1, self.group_size))
+        normed = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
+        return self.w * normed.to(dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg: HookedSSMConfig):
+        super().__init__()
+        self.n_heads, self.n_groups = cfg.n_heads, cfg.n_key_heads
+        self.d_state, self.headdim = cfg.d_k, cfg.d_v
+        self.d_k, self.d_v = cfg.d_k, cfg.d_v
+        self.d_inner = self.n_heads * self.headdim
+        self.conv_dim = self.d_inner + 2 * self.n_groups * self.d_state
+        self.chunk_size, self.execution = cfg.chunk_size, cfg.execution
+        self.time_step_limit = cfg.time_step_limit
+        self.in_proj = nn.Linear(cfg.d_model, self.d_inner + self.conv_dim + self.n_heads, bias=cfg.proj_bias)
+        self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, cfg.conv_kernel))
+        nn.init.normal_(self.conv_weight, std=cfg.conv_kernel**-0.5)
+        self.conv_bias = nn.Parameter(torch.zeros(self.conv_dim)) if cfg.conv_bias else None
+        self.dt_bias = nn.Parameter(torch.zeros(self.n_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.n_heads))
+        self.D = nn.Parameter(torch.ones(self.n_heads))
+        self.norm = GroupedGatedRMSNorm(self.d_inner, self.d_inner // self.n_groups, cfg.eps)
+        self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=cfg.proj_bias)
+
+        self.hook_x = HookPoint()  # [batch, pos, head, headdim]: post-conv, post-SiLU input x_t
+        self.hook_dt = HookPoint()  # [batch, pos, head]: time step dt_t (after softplus and clamp)
+        self.hook_q = HookPoint()  # [batch, pos, head, d_state]: C_t (read query), per head
+        self.hook_k = HookPoint()  # [batch, pos, head, d_state]: B_t (write key), per head
+        self.hook_v = HookPoint()  # [batch, pos, head, headdim]: dt_t * x_t (write value)
+        self.hook_decay = HookPoint()  # [batch, pos, head]: exp(dt_t * A) in (0, 1]
+        self.hook_gate = HookPoint()  # [batch, pos, head, headdim]: gate logits z_t
+        self.hook_write = HookPoint()  # [batch, pos, head, d_state*headdim]: B_t (dt_t x_t)^T, key-major
+        self.hook_state = HookPoint()  # [batch, pos or selected pos, head, d_state*headdim]: H_t
+        self.hook_read = HookPoint()  # [batch, pos, head, headdim]: H_t^T C_t (before D skip and gate)
+        self.hook_z = HookPoint()  # [batch, pos, head, headdim]: gated-normed output entering out_proj
+
+    @property
+    def W_O(self) -> Float[Tensor, "head headdim d_model"]:
+        return self.out_proj.weight.T.reshape(self.n_heads, self.headdim, -1)
+
+    def forward(
+        self,
+        x: Float[Tensor, "batch pos d_model"],
+        cache: MixerCache | None = None,
+        attention_mask: Tensor | None = None,
+        state_positions: Sequence[int] | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        mask = None if attention_mask is None else attention_mask[:, -x.shape[1] :, None].to(x.dtype)
+        if mask is not None:  # padded tokens write nothing (x = B = 0 there), as in transformers
+            x = x * mask
+        batch, length, _ = x.shape
+        gate, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+        if mask is not None:  # and feed zeros to the conv window, even with an in_proj bias
+            xBC = xBC * mask
+        conv_out, conv_state = causal_depthwise_conv(
+            xBC, self.conv_weight, self.conv_bias, conv_state=None if cache is None else cache.conv_state
+        )
+        xBC = F.silu(conv_out)
+        if mask is not None:
+            xBC = xBC * mask
+        group_dim = self.n_groups * self.d_state
+        xs, B, C = xBC.split([self.d_inner, group_dim, group_dim], dim=-1)
+        per_group = self.n_heads // self.n_groups
+        xs = self.hook_x(xs.view(batch, length, self.n_heads, self.headdim))
+        k = self.hook_k(B.float().view(batch, length, self.n_groups, self.d_state).repeat_interleave(per_group, dim=2))
+        q = self.hook_q(C.float().view(batch, length, self.n_groups, self.d_state).repeat_interleave(per_group, dim=2))
+        dt = F.softplus(dt + self.dt_bias.to(dt.dtype)).clamp(*self.time_step_limit)
+        dt = self.hook_dt(dt.float())
+        v = self.hook_v(xs.float() * dt[..., None])
+        log_decay = log_decay_through_hook(self.hook_decay, dt * -self.A_log.float().exp())
+        gate = self.hook_gate(gate.view(batch, length, self.n_heads, self.headdim))
+
+        initial_state = None if cache is None else cache.ssm_state
+        o, final_state = self._scan(q, k, v, log_decay, initial_state, state_positions)
+        if cache is not None:
+            cache.conv_state, cache.ssm_state = conv_state, final_state
+
+        read = self.hook_read(o)
+        y = read + self.D.float()[:, None] * xs.float()
+        z = self.norm(y.reshape(batch, length, self.d_inner), gate.reshape(batch, length, self.d_inner))
+        z = self.hook_z(z.view(batch, length, self.n_heads, self.headdim))
+        return self.out_proj(z.reshape(batch, length, self.d_inner).to(x.dtype))
+
+    def _scan(self, q, k, v, log_decay, initial_state, state_positions):
+        """Run the recurrence, honouring edits made through hook_write / hook_state."""
+        recurrent = self.execution == "recurrent" or q.shape[1] == 1
+
+        def run(edits, positions):
+            if recurrent:
+                return recurrent_ssd(q, k, v, log_decay, initial_state, edits, positions)
+            return ssd_with_edits(q, k, v, log_decay, initial_state, edits, positions, self.chunk_size)
+
+        native_write = lambda: (k[..., :, None] * v[..., None, :]).flatten(-2)  # noqa: E731
+        hooked = scan_with_state_hooks(
+            self.hook_write, self.hook_state, native_write, self.d_state, self.headdim, run, q.shape[1], state_positions
+        )
+        if hooked is not None:
+            return hooked
+        if recurrent:
+            return recurrent_ssd(q, k, v, log_decay, initial_state)[:2]
+        return chunked_ssd(q, k, v, log_decay, initial_state, self.chunk_size)

@@ -257,7 +257,27 @@ def model_class(name: str):
 
 def build_model(name: str, seed: int):
     torch.manual_seed(seed)
-    return model_class(name)(make_config(name))
+    model = model_class(name)(make_config(name))
+    if name == "toy-gdn":
+        init_gdn_decay_(model)
+    return model
+
+
+@torch.no_grad()
+def init_gdn_decay_(model) -> None:
+    """Give each Gated DeltaNet head a memory at initialisation, as FLA and Mamba do.
+
+    transformers initialises ``dt_bias = 1`` with ``A`` up to 16, so a head keeps ``exp(-16 * 1.3)``
+    of its state per token: the recurrent layers start (and, in a short run, stay) memoryless.
+    Here ``dt ~ LogUniform(1e-3, 1e-1)`` (``dt_bias`` its inverse softplus) and ``A ~ U(1, 16)``,
+    so the per-token decay starts between about 0.2 and 0.999.
+    """
+    for name, module in model.named_modules():
+        if hasattr(module, "dt_bias") and hasattr(module, "A_log"):
+            heads = module.dt_bias.shape[0]
+            dt = torch.exp(torch.empty(heads).uniform_(torch.log(torch.tensor(1e-3)), torch.log(torch.tensor(1e-1))))
+            module.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            module.A_log.copy_(torch.log(torch.empty(heads).uniform_(1.0, 16.0)))
 
 
 def forward_logits(model, input_ids: torch.Tensor) -> torch.Tensor:

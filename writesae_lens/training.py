@@ -60,7 +60,12 @@ def write_sae_runner_config(
     if not 0 <= head < model.cfg.n_heads:
         raise ValueError(f"head {head} is out of range: the mixer has {model.cfg.n_heads} heads.")
     d_k, d_v = model.cfg.d_k, model.cfg.d_v
-    sae_kwargs: dict[str, Any] = dict(d_in=d_k * d_v, d_sae=d_sae, k=k, device=model.cfg.device)
+    # Cache writes and states are small (norms ~0.1): SAELens rescales them to norm sqrt(d_in) during
+    # training and folds the factor back in at the end. Without it Adam's bias steps swamp the
+    # encoder's pre-activations and most latents die.
+    sae_kwargs: dict[str, Any] = dict(
+        d_in=d_k * d_v, d_sae=d_sae, k=k, device=model.cfg.device, normalize_activations="expected_average_only_in"
+    )
     if architecture in ARCHITECTURES:
         sae_cfg = ARCHITECTURES[architecture][3](d_k=d_k, d_v=d_v, sparsity=sparsity, **sae_kwargs, **(sae_overrides or {}))
     elif architecture in ("topk", "batchtopk"):
@@ -108,14 +113,15 @@ def write_sae_runner_config(
 
 
 @torch.no_grad()
-def estimate_site_mean(store: ActivationsStore, n_batches: int = 8) -> torch.Tensor:
-    """Mean of the hooked matrix over ``n_batches`` batches of the store's prompts: the paper's ``M``."""
-    total, count = None, 0
+def estimate_site_statistics(store: ActivationsStore, n_batches: int = 8) -> tuple[torch.Tensor, float]:
+    """Mean matrix (the paper's ``M``) and mean norm of the hooked site over ``n_batches`` prompt batches."""
+    total, norm_total, count = None, 0.0, 0
     for _ in range(n_batches):
         acts = store.get_activations(store.get_batch_tokens()).flatten(0, -2).float()
         total = acts.sum(0) if total is None else total + acts.sum(0)
+        norm_total += acts.norm(dim=-1).sum().item()
         count += acts.shape[0]
-    return total / count
+    return total / count, norm_total / count
 
 
 def build_runner(
@@ -136,7 +142,11 @@ def build_runner(
     cfg = config or write_sae_runner_config(model, layer, head, site, **config_kwargs)
     runner = LanguageModelSAETrainingRunner(cfg, override_dataset=dataset, override_model=model)
     if center and hasattr(runner.sae, "set_input_mean"):
-        runner.sae.set_input_mean(estimate_site_mean(runner.activations_store))
+        mean, mean_norm = estimate_site_statistics(runner.activations_store)
+        # The SAE trains on activations SAELens scales by sqrt(d_in) / mean norm (re-estimated on
+        # its own batches, within ~1% of this one), so the mean is installed in those units.
+        scale = runner.sae.cfg.d_in**0.5 / mean_norm if cfg.sae.normalize_activations == "expected_average_only_in" else 1.0
+        runner.sae.set_input_mean(mean * scale)
         runner.activations_store.reset_input_dataset()
     return runner
 
@@ -146,4 +156,4 @@ def train_write_sae(model: HookedSSM, dataset: Dataset, layer: int, head: int, s
     return build_runner(model, dataset, layer, head, site, **kwargs).run()
 
 
-__all__ = ["write_sae_runner_config", "build_runner", "train_write_sae", "estimate_site_mean", "site_hook_name"]
+__all__ = ["write_sae_runner_config", "build_runner", "train_write_sae", "estimate_site_statistics", "site_hook_name"]

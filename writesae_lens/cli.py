@@ -1,0 +1,326 @@
+"""The ``writesae`` command: the paper's experiments from a shell.
+
+    writesae substitute  --sae DIR_OR_RELEASE/ID [--model toy-gdn] [--layer L --head H] [--text FILE] [--out rows.jsonl]
+    writesae logit-shift --sae ... [--eps 0.1 0.3 1 3] [--horizon 4]
+    writesae steer       [--layer L --head H] [--multipliers 1.5 3 6]     (sustained installs + sign prediction)
+    writesae erase       --sae ... --atom I
+    writesae partition   --sae ...
+    writesae demo        (the toy GDN + its bundled SAE; see ``writesae_lens.demo`` when present)
+
+Every subcommand loads ``--model`` (a bundled toy name, a local checkpoint directory or a Hub id;
+default ``toy-gdn``), cuts ``--text`` (files; default: the bundled toy corpus's validation split)
+into ``--n-windows`` windows of ``--context-size`` tokens, prints a paper-style table and, with
+``--out``, writes the rows (JSONL) and ``<out>.summary.json``.
+
+``--sae`` is a directory in SAELens's format (``cfg.json`` + ``sae_weights.safetensors``, loaded
+with ``SAE.load_from_disk``) or ``release/sae_id`` for ``SAE.from_pretrained`` (or ``--sae RELEASE
+--sae-id ID``). Layer and head default to the SAE's ``hook_name`` / ``hook_head_index``.
+
+Subcommands are registered in :data:`SUBCOMMANDS` (name -> (add_arguments, run)); a module can
+add one with :func:`register_subcommand`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SubcommandRun = Callable[[argparse.Namespace], int]
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], SubcommandRun]] = {}
+
+
+def register_subcommand(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None], run: SubcommandRun) -> None:
+    """Add (or replace) a ``writesae <name>`` subcommand."""
+    SUBCOMMANDS[name] = (help, add_arguments, run)
+
+
+# ---------------------------------------------------------------- shared loading
+def load_model(name: str, device: str | None = None, dtype: str | None = None) -> Any:
+    from hooked_ssm import HookedSSM
+
+    kwargs: dict[str, Any] = {}
+    if dtype:
+        kwargs["dtype"] = getattr(torch, dtype)
+    return HookedSSM.from_pretrained(name, device=device, **kwargs)
+
+
+def load_sae(spec: str, sae_id: str | None = None, device: str = "cpu") -> Any:
+    """An SAE from a local directory, ``release/sae_id``, or ``release`` + ``sae_id``."""
+    import writesae_lens  # noqa: F401  (registers architectures and bundled releases)
+    import writesae_lens.saes  # noqa: F401
+    from sae_lens import SAE
+
+    path = Path(spec)
+    if sae_id is None and path.is_dir():
+        return SAE.load_from_disk(path, device=device)
+    if sae_id is None:
+        if "/" not in spec:
+            raise SystemExit(f"--sae {spec!r} is neither a directory nor 'release/sae_id'.")
+        spec, sae_id = spec.split("/", 1)
+    return SAE.from_pretrained(spec, sae_id, device=device)
+
+
+def load_tokens(model: Any, args: argparse.Namespace) -> torch.Tensor:
+    from writesae_lens.interventions.firings import token_windows, toy_validation_texts
+
+    if args.text:
+        texts = [Path(p).read_text(encoding="utf-8") for p in args.text]
+    else:
+        texts = toy_validation_texts()
+    return token_windows(model, texts, args.context_size, args.n_windows)
+
+
+def _common(parser: argparse.ArgumentParser, sae: bool = True, context_size: int = 256, n_windows: int = 32) -> None:
+    parser.add_argument("--model", default="toy-gdn", help="bundled toy name, checkpoint directory or Hub id (default: toy-gdn)")
+    parser.add_argument("--device", default=None, help="e.g. cpu, cuda (default: the model's default)")
+    parser.add_argument("--dtype", default=None, help="e.g. float32, bfloat16")
+    if sae:
+        parser.add_argument("--sae", required=True, help="SAE directory (cfg.json + sae_weights.safetensors) or release/sae_id")
+        parser.add_argument("--sae-id", default=None, help="SAE id within the release given by --sae")
+    parser.add_argument("--layer", type=int, default=None, help="default: the SAE's layer")
+    parser.add_argument("--head", type=int, default=None, help="default: the SAE's head")
+    parser.add_argument("--text", nargs="*", default=None, help="text files (default: the toy corpus validation split)")
+    parser.add_argument("--context-size", type=int, default=context_size)
+    parser.add_argument("--n-windows", type=int, default=n_windows, help="number of token windows to use")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="results file (JSONL); the summary goes to <out>.summary.json")
+    parser.add_argument("--no-paper", action="store_true", help="do not print the paper's column")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _setup(args: argparse.Namespace, sae: bool = True) -> tuple[Any, Any, torch.Tensor]:
+    model = load_model(args.model, args.device, args.dtype)
+    dictionary = load_sae(args.sae, args.sae_id, str(model.cfg.device)) if sae else None
+    return model, dictionary, load_tokens(model, args)
+
+
+def _save(args: argparse.Namespace, rows: Sequence[dict] | None, summary: dict, stream: bool = False) -> None:
+    from writesae_lens.analysis.report import append_jsonl, write_json
+
+    if not args.out:
+        return
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if rows is not None and not stream:
+        out.write_text("")
+        append_jsonl(out, rows)
+    write_json(out.with_name(out.name + ".summary.json"), summary)
+    print(f"\nrows -> {out}\nsummary -> {out.with_name(out.name + '.summary.json')}")
+
+
+# ---------------------------------------------------------------- substitute
+def _substitute_args(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--scale", choices=["native_norm", "coefficient"], default="native_norm")
+    p.add_argument("--score", choices=["last", "next", "mean_after", "current"], default="last")
+    p.add_argument("--horizon", type=int, default=None, help="window end = t + horizon (default: end of the window)")
+    p.add_argument("--max-firings", type=int, default=2000)
+    p.add_argument("--max-per-atom", type=int, default=None)
+    p.add_argument("--min-position", type=int, default=1)
+    p.add_argument("--method", choices=["fast", "naive"], default="fast")
+    p.add_argument("--resume", action="store_true", help="skip firings already in --out")
+
+
+def _substitute(args: argparse.Namespace) -> int:
+    from writesae_lens.analysis.report import format_summary_table
+    from writesae_lens.interventions.substitution import run_substitution_test
+
+    model, sae, tokens = _setup(args)
+    rows, summary = run_substitution_test(
+        model, sae, args.layer, args.head, tokens, scale=args.scale, score=args.score, horizon=args.horizon,
+        method=args.method, min_position=args.min_position, max_firings=args.max_firings,
+        max_per_atom=args.max_per_atom, batch_size=args.batch_size, seed=args.seed, out=args.out,
+        resume=args.resume, progress=not args.quiet,
+    )
+    print(format_summary_table(summary, paper=None if args.no_paper else _paper_substitution(model)))
+    _save(args, rows, summary, stream=True)
+    return 0
+
+
+def _paper_substitution(model: Any) -> dict:
+    from writesae_lens.analysis.report import PAPER_SUBSTITUTION, PAPER_SUBSTITUTION_MAMBA2
+
+    return PAPER_SUBSTITUTION_MAMBA2 if "mamba2" in model.cfg.layer_types else PAPER_SUBSTITUTION
+
+
+# ---------------------------------------------------------------- logit-shift
+def _logit_shift_args(p: argparse.ArgumentParser) -> None:
+    _common(p, context_size=64, n_windows=16)
+    p.add_argument("--atoms", type=int, nargs="*", default=None, help="atoms to audit (default: the most frequent)")
+    p.add_argument("--n-atoms", type=int, default=20)
+    p.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0])
+    p.add_argument("--eps-unit", choices=["native_norm", "absolute"], default="native_norm")
+    p.add_argument("--horizon", type=int, default=4)
+    p.add_argument("--t0", default="firing", help="'firing' or a position")
+    p.add_argument("--token-ranks", type=int, nargs="+", default=[0])
+    p.add_argument("--forms", nargs="+", default=["gate", "fitted", "jvp"], choices=["gate", "fitted", "jvp"])
+    p.add_argument("--max-prompts-per-atom", type=int, default=None)
+
+
+def _logit_shift(args: argparse.Namespace) -> int:
+    from writesae_lens.analysis.report import format_logit_shift_table
+    from writesae_lens.interventions.logit_shift import run_logit_shift_audit
+
+    model, sae, tokens = _setup(args)
+    t0 = args.t0 if args.t0 == "firing" else int(args.t0)
+    rows, summary = run_logit_shift_audit(
+        model, sae, args.layer, args.head, tokens, atoms=args.atoms, n_atoms=args.n_atoms, t0=t0, eps=args.eps,
+        eps_unit=args.eps_unit, horizon=args.horizon, token_ranks=args.token_ranks, forms=args.forms,
+        max_prompts_per_atom=args.max_prompts_per_atom, batch_size=args.batch_size, progress=not args.quiet,
+    )
+    print(format_logit_shift_table(summary, paper=None if args.no_paper else _paper("PAPER_LOGIT_SHIFT")))
+    _save(args, rows, summary)
+    return 0
+
+
+def _paper(name: str) -> dict:
+    from writesae_lens.analysis import report
+
+    return getattr(report, name)
+
+
+# ---------------------------------------------------------------- steer
+def _steer_args(p: argparse.ArgumentParser) -> None:
+    _common(p, sae=False, context_size=64, n_windows=16)
+    p.add_argument("--sae", default=None, help="optional: only to default --layer/--head")
+    p.add_argument("--sae-id", default=None)
+    p.add_argument("--multipliers", type=float, nargs="+", default=[1.5, 3.0, 6.0])
+    p.add_argument("--key", choices=["native", "query", "random"], default="native")
+    p.add_argument("--mode", choices=["add", "replace"], default="add")
+    p.add_argument("--n-positions", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--sign-trials", type=int, default=8, help="sign-prediction trials per window (0: skip)")
+
+
+def _steer(args: argparse.Namespace) -> int:
+    from writesae_lens.analysis.report import format_steering_table, render_table
+    from writesae_lens.interventions.firings import resolve_site
+    from writesae_lens.interventions.steering import run_install_experiment, run_sign_prediction
+
+    model = load_model(args.model, args.device, args.dtype)
+    sae = load_sae(args.sae, args.sae_id, str(model.cfg.device)) if args.sae else None
+    site = resolve_site(model, sae, args.layer, args.head)
+    tokens = load_tokens(model, args)
+    rows, summary = run_install_experiment(
+        model, site.layer, site.head, tokens, multipliers=args.multipliers, n_positions=args.n_positions, key=args.key,
+        mode=args.mode, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+        progress=not args.quiet,
+    )
+    print(format_steering_table(summary, title=f"Sustained installs at L{site.layer} H{site.head} (key={args.key}, {args.mode})"))
+    if args.sign_trials:
+        _, sign = run_sign_prediction(model, site.layer, site.head, tokens, n_trials_per_prompt=args.sign_trials,
+                                      key=args.key, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+        summary["sign_prediction"] = sign
+        lo, hi = sign["sign_ci"]
+        print()
+        print(render_table(["single-position sign prediction", "this run", "paper"], [
+            ["trials", str(sign["n"]), "2000"],
+            ["sign accuracy", f"{100 * sign['sign_accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]", "84.6% [83.0, 86.2]"],
+            ["Pearson r (predicted, measured)", f"{sign['pearson_r']:.3f}", "0.162"],
+            ["median measured / predicted", f"{sign['median_ratio']:.3g}", "1.08"],
+        ]))
+    _save(args, rows, summary)
+    return 0
+
+
+# ---------------------------------------------------------------- erase
+def _erase_args(p: argparse.ArgumentParser) -> None:
+    _common(p, context_size=128, n_windows=16)
+    p.add_argument("--atom", type=int, required=True)
+    p.add_argument("--n", type=int, default=150)
+    p.add_argument("--control-scale", type=float, default=1.0)
+    p.add_argument("--target", default="promoted", help="'promoted', 'most_affected' or a token id")
+
+
+def _erase(args: argparse.Namespace) -> int:
+    from writesae_lens.analysis.report import render_table
+    from writesae_lens.interventions.erasure import run_erasure
+
+    model, sae, tokens = _setup(args)
+    target = int(args.target) if args.target.lstrip("-").isdigit() else args.target
+    rows, summary = run_erasure(model, sae, args.layer, args.head, tokens, atom=args.atom, n=args.n,
+                                control_scale=args.control_scale, target=target, batch_size=args.batch_size,
+                                seed=args.seed, progress=not args.quiet)
+    table = []
+    for cond, s in summary.items():
+        if cond == "config":
+            continue
+        lo, hi = s["median_ci"]
+        table.append([cond, str(s["n"]), f"{s['median_delta_logp']:+.4f} [{lo:+.4f}, {hi:+.4f}]", f"{s['wilcoxon_p']:.3g}"])
+    print(render_table(["condition", "n", "median d log p [95% CI]", "Wilcoxon p"], table,
+                       f"Erasure of atom {args.atom} (paper F412: firing -0.116 [-0.265, -0.042], p=1.07e-6)"))
+    _save(args, rows, summary)
+    return 0
+
+
+# ---------------------------------------------------------------- partition
+def _partition_args(p: argparse.ArgumentParser) -> None:
+    _common(p, context_size=256, n_windows=32)
+    p.add_argument("--min-firings", type=int, default=5)
+    p.add_argument("--absolute", action="store_true", help="use |cos|")
+    p.add_argument("--log", action="store_true", help="fit the mixture on log |median cos|")
+
+
+def _partition(args: argparse.Namespace) -> int:
+    from writesae_lens.analysis.partition import register_bundle_partition
+    from writesae_lens.analysis.report import format_partition_table
+
+    model, sae, tokens = _setup(args)
+    rows, summary = register_bundle_partition(model, sae, tokens, args.layer, args.head, min_firings=args.min_firings,
+                                              absolute=args.absolute, transform="log" if args.log else "none",
+                                              batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+    print(format_partition_table(summary, paper=None if args.no_paper else _paper("PAPER_PARTITION")))
+    _save(args, rows, summary)
+    return 0
+
+
+# ---------------------------------------------------------------- demo slot
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    try:
+        from writesae_lens.demo import add_arguments
+    except ImportError:
+        return
+    add_arguments(p)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    try:
+        from writesae_lens.demo import run
+    except ImportError:
+        print("`writesae demo` is not available yet (it will live in writesae_lens.demo: add_arguments(parser), run(args)).",
+              file=sys.stderr)
+        return 2
+    return int(run(args) or 0)
+
+
+register_subcommand("substitute", "substitution test: atom vs delete vs random rank-1 in place of one write", _substitute_args, _substitute)
+register_subcommand("logit-shift", "measured vs closed-form logit shifts (gate / fitted / jvp)", _logit_shift_args, _logit_shift)
+register_subcommand("steer", "sustained installs during greedy decoding, and single-position sign prediction", _steer_args, _steer)
+register_subcommand("erase", "cache-slot erasure of one atom at its firings vs a control", _erase_args, _erase)
+register_subcommand("partition", "register / bundle partition of the atoms (2- vs 1-component mixture, BIC)", _partition_args, _partition)
+register_subcommand("demo", "toy GDN + its bundled SAE: the paper's headline checks side by side", _demo_args, _demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="writesae", description="WriteSAE experiments on recurrent cache writes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help, add_arguments, run) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help)
+        add_arguments(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args._run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
@@ -96,14 +97,19 @@ class GatedAttention(nn.Module):
         group = self.n_heads // self.n_kv_heads
         keys = k.repeat_interleave(group, dim=2)
         values = v.repeat_interleave(group, dim=2)
-        scores = torch.einsum("bqhd,bkhd->bhqk", q, keys) * self.d_head**-0.5
         key_positions = torch.arange(keys.shape[1], device=x.device)
         allowed = key_positions[None, :] <= positions[:, None]  # [query, key]
         if attention_mask is not None:  # [batch, key_pos] with 1 for real tokens
             allowed = allowed[None, None] & attention_mask[:, None, None, -keys.shape[1] :].bool()
-        scores = self.hook_attn_scores(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min))
-        pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
-        z = torch.einsum("bhqk,bkhd->bqhd", pattern, values)
+        if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks():
+            scores = torch.einsum("bqhd,bkhd->bhqk", q, keys) * self.d_head**-0.5
+            scores = self.hook_attn_scores(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min))
+            pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+            z = torch.einsum("bhqk,bkhd->bqhd", pattern, values)
+        else:  # nothing reads the pattern: PyTorch's fused attention, as transformers uses
+            z = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=allowed
+            ).transpose(1, 2)
         if self.output_gate:
             z = z * torch.sigmoid(gate)
         z = self.hook_z(z)

@@ -71,3 +71,16 @@ def test_stop_at_layer_returns_the_residual_stream(qwen35):
     _, cache = model.run_with_cache(tokens, names_filter="blocks.2.hook_resid_pre")
     resid = model(tokens, stop_at_layer=2)
     torch.testing.assert_close(resid, cache["blocks.2.hook_resid_pre"])
+
+
+def test_fused_and_hooked_attention_agree(qwen35):
+    """Attention uses PyTorch's fused kernel unless a pattern hook is attached; both give the same result."""
+    model = HookedSSM.from_pretrained(qwen35[0])
+    tokens = torch.randint(3, model.cfg.d_vocab, (2, 40))
+    with torch.no_grad():
+        fused = model(tokens)
+        hooked, cache = model.run_with_cache(tokens, names_filter="blocks.2.attn.hook_pattern")
+    torch.testing.assert_close(hooked, fused, atol=1e-5, rtol=1e-5)
+    pattern = cache["blocks.2.attn.hook_pattern"]
+    torch.testing.assert_close(pattern.sum(-1), torch.ones_like(pattern.sum(-1)))
+    assert pattern.triu(1).abs().max() == 0  # causal

@@ -1,5 +1,5 @@
 # Two entry points that set up what they need on a fresh machine (a virtualenv in .venv).
-#   make demo   - the main job on the bundled toy model
+#   make demo   - the main job: `writesae demo` on the bundled toy model and its WriteSAE
 #   make test   - the test suite (what CI runs)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 
 .PHONY: demo test
 demo: $(VENV)/.installed
-	$(PY) -m hooked_ssm.demo
+	HF_HUB_OFFLINE=1 $(PY) -m writesae_lens.cli demo
 
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q --nbmake tests tutorials

@@ -101,15 +101,19 @@ class GatedAttention(nn.Module):
         allowed = key_positions[None, :] <= positions[:, None]  # [query, key]
         if attention_mask is not None:  # [batch, key_pos] with 1 for real tokens
             allowed = allowed[None, None] & attention_mask[:, None, None, -keys.shape[1] :].bool()
-        if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks():
+        z = None
+        if not (self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks()):
+            try:  # nothing reads the pattern: PyTorch's fused attention, as transformers uses
+                z = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=allowed
+                ).transpose(1, 2)
+            except NotImplementedError:  # e.g. forward-mode AD (jvp) has no fused-attention rule on CPU
+                z = None
+        if z is None:
             scores = torch.einsum("bqhd,bkhd->bhqk", q, keys) * self.d_head**-0.5
             scores = self.hook_attn_scores(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min))
             pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
             z = torch.einsum("bhqk,bkhd->bqhd", pattern, values)
-        else:  # nothing reads the pattern: PyTorch's fused attention, as transformers uses
-            z = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=allowed
-            ).transpose(1, 2)
         if self.output_gate:
             z = z * torch.sigmoid(gate)
         z = self.hook_z(z)

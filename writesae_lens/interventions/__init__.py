@@ -12,6 +12,7 @@ Orientation: atoms are ``u w^T`` with ``u`` on the key side and ``w`` on the val
 """
 
 from writesae_lens.analysis.report import format_logit_shift_table, format_summary_table
+from writesae_lens.interventions.amplification import amplified, amplified_generate
 from writesae_lens.interventions.erasure import run_erasure, summarize_erasure
 from writesae_lens.interventions.firings import (
     Firing,
@@ -46,6 +47,8 @@ from writesae_lens.interventions.substitution import (
 )
 
 __all__ = [
+    "amplified",
+    "amplified_generate",
     "format_summary_table",
     "format_logit_shift_table",
     "Firing",

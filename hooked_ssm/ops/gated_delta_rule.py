@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from hooked_ssm.ops.split_scan import scan_split_at_edits
+
 # Per-position additive edits of the state after the update at that position: {t: [batch, head, d_k, d_v]}.
 StateEdits = Mapping[int, Float[Tensor, "batch head d_k d_v"]]
 
@@ -158,28 +160,8 @@ def gated_delta_rule_with_edits(
     on average) the recurrent form is used instead: it is then the cheaper of the two.
     """
     edits = edits or {}
-    length = q.shape[1]
-    breakpoints = sorted(set(edits) | set(state_positions or ()))
-    if len(breakpoints) * max(chunk_size // 4, 1) > length:
-        o, state, states, _ = recurrent_gated_delta_rule(q, k, v, beta, g, initial_state, edits, state_positions)
-        return o, state, states
-
-    state = _zero_state(k, v) if initial_state is None else initial_state
-    outputs, states, start = [], {}, 0
-    for end in [*breakpoints, length - 1]:
-        if end < start:  # the last breakpoint was the final position
-            continue
-        segment = slice(start, end + 1)
-        o, state = chunked_gated_delta_rule(
-            q[:, segment], k[:, segment], v[:, segment], beta[:, segment], g[:, segment], state, chunk_size
-        )
-        if end in edits:
-            state = state + edits[end]
-            # The read at `end` happens after the update, so it sees the edit too.
-            o = o.clone()
-            o[:, -1] += torch.einsum("bhkv,bhk->bhv", edits[end], q[:, end])
-        states[end] = state
-        outputs.append(o)
-        start = end + 1
-    selected = torch.stack([states[t] for t in state_positions], dim=1) if state_positions else None
-    return torch.cat(outputs, dim=1), state, selected
+    return scan_split_at_edits(
+        lambda seg, state: chunked_gated_delta_rule(q[:, seg], k[:, seg], v[:, seg], beta[:, seg], g[:, seg], state, chunk_size),
+        lambda: recurrent_gated_delta_rule(q, k, v, beta, g, initial_state, edits, state_positions)[:3],
+        q, initial_state, edits, state_positions, chunk_size,
+    )

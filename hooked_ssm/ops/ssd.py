@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from hooked_ssm.ops.split_scan import scan_split_at_edits
+
 StateEdits = Mapping[int, Float[Tensor, "batch head d_state headdim"]]
 
 
@@ -144,24 +146,8 @@ def ssd_with_edits(
     on average) the recurrent form is used instead.
     """
     edits = edits or {}
-    length = q.shape[1]
-    breakpoints = sorted(set(edits) | set(state_positions or ()))
-    if len(breakpoints) * max(chunk_size // 4, 1) > length:
-        return recurrent_ssd(q, k, v, log_decay, initial_state, edits, state_positions)
-
-    state = _zero_state(k, v) if initial_state is None else initial_state
-    outputs, states, start = [], {}, 0
-    for end in [*breakpoints, length - 1]:
-        if end < start:  # the last breakpoint was the final position
-            continue
-        segment = slice(start, end + 1)
-        o, state = chunked_ssd(q[:, segment], k[:, segment], v[:, segment], log_decay[:, segment], state, chunk_size)
-        if end in edits:
-            state = state + edits[end]
-            o = o.clone()  # the read at `end` happens after the update, so it sees the edit too
-            o[:, -1] += torch.einsum("bhkv,bhk->bhv", edits[end], q[:, end])
-        states[end] = state
-        outputs.append(o)
-        start = end + 1
-    selected = torch.stack([states[t] for t in state_positions], dim=1) if state_positions else None
-    return torch.cat(outputs, dim=1), state, selected
+    return scan_split_at_edits(
+        lambda seg, state: chunked_ssd(q[:, seg], k[:, seg], v[:, seg], log_decay[:, seg], state, chunk_size),
+        lambda: recurrent_ssd(q, k, v, log_decay, initial_state, edits, state_positions),
+        q, initial_state, edits, state_positions, chunk_size,
+    )

@@ -25,10 +25,6 @@ class BilinearFlatSAEConfig(MatrixSAEFields, SAEConfig):
     def architecture(cls) -> str:
         return ARCHITECTURE
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.check_matrix_fields(self.d_in, self.normalize_activations)
-
 
 @dataclass(kw_only=True)
 class BilinearFlatTrainingSAEConfig(MatrixTrainingFields, MatrixSAEFields, TrainingSAEConfig):
@@ -37,10 +33,6 @@ class BilinearFlatTrainingSAEConfig(MatrixTrainingFields, MatrixSAEFields, Train
     @classmethod
     def architecture(cls) -> str:
         return ARCHITECTURE
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.check_matrix_fields(self.d_in, self.normalize_activations)
 
 
 class BilinearFlatSAE(MatrixSAEMixin, BilinearEncoder, FlatDecoder, SAE[BilinearFlatSAEConfig]):

@@ -26,10 +26,6 @@ class MatrixWriteSAEConfig(MatrixSAEFields, SAEConfig):
     def architecture(cls) -> str:
         return ARCHITECTURE
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.check_matrix_fields(self.d_in, self.normalize_activations)
-
 
 @dataclass(kw_only=True)
 class MatrixWriteTrainingSAEConfig(MatrixTrainingFields, MatrixSAEFields, TrainingSAEConfig):
@@ -38,10 +34,6 @@ class MatrixWriteTrainingSAEConfig(MatrixTrainingFields, MatrixSAEFields, Traini
     @classmethod
     def architecture(cls) -> str:
         return ARCHITECTURE
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.check_matrix_fields(self.d_in, self.normalize_activations)
 
 
 class MatrixWriteSAE(MatrixSAEMixin, DenseEncoder, Rank1Decoder, SAE[MatrixWriteSAEConfig]):

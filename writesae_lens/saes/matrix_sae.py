@@ -46,6 +46,11 @@ class MatrixSAEFields:
     sparsity: Sparsity = "topk"
     rescale_acts_by_decoder_norm: bool = False
 
+    def __post_init__(self) -> None:
+        # Mixed in before SAEConfig / TrainingSAEConfig: run their checks, then the matrix ones.
+        super().__post_init__()
+        self.check_matrix_fields(self.d_in, self.normalize_activations)
+
     def check_matrix_fields(self, d_in: int, normalize_activations: str) -> None:
         if d_in != self.d_k * self.d_v:
             raise ValueError(

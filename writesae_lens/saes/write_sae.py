@@ -36,7 +36,6 @@ class WriteSAEConfig(MatrixSAEFields, SAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.check_matrix_fields(self.d_in, self.normalize_activations)
         if self.tied and self.rescale_acts_by_decoder_norm:
             raise ValueError("tied=True shares factors between encoder and decoder; set rescale_acts_by_decoder_norm=False.")
 
@@ -54,7 +53,6 @@ class WriteTrainingSAEConfig(MatrixTrainingFields, MatrixSAEFields, TrainingSAEC
         if self.tied:
             self.rescale_acts_by_decoder_norm = False
         super().__post_init__()
-        self.check_matrix_fields(self.d_in, self.normalize_activations)
 
 
 class _FactoredWritePath:

@@ -22,6 +22,11 @@ def causal_depthwise_conv(
     """
     channels, kernel = weight.shape
     x_t = x.transpose(1, 2).to(weight.dtype)
+    length = x_t.shape[-1]
+    if conv_state is None and length >= kernel - 1:
+        # Zero history: let conv1d pad, which skips copying the whole sequence into a padded buffer.
+        out = F.conv1d(x_t, weight.unsqueeze(1), bias, padding=kernel - 1, groups=channels)[..., :length]
+        return out.transpose(1, 2).to(x.dtype), x_t[..., length - (kernel - 1) :]
     if conv_state is None:
         conv_state = x_t.new_zeros(x_t.shape[0], channels, kernel - 1)
     padded = torch.cat([conv_state.to(x_t.dtype), x_t], dim=-1)

@@ -118,8 +118,9 @@ def chunked_gated_delta_rule(
 
     k_beta = k_c * beta_c[..., None]
     # UT transform: (I + strictly-lower(k_beta k^T * decay)) [u | w] = [v_beta | k_beta * exp(cum_g)]
+    # Only the strictly lower triangle is read: decay is 0 above the diagonal and
+    # unitriangular=True takes the diagonal as 1 without looking at it.
     system = (k_beta @ k_c.transpose(-1, -2)) * decay
-    system = system.masked_fill(~causal.tril(-1), 0.0) + torch.eye(chunk_size, device=q.device, dtype=q.dtype)
     pseudo_values = torch.linalg.solve_triangular(system, v_c * beta_c[..., None], upper=False, unitriangular=True)
     state_readers = torch.linalg.solve_triangular(
         system, k_beta * cum_g.exp()[..., None], upper=False, unitriangular=True

@@ -5,13 +5,16 @@
     ``TopKTrainingSAE`` on the same ``d_in = d_k * d_v`` (A = flat TopK, B = the architecture).
     SAE steps/s, tokens/s (= batch x steps/s; the language model's forward pass that would produce
     the activations is not included) and peak memory. Inputs are rank-1 writes ``b k v^T``.
-(b) The factored write-site path of ``writesae`` (``encode_factored`` + ``factored_squared_error``,
-    backward) vs the materialised one (build ``k v^T``, ``encode``, ``decode``, MSE, backward),
-    at d_k = d_v = 128, d_sae = 2048, k = 32, batch 256.
+(b) Factored write-site training, as SAELens's runner runs it: one ``training_forward_pass`` +
+    backward of a ``writesae`` reading ``[k | v]`` (``input_kind="write_factors"``, what
+    ``build_runner(..., site="write")`` trains on ``hook_write_factors``) vs the same SAE reading the
+    materialised ``vec(k v^T)`` (``hook_write``), same weights, at d_k = d_v = 128, d_sae = 2048,
+    k = 32, batch 256. Once with no dead atoms (the headline, no aux loss) and once with half the
+    atoms dead (the dead-latent aux loss, k_aux = 256, is computed on both sides).
 
 Where SAELens is not importable (the GPU machine), (b) runs an inline re-implementation of the
-same two computations (``inline_*`` below; checked against the library on CPU, row
-``4 sae: inline check``) and (a) is skipped.
+same two computations without the aux loss (``InlineWriteSAE`` below; checked against the library
+on CPU, row ``4 sae: inline check``) and (a) is skipped.
 """
 
 from __future__ import annotations
@@ -112,34 +115,49 @@ def run_architectures(settings: Settings) -> None:
 # --------------------------------------------------------------------------- (b) factored vs materialised
 
 
-def library_paths(sae: Any, k: torch.Tensor, v: torch.Tensor):
-    def materialised():
-        x = (k[:, :, None] * v[:, None, :]).flatten(1)
-        acts = sae.encode(x)
-        loss = (sae.decode(acts) - x).pow(2).sum(-1).mean()
-        loss.backward()
-        _zero(sae.parameters())
-        return loss.detach()
-
-    def factored():
-        acts = sae.encode_factored(k, v)
-        loss = sae.factored_squared_error(k, v, acts).mean()
-        loss.backward()
-        _zero(sae.parameters())
-        return loss.detach()
-
-    return materialised, factored
-
-
 def _zero(params: Any) -> None:
     for p in params:
         p.grad = None
 
 
+def library_saes(device: str) -> tuple[Any, Any]:
+    """The default training ``writesae`` on ``vec(k v^T)`` and the same SAE (same weights) on ``[k | v]``."""
+    from writesae_lens.saes import WriteTrainingSAE, WriteTrainingSAEConfig
+
+    torch.manual_seed(0)
+    common = dict(d_sae=D_SAE, d_k=D_K, d_v=D_V, k=K, device=device)
+    matrix = WriteTrainingSAE(WriteTrainingSAEConfig(d_in=D_K * D_V, **common))
+    factors = WriteTrainingSAE(WriteTrainingSAEConfig(
+        d_in=D_K + D_V, input_kind="write_factors", normalize_activations="none", write_scale=1.0, **common
+    ))
+    factors.load_state_dict(matrix.state_dict())
+    return matrix, factors
+
+
+def library_paths(matrix: Any, factors: Any, k: torch.Tensor, v: torch.Tensor, dead: torch.Tensor):
+    """One training step each (``training_forward_pass`` + backward), on what SAELens's store hands over."""
+    from sae_lens.saes.sae import TrainStepInput
+
+    x = (k[:, :, None] * v[:, None, :]).flatten(1)
+    kv = torch.cat([k, v], dim=-1)
+
+    def step(sae: Any, sae_in: torch.Tensor):
+        def run():
+            out = sae.training_forward_pass(TrainStepInput(sae_in=sae_in, coefficients={}, dead_neuron_mask=dead,
+                                                           n_training_steps=0, is_logging_step=False))
+            out.loss.backward()
+            _zero(sae.parameters())
+            return out.loss.detach()
+
+        return run
+
+    return step(matrix, x), step(factors, kv)
+
+
 class InlineWriteSAE(torch.nn.Module):
     """The ``writesae`` computations of ``writesae_lens.saes`` (default training config: bilinear
     encoder, rank-1 decoder, TopK, ``rescale_acts_by_decoder_norm=True``, ``apply_b_dec_to_input=True``,
-    fixed ``b_dec``), written out for a machine without SAELens. Benchmark use only."""
+    fixed ``b_dec``, no dead atoms), written out for a machine without SAELens. Benchmark use only."""
 
     def __init__(self, d_k: int, d_v: int, d_sae: int, k: int, device: str):
         super().__init__()
@@ -165,40 +183,69 @@ class InlineWriteSAE(torch.nn.Module):
     def atom_norms(self) -> torch.Tensor:
         return self.U_dec.norm(dim=-1) * self.V_dec.norm(dim=-1)
 
-    def topk(self, pre: torch.Tensor) -> torch.Tensor:
-        values, index = torch.topk(pre, k=self.k, dim=-1, sorted=False)
-        return torch.zeros_like(pre).scatter(-1, index, values.relu())
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def materialised_loss(self, x: torch.Tensor) -> torch.Tensor:
         xm = (x - self.b_dec).unflatten(-1, (self.d_k, self.d_v))
-        pre = ((xm @ self.B_enc.T) * self.A_enc.T).sum(dim=-2) + self.b_enc
-        return self.topk(pre * self.atom_norms())
-
-    def decode(self, acts: torch.Tensor) -> torch.Tensor:
+        pre = (((xm @ self.B_enc.T) * self.A_enc.T).sum(dim=-2) + self.b_enc) * self.atom_norms()
+        top = torch.topk(pre, k=self.k, dim=-1, sorted=False)
+        acts = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
         acts = acts / self.atom_norms().clamp(min=1e-8)
-        n_active = int((acts != 0).sum(-1).max())
+        n_active = int((acts != 0).sum(-1).max())  # as the library's decode_atoms (a host sync)
         if 0 < n_active * 4 <= acts.shape[-1]:
             values, index = acts.topk(n_active, dim=-1)
             recon = (values[..., :, None] * self.U_dec[index]).transpose(-1, -2) @ self.V_dec[index]
         else:
             recon = (acts[..., :, None] * self.U_dec).transpose(-1, -2) @ self.V_dec
-        return recon.flatten(-2) + self.b_dec
+        return (recon.flatten(-2) + self.b_dec - x).pow(2).sum(-1).mean()
 
-    def encode_factored(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        a, b = self.A_enc, self.B_enc
-        pre = (k @ a.T) * (v @ b.T) + self.b_enc
-        mean = self.b_dec.view(self.d_k, self.d_v)
-        pre = pre - ((a @ mean) * b).sum(dim=-1)
-        return self.topk(pre * self.atom_norms())
-
-    def factored_squared_error(self, k: torch.Tensor, v: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
-        c = acts / self.atom_norms().clamp(min=1e-8)
-        u, w = self.U_dec, self.V_dec
-        gram = (u @ u.T) * (w @ w.T)
-        err = (k * k).sum(-1) * (v * v).sum(-1) + ((c @ gram) * c).sum(-1) - 2 * (c * (k @ u.T) * (v @ w.T)).sum(-1)
+    def factored_loss(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        a, b, u, w = self.A_enc, self.B_enc, self.U_dec, self.V_dec
         bias = self.b_dec.view(self.d_k, self.d_v)
-        atom_dot_bias = ((u @ bias) * w).sum(dim=-1)
-        return err + (bias * bias).sum() - 2 * ((k @ bias) * v).sum(-1) + 2 * (c * atom_dot_bias).sum(-1)
+        norms = self.atom_norms()
+        pre = ((k @ a.T) * (v @ b.T) + self.b_enc - ((a @ bias) * b).sum(-1)) * norms
+        top = torch.topk(pre, k=self.k, dim=-1, sorted=False)
+        index = top.indices
+        values = top.values.relu() / norms.clamp(min=1e-8)[index]
+        u_a, w_a = u[index], w[index]  # [batch, k, d_k], [batch, k, d_v]: each row's active atoms
+        gram = (u_a @ u_a.transpose(-1, -2)) * (w_a @ w_a.transpose(-1, -2))
+        quad = ((gram @ values[..., None]).squeeze(-1) * values).sum(-1)
+        cross = (values * (u_a @ k[..., None]).squeeze(-1) * (w_a @ v[..., None]).squeeze(-1)).sum(-1)
+        atom_dot_bias = ((u @ bias) * w).sum(-1)[index]
+        err = k.pow(2).sum(-1) * v.pow(2).sum(-1) + quad - 2 * cross
+        err = err + bias.pow(2).sum() - 2 * ((k @ bias) * v).sum(-1) + 2 * (values * atom_dot_bias).sum(-1)
+        return err.mean()
+
+
+def inline_paths(sae: InlineWriteSAE, k: torch.Tensor, v: torch.Tensor):
+    x = (k[:, :, None] * v[:, None, :]).flatten(1)
+
+    def materialised():
+        loss = sae.materialised_loss(x)
+        loss.backward()
+        _zero(sae.parameters())
+        return loss.detach()
+
+    def factored():
+        loss = sae.factored_loss(k, v)
+        loss.backward()
+        _zero(sae.parameters())
+        return loss.detach()
+
+    return materialised, factored
+
+
+def factored_case(device: str, dead_half: bool = False, batch: int = BATCH) -> tuple[Any, Any, str]:
+    """``(materialised step, factored step, implementation)`` for benchmark (b) (also used by mem_probe)."""
+    k, v = rank1_inputs(batch, D_K, D_V, device, seed=1)
+    if sae_lens_available():
+        dead = torch.zeros(D_SAE, dtype=torch.bool, device=device)
+        if dead_half:
+            dead[::2] = True
+        matrix, factors = library_saes(device)
+        return (*library_paths(matrix, factors, k, v, dead), "writesae_lens.saes.WriteTrainingSAE.training_forward_pass")
+    if dead_half:
+        raise RuntimeError("the inline re-implementation has no aux loss")
+    torch.manual_seed(0)
+    return (*inline_paths(InlineWriteSAE(D_K, D_V, D_SAE, K, device), k, v), "InlineWriteSAE (SAELens not installed here)")
 
 
 def profile_top(fn: Any, settings: Settings, n: int = 6) -> list[str]:
@@ -221,93 +268,43 @@ def profile_top(fn: Any, settings: Settings, n: int = 6) -> list[str]:
 
 
 def run_factored(settings: Settings) -> None:
-    k, v = rank1_inputs(BATCH, D_K, D_V, settings.device, seed=1)
-    case = f"writesae factored vs materialised, d_k=d_v={D_K}, d_sae={D_SAE}, k={K}, batch {BATCH}"
+    case = f"writesae factored vs materialised training step, d_k=d_v={D_K}, d_sae={D_SAE}, k={K}, batch {BATCH}"
     if sae_lens_available():
-        from writesae_lens.saes import WriteTrainingSAE, WriteTrainingSAEConfig
-
-        torch.manual_seed(0)
-        sae = WriteTrainingSAE(WriteTrainingSAEConfig(d_in=D_K * D_V, d_sae=D_SAE, d_k=D_K, d_v=D_V, k=K,
-                                                      device=settings.device))
-        materialised, factored = library_paths(sae, k, v)
-        impl = "writesae_lens.saes.WriteTrainingSAE"
-        inline = InlineWriteSAE.from_library(sae)
-        inline_m, inline_f = library_paths(inline, k, v)
         # The inline copy must compute the same losses (it stands in for the library on the GPU).
-        checks = {"lib_materialised": materialised().item(), "lib_factored": factored().item(),
+        k, v = rank1_inputs(BATCH, D_K, D_V, settings.device, seed=1)
+        matrix, _ = library_saes(settings.device)
+        lib_m, lib_f, _ = factored_case(settings.device)
+        inline_m, inline_f = inline_paths(InlineWriteSAE.from_library(matrix), k, v)
+        checks = {"lib_materialised": lib_m().item(), "lib_factored": lib_f().item(),
                   "inline_materialised": inline_m().item(), "inline_factored": inline_f().item()}
         compare(settings, bench="4 sae", case=f"inline check: {case} (inline re-implementation, CPU only)",
                 reference=("inline materialised", inline_m), candidate=("inline factored", inline_f),
                 tokens=BATCH, max_rounds=7, extra=dict(losses=checks))
     else:
-        torch.manual_seed(0)
-        sae = InlineWriteSAE(D_K, D_V, D_SAE, K, settings.device)
-        materialised, factored = library_paths(sae, k, v)
-        impl = "inline re-implementation (SAELens not installed here)"
         settings.note("4 sae: SAELens is not importable here; the factored-path rows use the inline "
                       "re-implementation InlineWriteSAE (checked equal to the library on CPU).")
-    lm, lf = materialised().item(), factored().item()
-    mems = {label: mib(measure_peak(settings, dict(kind="sae_path", batch=BATCH, path=label), fn)["peak_bytes"])
-            for label, fn in (("materialised", materialised), ("factored", factored))}
-    compare(settings, bench="4 sae", case=case,
-            reference=("materialised: k v^T, encode, decode, MSE, backward", materialised),
-            candidate=("factored: encode_factored + factored_squared_error, backward", factored),
-            tokens=BATCH, target=TARGET_FACTORED, target_check=lambda r: r >= 10, max_rounds=15,
-            extra=dict(implementation=impl, loss_materialised=lm, loss_factored=lf,
-                       loss_rel_diff=abs(lm - lf) / max(abs(lm), 1e-12),
-                       peak_mib_materialised=mems["materialised"], peak_mib_factored=mems["factored"],
-                       profile_factored=profile_top(factored, settings),
-                       profile_materialised=profile_top(materialised, settings)))
-
-
-def active_gram_factored_path(sae: Any, k: torch.Tensor, v: torch.Tensor):
-    """PROTOTYPE, not library code: the factored loss with the Gram term restricted to each row's
-    active atoms. ``c^T G c`` only involves the k non-zero codes of a row, so the ``[d_sae, d_sae]``
-    Gram ``(U U^T) * (V V^T)`` (``O(d_sae^2 (d_k + d_v))`` per step, whatever the batch) can be
-    replaced by per-row ``[k, k]`` blocks (``O(batch k^2 (d_k + d_v))``). Same value as
-    ``factored_squared_error`` (assumes ``rescale_acts_by_decoder_norm=True``, the default)."""
-    n_active = K
-
-    def step():
-        acts = sae.encode_factored(k, v)
-        c = acts / sae.atom_norms().clamp(min=1e-8)
-        values, index = c.topk(n_active, dim=-1, sorted=False)
-        u, w = sae.U_dec, sae.V_dec
-        u_a, w_a = u[index], w[index]  # [batch, k, d_k], [batch, k, d_v]
-        gram = (u_a @ u_a.transpose(-1, -2)) * (w_a @ w_a.transpose(-1, -2))
-        quad = (values[:, None, :] @ gram @ values[:, :, None]).squeeze(-1).squeeze(-1)
-        cross = (values * (u_a @ k[:, :, None]).squeeze(-1) * (w_a @ v[:, :, None]).squeeze(-1)).sum(-1)
-        bias = sae.b_dec.view(u.shape[1], w.shape[1])
-        atom_dot_bias = ((u @ bias) * w).sum(dim=-1)
-        err = (k * k).sum(-1) * (v * v).sum(-1) + quad - 2 * cross
-        err = err + (bias * bias).sum() - 2 * ((k @ bias) * v).sum(-1) + 2 * (c * atom_dot_bias).sum(-1)
-        loss = err.mean()
-        loss.backward()
-        _zero(sae.parameters())
-        return loss.detach()
-
-    return step
-
-
-def run_prototype(settings: Settings) -> None:
-    """Evidence for the suggested fix of the factored path (see README): not a library path."""
-    k, v = rank1_inputs(BATCH, D_K, D_V, settings.device, seed=1)
-    torch.manual_seed(0)
-    if sae_lens_available():
-        from writesae_lens.saes import WriteTrainingSAE, WriteTrainingSAEConfig
-
-        sae = WriteTrainingSAE(WriteTrainingSAEConfig(d_in=D_K * D_V, d_sae=D_SAE, d_k=D_K, d_v=D_V, k=K,
-                                                      device=settings.device))
-    else:
-        sae = InlineWriteSAE(D_K, D_V, D_SAE, K, settings.device)
-    materialised, _ = library_paths(sae, k, v)
-    proto = active_gram_factored_path(sae, k, v)
-    lm, lp = materialised().item(), proto().item()
-    compare(settings, bench="4 sae", case=f"PROTOTYPE (not library): factored loss with per-row active-atom Gram, d_k=d_v={D_K}, d_sae={D_SAE}, k={K}, batch {BATCH}",
-            reference=("materialised (library)", materialised), candidate=("factored, active-atom Gram (prototype)", proto),
-            tokens=BATCH, max_rounds=15,
-            extra=dict(loss_materialised=lm, loss_prototype=lp, loss_rel_diff=abs(lm - lp) / max(abs(lm), 1e-12),
-                       profile_prototype=profile_top(proto, settings)))
+    # On the GPU batch 256 is launch-bound on both sides: also measure a batch that fills the device.
+    cases = [(BATCH, False), (BATCH, True)] + ([(4096, False)] if settings.cuda else [])
+    for batch, dead_half in cases:
+        if dead_half and not sae_lens_available():
+            settings.note("4 sae: the aux-loss row needs the library (SAELens); skipped.")
+            continue
+        materialised, factored, impl = factored_case(settings.device, dead_half, batch)
+        lm, lf = materialised().item(), factored().item()
+        label = "half the atoms dead (aux loss on)" if dead_half else "no dead atoms"
+        mems = {path: mib(measure_peak(settings, dict(kind="sae_path", batch=batch, path=path, dead_half=dead_half), fn)["peak_bytes"])
+                for path, fn in (("materialised", materialised), ("factored", factored))}
+        headline = batch == BATCH and not dead_half
+        compare(settings, bench="4 sae", case=f"{case.replace(f'batch {BATCH}', f'batch {batch}')}, {label}",
+                reference=("materialised: training_forward_pass on vec(k v^T), backward", materialised),
+                candidate=("factored: training_forward_pass on [k | v], backward", factored),
+                tokens=batch, target=TARGET_FACTORED if headline else None,
+                target_check=(lambda r: r >= 10) if headline else None, max_rounds=15,
+                extra=dict(implementation=impl, loss_materialised=lm, loss_factored=lf,
+                           loss_rel_diff=abs(lm - lf) / max(abs(lm), 1e-12),
+                           peak_mib_materialised=mems["materialised"], peak_mib_factored=mems["factored"],
+                           profile_factored=profile_top(factored, settings),
+                           profile_materialised=profile_top(materialised, settings)))
 
 
 def run(settings: Settings) -> None:
@@ -316,4 +313,3 @@ def run(settings: Settings) -> None:
     else:
         settings.note("4 sae (a): per-architecture training steps skipped: SAELens is not importable here.")
     run_factored(settings)
-    run_prototype(settings)

@@ -46,17 +46,9 @@ def sae_step(spec: dict[str, Any]):
 
 
 def sae_path(spec: dict[str, Any]):
-    from bench_sae import D_K, D_SAE, D_V, K, InlineWriteSAE, library_paths, rank1_inputs, sae_lens_available
+    from bench_sae import factored_case
 
-    k, v = rank1_inputs(spec["batch"], D_K, D_V, "cpu", seed=1)
-    torch.manual_seed(0)
-    if sae_lens_available():
-        from writesae_lens.saes import WriteTrainingSAE, WriteTrainingSAEConfig
-
-        sae = WriteTrainingSAE(WriteTrainingSAEConfig(d_in=D_K * D_V, d_sae=D_SAE, d_k=D_K, d_v=D_V, k=K, device="cpu"))
-    else:
-        sae = InlineWriteSAE(D_K, D_V, D_SAE, K, "cpu")
-    materialised, factored = library_paths(sae, k, v)
+    materialised, factored, _ = factored_case("cpu", dead_half=spec.get("dead_half", False), batch=spec["batch"])
     return materialised if spec["path"] == "materialised" else factored
 
 

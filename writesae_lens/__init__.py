@@ -23,13 +23,14 @@ from writesae_lens.evals import (
     run_evals,
 )
 from writesae_lens.registry import (
+    checked_disk_loader,
     register_manifest,
     register_release,
     registered_releases,
     unregister_release,
 )
 from writesae_lens.splicing import HookedSAESSM, SAESplicingMixin, sae_site_name
-from writesae_lens.training import build_runner, train_write_sae, write_sae_runner_config
+from writesae_lens.training import WriteSAETrainingRunner, build_runner, train_write_sae, write_sae_runner_config
 
 __all__ = [
     # architectures
@@ -43,6 +44,7 @@ __all__ = [
     "write_sae_runner_config",
     "build_runner",
     "train_write_sae",
+    "WriteSAETrainingRunner",
     # splicing
     "HookedSAESSM",
     "SAESplicingMixin",
@@ -59,4 +61,5 @@ __all__ = [
     "register_manifest",
     "unregister_release",
     "registered_releases",
+    "checked_disk_loader",
 ]

@@ -43,6 +43,7 @@ from torch import Tensor
 
 __all__ = [
     "HeadAwareEvalModel",
+    "evaluable_sae",
     "head_aware_model",
     "run_evals",
     "HeadAwareLLMSaeEvaluator",
@@ -134,6 +135,13 @@ class HeadAwareEvalModel:
         return out, cache
 
 
+def evaluable_sae(sae: SAE[Any]) -> SAE[Any]:
+    """An SAE trained on ``hook_write_factors`` is evaluated as its ``hook_write`` form: SAELens's evals
+    compare the SAE's output with, and splice it into, the hook it reads, and the factors hook is
+    observation-only (and its output is a write, not factors)."""
+    return sae.to_write_site() if getattr(sae, "reads_write_factors", False) else sae
+
+
 def head_aware_model(model: Any, *saes: SAE[Any]) -> HeadAwareEvalModel:
     """Wrap ``model`` for SAELens's evals of ``saes`` (their metadata gives the hooks and heads)."""
     while isinstance(model, HeadAwareEvalModel):
@@ -167,8 +175,10 @@ def run_evals(
     """``sae_lens.evals.run_evals`` for SAEs on head-indexed or 4-D hooks (same signature and output).
 
     ``activation_scaler`` defaults to no scaling. ``exclude_special_tokens=True`` uses the model's
-    tokenizer (nothing is excluded when the model has none).
+    tokenizer (nothing is excluded when the model has none). An SAE trained on the write factors is
+    evaluated on ``hook_write`` (:func:`evaluable_sae`).
     """
+    sae = evaluable_sae(sae)
     return _sae_lens_run_evals(
         sae=sae,
         activation_store=activation_store,
@@ -186,6 +196,7 @@ class HeadAwareLLMSaeEvaluator(LLMSaeEvaluator):  # type: ignore[type-arg]
     """SAELens's in-training evaluator, with the model seen through :class:`HeadAwareEvalModel`."""
 
     def __call__(self, sae: Any, data_provider: Any, activation_scaler: ActivationScaler) -> dict[str, Any]:
+        sae = evaluable_sae(sae)
         view = dataclasses.replace(self, model=head_aware_model(self.model, sae))
         return LLMSaeEvaluator.__call__(view, sae, data_provider, activation_scaler)
 

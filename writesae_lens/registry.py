@@ -60,6 +60,7 @@ __all__ = [
     "unregister_release",
     "registered_releases",
     "local_release_loader",
+    "checked_disk_loader",
     "hub_release_loader",
 ]
 
@@ -139,6 +140,23 @@ def local_release_loader(
     cfg_dict = _read_cfg(sae_dir / SAE_CFG_FILENAME, source, device, cfg_overrides)
     cfg_dict, state_dict = _read_weights(cfg_dict, sae_dir / SAE_WEIGHTS_FILENAME, source, device)
     return cfg_dict, state_dict, _read_sparsity(sae_dir / SPARSITY_FILENAME, device)
+
+
+def checked_disk_loader(
+    path: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """SAELens's disk loader (``PretrainedSaeDiskLoader`` signature) with errors that name the file.
+
+    ``SAE.load_from_disk(path)`` reports a truncated or corrupt weights file with safetensors' bare
+    message (no path); ``SAE.load_from_disk(path, converter=checked_disk_loader)`` raises a
+    ``FileNotFoundError`` / ``ValueError`` naming the folder and the file at fault.
+    """
+    folder = Path(path)
+    source = f"SAE folder {folder}"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{source} does not exist.")
+    cfg_dict = _read_cfg(folder / SAE_CFG_FILENAME, source, device, cfg_overrides)
+    return _read_weights(cfg_dict, folder / SAE_WEIGHTS_FILENAME, source, device)
 
 
 def hub_release_loader(

@@ -399,6 +399,12 @@ class SAESplicingMixin:
                 "sae.cfg.metadata.hook_name is not set: set it to the hook the SAE reads, "
                 "e.g. 'blocks.0.mixer.hook_write' (with metadata.hook_head_index for one head)."
             )
+        if getattr(sae, "reads_write_factors", False) or hook_name.endswith("hook_write_factors"):
+            raise ValueError(
+                f"An SAE on {hook_name!r} cannot be spliced there: hook_write_factors is observation-only, and an "
+                f"SAE trained on the factors outputs a write, not factors. Splice its hook_write form instead: "
+                f"model.add_sae(sae.to_write_site()) (what writesae_lens's runner saves and returns)."
+            )
         spliced = {w.hook_name for w in self._acts_to_saes.values()}
         if hook_name not in spliced:
             hook_name = resolve_hook_name(hook_name, [*self.hook_dict, *spliced])  # type: ignore[attr-defined]

@@ -1,30 +1,52 @@
 """Thin helpers that train matrix SAEs with SAELens's own runner on a HookedSSM site.
 
 ``write_sae_runner_config`` builds a ``LanguageModelSAERunnerConfig`` for (layer, head, site) with
-the paper's defaults (App. D); ``train_write_sae`` runs SAELens's ``LanguageModelSAETrainingRunner``
-with ``override_model=<HookedSSM>`` and an in-memory dataset, offline, wandb off by default.
+the paper's defaults (App. D); ``build_runner`` / ``train_write_sae`` run it through
+:class:`~writesae_lens.runner.WriteSAETrainingRunner` (SAELens's ``LanguageModelSAETrainingRunner``
+plus site statistics, crash-safe checkpoints and the factored write path) with
+``override_model=<HookedSSM>`` and an in-memory dataset, offline, wandb off by default.
+
+**Factored write-site training** (``factored=True``, the default for ``architecture="writesae"``
+on ``site="write"``): SAELens's activation store caches ``blocks.{l}.mixer.hook_write_factors``
+(``[k | v]``, ``d_k + d_v`` floats per token instead of ``d_k * d_v``; the model never materialises
+the write), and the SAE (``input_kind="write_factors"``) scores ``write_scale * k v^T`` from the
+factors. The loss, its gradients and the codes equal those of the materialised path on
+``hook_write`` with the same scale and centring (tested); the one difference is where the scale comes
+from: estimated on the write (``sqrt(d_k d_v) / mean ||k v^T||_F`` over 8 prompt batches) by the
+runner, not by SAELens's scaler on training batches (the same statistic on a different sample).
+What you get back, and what the output folder holds, is the ordinary ``hook_write`` SAE. Periodic
+checkpoints keep the training form (``SAE.load_from_disk`` gives a factor-input SAE; call
+``.to_write_site()``), so that ``resume_from_checkpoint`` works. Pass ``factored=False`` for the
+materialised path.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from datasets import Dataset
-from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
 from sae_lens.saes.sae import TrainingSAE
-from sae_lens.training.activations_store import ActivationsStore
 
 from hooked_ssm import HookedSSM
+from writesae_lens.runner import WriteSAETrainingRunner, estimate_site_statistics
 from writesae_lens.saes import ARCHITECTURES
 
 Site = Literal["write", "state"]
 
 
-def site_hook_name(layer: int, site: Site) -> str:
+def site_hook_name(layer: int, site: Site, factored: bool = False) -> str:
+    """The hook the activation store reads: ``hook_write``, ``hook_state``, or ``hook_write_factors``."""
     if site not in ("write", "state"):
         raise ValueError(f"site must be 'write' or 'state', not {site!r}.")
-    return f"blocks.{layer}.mixer.hook_{site}"
+    if factored and site != "write":
+        raise ValueError("factored=True needs site='write': only a cache write is a rank-1 k v^T (a state is full rank).")
+    return f"blocks.{layer}.mixer.hook_{site}" + ("_factors" if factored else "")
+
+
+def _default_factored(site: Site, architecture: str, sae_overrides: dict[str, Any] | None) -> bool:
+    # The factored path is exact for writesae on writes. A tied encoder cannot fold the write scale.
+    return site == "write" and architecture == "writesae" and not (sae_overrides or {}).get("tied", False)
 
 
 def write_sae_runner_config(
@@ -46,6 +68,7 @@ def write_sae_runner_config(
     n_checkpoints: int = 0,
     log_to_wandb: bool = False,
     sae_overrides: dict[str, Any] | None = None,
+    factored: bool | None = None,
     **runner_overrides: Any,
 ) -> LanguageModelSAERunnerConfig:
     """Runner config for a matrix SAE on ``blocks.{layer}.mixer.hook_{site}``, head ``head``.
@@ -53,8 +76,17 @@ def write_sae_runner_config(
     Defaults follow the paper: Adam at 3e-4 with 50 warm-up steps and cosine decay to 3e-5,
     batches of 256 tokens, 2,048 atoms, k = 32, aux loss 1e-2 on 256 dead latents.
     ``architecture`` may also be SAELens's ``"topk"`` / ``"batchtopk"`` (the flat baseline).
+    ``factored`` (default: True for ``"writesae"`` on ``site="write"`` unless tied) trains on
+    ``hook_write_factors`` from the factors (see the module docstring); only ``"writesae"`` can.
     """
-    hook_name = site_hook_name(layer, site)
+    if factored is None:
+        factored = _default_factored(site, architecture, sae_overrides)
+    if factored and architecture != "writesae":
+        raise ValueError(
+            f"factored=True needs architecture 'writesae' (bilinear encoder, rank-1 decoder): {architecture!r} "
+            f"has a dense encoder or a flat decoder and must read the materialised write. Use factored=False."
+        )
+    hook_name = site_hook_name(layer, site, factored)
     if hook_name not in model.hook_dict:
         raise ValueError(f"{hook_name} is not a recurrent-mixer hook of this model (layer types: {model.cfg.layer_types}).")
     if not 0 <= head < model.cfg.n_heads:
@@ -62,10 +94,13 @@ def write_sae_runner_config(
     d_k, d_v = model.cfg.d_k, model.cfg.d_v
     # Cache writes and states are small (norms ~0.1): SAELens rescales them to norm sqrt(d_in) during
     # training and folds the factor back in at the end. Without it Adam's bias steps swamp the
-    # encoder's pre-activations and most latents die.
+    # encoder's pre-activations and most latents die. For factor inputs the same scale is applied to
+    # the write itself (write_scale, estimated by the runner), not by SAELens to [k | v].
     sae_kwargs: dict[str, Any] = dict(
         d_in=d_k * d_v, d_sae=d_sae, k=k, device=model.cfg.device, normalize_activations="expected_average_only_in"
     )
+    if factored:
+        sae_kwargs.update(d_in=d_k + d_v, normalize_activations="none", input_kind="write_factors", write_scale="auto")
     if architecture in ARCHITECTURES:
         sae_cfg = ARCHITECTURES[architecture][3](d_k=d_k, d_v=d_v, sparsity=sparsity, **sae_kwargs, **(sae_overrides or {}))
     elif architecture in ("topk", "batchtopk"):
@@ -112,18 +147,6 @@ def write_sae_runner_config(
     return LanguageModelSAERunnerConfig(**settings)
 
 
-@torch.no_grad()
-def estimate_site_statistics(store: ActivationsStore, n_batches: int = 8) -> tuple[torch.Tensor, float]:
-    """Mean matrix (the paper's ``M``) and mean norm of the hooked site over ``n_batches`` prompt batches."""
-    total, norm_total, count = None, 0.0, 0
-    for _ in range(n_batches):
-        acts = store.get_activations(store.get_batch_tokens()).flatten(0, -2).float()
-        total = acts.sum(0) if total is None else total + acts.sum(0)
-        norm_total += acts.norm(dim=-1).sum().item()
-        count += acts.shape[0]
-    return total / count, norm_total / count
-
-
 def build_runner(
     model: HookedSSM,
     dataset: Dataset,
@@ -133,27 +156,30 @@ def build_runner(
     center: bool = True,
     config: LanguageModelSAERunnerConfig | None = None,
     **config_kwargs: Any,
-) -> LanguageModelSAETrainingRunner:
-    """SAELens's runner with ``override_model=model`` and ``override_dataset=dataset``, ready to ``run()``.
+) -> WriteSAETrainingRunner:
+    """SAELens's runner (as :class:`WriteSAETrainingRunner`) with ``override_model=model`` and
+    ``override_dataset=dataset``, ready to ``run()``.
 
     ``dataset`` is a ``datasets.Dataset`` with a ``tokens`` or ``input_ids`` column (pre-tokenized)
-    or a ``text`` column. ``center`` installs the site's mean matrix as the SAE's ``b_dec`` first.
+    or a ``text`` column. ``center`` installs the site's mean matrix as the SAE's ``b_dec`` first
+    (in the units the SAE trains in: SAELens's scale, or ``write_scale`` for factor inputs).
     """
     cfg = config or write_sae_runner_config(model, layer, head, site, **config_kwargs)
-    runner = LanguageModelSAETrainingRunner(cfg, override_dataset=dataset, override_model=model)
-    if center and hasattr(runner.sae, "set_input_mean"):
-        mean, mean_norm = estimate_site_statistics(runner.activations_store)
-        # The SAE trains on activations SAELens scales by sqrt(d_in) / mean norm (re-estimated on
-        # its own batches, within ~1% of this one), so the mean is installed in those units.
-        scale = runner.sae.cfg.d_in**0.5 / mean_norm if cfg.sae.normalize_activations == "expected_average_only_in" else 1.0
-        runner.sae.set_input_mean(mean * scale)
-        runner.activations_store.reset_input_dataset()
-    return runner
+    return WriteSAETrainingRunner(cfg, override_dataset=dataset, override_model=model, center=center)
 
 
 def train_write_sae(model: HookedSSM, dataset: Dataset, layer: int, head: int, site: Site = "state", **kwargs: Any) -> TrainingSAE:
-    """Train through SAELens's runner; returns the trained SAE (also saved under ``output_path``)."""
+    """Train through SAELens's runner; returns the trained SAE (also saved under ``output_path``),
+    on ``hook_write`` / ``hook_state`` (an SAE trained on the write factors comes back in its
+    ``hook_write`` form)."""
     return build_runner(model, dataset, layer, head, site, **kwargs).run()
 
 
-__all__ = ["write_sae_runner_config", "build_runner", "train_write_sae", "estimate_site_statistics", "site_hook_name"]
+__all__ = [
+    "WriteSAETrainingRunner",
+    "build_runner",
+    "estimate_site_statistics",
+    "site_hook_name",
+    "train_write_sae",
+    "write_sae_runner_config",
+]

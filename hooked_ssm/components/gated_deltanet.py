@@ -7,7 +7,8 @@ Per value head ``h`` (key-major state ``S`` of shape ``[d_k, d_v]``)::
     o_t = S_t^T q_t                                               hook_read = o_t
     y_t = w * o_t / rms(o_t) * silu(z_t)                          hook_z = y_t
 
-``hook_write`` is the input-determined rank-1 write (the paper's native write); ``hook_delta_v``
+``hook_write`` is the input-determined rank-1 write (the paper's native write), and
+``hook_write_factors`` its factors ``[k_t | b_t v_t]`` (observation only); ``hook_delta_v``
 is the state-dependent delta-form value. An edit of either, or of ``hook_state``, becomes an
 additive change of the state at that position and so reaches every later read exactly. Edits of
 ``hook_q/k/v/beta/decay`` flow into the scan as inputs (an edit of ``k`` also changes what the
@@ -30,6 +31,7 @@ from hooked_ssm.components.recurrent_mixer import (  # noqa: F401  (run_hook/cha
     changed_positions,
     log_decay_through_hook,
     merge_edits,
+    observe_write_factors,
     run_hook,
     state_hook_edits,
     write_edits,
@@ -69,6 +71,7 @@ class GatedDeltaNetMixer(nn.Module):
         self.hook_decay = HookPoint()  # [batch, pos, head]: forget gate a_t = exp(g_t) in (0, 1]
         self.hook_gate = HookPoint()  # [batch, pos, head, d_v]: output gate logits z_t
         self.hook_write = HookPoint()  # [batch, pos, head, d_k*d_v]: b_t k_t v_t^T, key-major
+        self.hook_write_factors = HookPoint()  # [batch, pos, head, d_k+d_v]: [k_t | b_t v_t], observation only
         self.hook_delta_v = HookPoint()  # [batch, pos, head, d_v]: u_t = b_t (v_t - a_t S_{t-1}^T k_t)
         self.hook_state = HookPoint()  # [batch, pos or selected pos, head, d_k*d_v]: S_t after the update
         self.hook_read = HookPoint()  # [batch, pos, head, d_v]: o_t = S_t^T q_t
@@ -103,6 +106,7 @@ class GatedDeltaNetMixer(nn.Module):
         g = self._log_decay(x)
         z = self.hook_gate(self.in_proj_z(x).view(batch, length, self.n_heads, self.d_v))
 
+        observe_write_factors(self.hook_write_factors, k, beta[..., None] * v)
         initial_state = None if cache is None else cache.ssm_state
         o, final_state = self._scan(q, k, v, beta, g, initial_state, state_positions)
         if cache is not None:

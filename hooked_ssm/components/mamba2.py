@@ -9,6 +9,7 @@ its group's key and query::
     H_t  = exp(dt_t A) H_{t-1} + B_t (dt_t x_t)^T                    hook_decay = exp(dt_t A)
                                                                      hook_k = B_t, hook_v = dt_t x_t
                                                                      hook_write = B_t (dt_t x_t)^T
+                                                                     hook_write_factors = [B_t | dt_t x_t]
     r_t  = H_t^T C_t                                                  hook_q = C_t, hook_read = r_t
     y_t  = r_t + D x_t                                                (D skip, uses hook_x's value)
     z    = w * rmsnorm_groups(y * silu(gate))                         hook_gate = gate, hook_z = z
@@ -41,7 +42,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
-from hooked_ssm.components.recurrent_mixer import log_decay_through_hook, scan_with_state_hooks
+from hooked_ssm.components.recurrent_mixer import log_decay_through_hook, observe_write_factors, scan_with_state_hooks
 from hooked_ssm.config import HookedSSMConfig
 from hooked_ssm.ops.causal_conv import causal_depthwise_conv
 from hooked_ssm.ops.ssd import chunked_ssd, recurrent_ssd, ssd_with_edits
@@ -93,6 +94,7 @@ class Mamba2Mixer(nn.Module):
         self.hook_decay = HookPoint()  # [batch, pos, head]: exp(dt_t * A) in (0, 1]
         self.hook_gate = HookPoint()  # [batch, pos, head, headdim]: gate logits z_t
         self.hook_write = HookPoint()  # [batch, pos, head, d_state*headdim]: B_t (dt_t x_t)^T, key-major
+        self.hook_write_factors = HookPoint()  # [batch, pos, head, d_state+headdim]: [B_t | dt_t x_t], observation only
         self.hook_state = HookPoint()  # [batch, pos or selected pos, head, d_state*headdim]: H_t
         self.hook_read = HookPoint()  # [batch, pos, head, headdim]: H_t^T C_t (before D skip and gate)
         self.hook_z = HookPoint()  # [batch, pos, head, headdim]: gated-normed output entering out_proj
@@ -133,6 +135,7 @@ class Mamba2Mixer(nn.Module):
         log_decay = log_decay_through_hook(self.hook_decay, dt * -self.A_log.float().exp())
         gate = self.hook_gate(gate.view(batch, length, self.n_heads, self.headdim))
 
+        observe_write_factors(self.hook_write_factors, k, v)
         initial_state = None if cache is None else cache.ssm_state
         o, final_state = self._scan(q, k, v, log_decay, initial_state, state_positions)
         if cache is not None:

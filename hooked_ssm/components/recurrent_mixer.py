@@ -51,6 +51,27 @@ def log_decay_through_hook(hook: HookPoint, log_decay: Tensor) -> Tensor:
     return log_decay if hooked is None else torch.where(hooked == native, log_decay, hooked.log())
 
 
+def observe_write_factors(
+    hook: HookPoint, key: Float[Tensor, "batch pos head d_k"], value: Float[Tensor, "batch pos head d_v"]
+) -> None:
+    """Show ``hook_write_factors`` the write's factors ``[k_w | v_w]`` (``hook_write == k_w v_w^T``).
+
+    Observation only (cached by SAELens's activation store for factored WriteSAE training, O(d_k + d_v)
+    per head instead of O(d_k d_v)): built only when the hook has hooks, and an edit raises, because
+    a change of the factors has no single meaning here (it would move the write, but not what
+    ``hook_k`` / ``hook_v`` feed elsewhere, e.g. the delta rule's erase or RWKV-7's bonus).
+    """
+    if not hook.has_hooks():
+        return
+    if run_hook(hook, torch.cat([key, value], dim=-1)) is not None:
+        raise ValueError(
+            f"{hook.name} is observation-only: a hook changed its value, and that edit cannot be applied. To "
+            f"change the write, edit {str(hook.name).removesuffix('_factors')} (an exact state edit) or hook_k / "
+            f"hook_v (inputs of the recurrence). SAEs trained on the factors are spliced on hook_write after "
+            f"sae.to_write_site()."
+        )
+
+
 def write_edits(
     hook: HookPoint, native_write: Callable[[], Float[Tensor, "batch pos head dk_dv"]], d_k: int, d_v: int
 ) -> StateEdits:

@@ -14,12 +14,21 @@ Sparsity is TopK (``k`` per token) or BatchTopK (``k`` on average over a batch; 
 threshold at inference), with SAELens's dead-latent auxiliary loss. Input centring uses SAELens's
 ``b_dec`` subtraction: :meth:`set_input_mean` installs the mean matrix ``M`` of the site, as the
 paper trains on ``vec(S_t - M)``.
+
+``input_kind="write_factors"`` (``"writesae"`` only, see ``write_sae.py``) makes an SAE read the
+factors ``[k | v]`` of a rank-1 write (``blocks.{l}.mixer.hook_write_factors``) instead of the
+flattened matrix; ``b_dec`` and the atoms still live in the ``d_k x d_v`` write space.
+
+Saving (``save_model`` / ``save_inference_model``) writes each file under a temporary name and
+renames it into place, weights first and ``cfg.json`` last, so an interrupted save never leaves a
+truncated file under the final name.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
@@ -29,7 +38,12 @@ from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepO
 from sae_lens.saes.topk_sae import TopK, calculate_topk_aux_acts
 from torch import Tensor
 
+from writesae_lens.atomic_io import save_files_atomically
+
 Sparsity = Literal["topk", "batchtopk"]
+# "matrix": the SAE reads vec(X), d_k*d_v per head. "write_factors": it reads [k | v] (d_k + d_v) with
+# X = k v^T, e.g. blocks.{l}.mixer.hook_write_factors (architecture "writesae" only).
+InputKind = Literal["matrix", "write_factors"]
 
 
 class RankBreakingFoldError(ValueError):
@@ -45,6 +59,14 @@ class MatrixSAEFields:
     k: float = 32
     sparsity: Sparsity = "topk"
     rescale_acts_by_decoder_norm: bool = False
+    input_kind: InputKind = "matrix"
+    # input_kind="write_factors" only: the SAE works on write_scale * k v^T (SAELens's
+    # "expected_average_only_in" scaling, applied to the write rather than to [k | v]). "auto" is
+    # resolved from data by writesae_lens's runner before training; None means 1.
+    write_scale: float | Literal["auto"] | None = None
+
+    # Only an SAE whose encoder and decoder both factor (bilinear, rank-1) can score k v^T from [k | v].
+    FACTOR_INPUTS: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         # Mixed in before SAEConfig / TrainingSAEConfig: run their checks, then the matrix ones.
@@ -52,7 +74,16 @@ class MatrixSAEFields:
         self.check_matrix_fields(self.d_in, self.normalize_activations)
 
     def check_matrix_fields(self, d_in: int, normalize_activations: str) -> None:
-        if d_in != self.d_k * self.d_v:
+        if self.input_kind == "write_factors":
+            self._check_factor_fields(d_in, normalize_activations)
+        elif self.input_kind != "matrix":
+            raise ValueError(f"input_kind must be 'matrix' or 'write_factors', not {self.input_kind!r}.")
+        elif self.write_scale is not None:
+            raise ValueError(
+                "write_scale applies to input_kind='write_factors' only; an SAE reading vec(X) is scaled by "
+                "SAELens's normalize_activations='expected_average_only_in'."
+            )
+        elif d_in != self.d_k * self.d_v:
             raise ValueError(
                 f"d_in ({d_in}) must equal d_k * d_v ({self.d_k} * {self.d_v} = {self.d_k * self.d_v}): "
                 "matrix SAEs read one flattened d_k x d_v matrix per head."
@@ -65,6 +96,31 @@ class MatrixSAEFields:
                 "folds M^-1 into the decoder (atoms stop being rank 1) and per-token norms break the aux loss. "
                 "Use 'none' or 'expected_average_only_in'."
             )
+
+    def _check_factor_fields(self, d_in: int, normalize_activations: str) -> None:
+        if not self.FACTOR_INPUTS:
+            raise ValueError(
+                f"input_kind='write_factors' needs an SAE whose encoder and decoder both factor (bilinear "
+                f"encoder, rank-1 decoder): architecture 'writesae'. {type(self).__name__} has a dense encoder "
+                f"or a flat decoder, so it must read the materialised write: use input_kind='matrix' on "
+                f"blocks.{{l}}.mixer.hook_write."
+            )
+        if d_in != self.d_k + self.d_v:
+            raise ValueError(
+                f"d_in ({d_in}) must equal d_k + d_v ({self.d_k} + {self.d_v} = {self.d_k + self.d_v}) with "
+                f"input_kind='write_factors': the SAE reads [k | v] per head (blocks.{{l}}.mixer.hook_write_factors)."
+            )
+        if normalize_activations != "none":
+            raise ValueError(
+                f"normalize_activations={normalize_activations!r} cannot be used with input_kind='write_factors': "
+                f"SAELens would multiply [k | v] by one factor s, which scales the write k v^T by s^2, with s "
+                f"estimated from the norm of [k | v] instead of the write's. Use normalize_activations='none' and "
+                f"write_scale='auto' (writesae_lens.training.build_runner estimates it on the write, as "
+                f"'expected_average_only_in' would on hook_write) or a number."
+            )
+        scale = self.write_scale
+        if scale is not None and scale != "auto" and not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
+            raise ValueError(f"write_scale must be None, 'auto' or a positive finite number, not {scale!r}.")
 
 
 @dataclass(kw_only=True)
@@ -218,7 +274,8 @@ class MatrixSAEMixin:
     """Encode/decode, folds and helpers; used by both the inference and the training classes."""
 
     def _init_matrix_weights(self, init_norm: float | None, threshold_name: str = "threshold") -> None:
-        self.b_dec = nn.Parameter(torch.zeros(self.cfg.d_in, dtype=self.dtype, device=self.device))
+        # b_dec lives in the d_k x d_v write/state space whatever the input (d_in is d_k + d_v for factors).
+        self.b_dec = nn.Parameter(torch.zeros(self.cfg.d_k * self.cfg.d_v, dtype=self.dtype, device=self.device))
         self.init_decoder(init_norm)
         self.init_encoder()
         if self.cfg.sparsity == "batchtopk":
@@ -290,11 +347,27 @@ class MatrixSAEMixin:
 
     @torch.no_grad()
     def set_input_mean(self, mean: Float[Tensor, "d_in"]) -> None:
-        """Centre inputs on the site's mean matrix ``M`` (the SAE reads ``vec(X - M)``, adds ``M`` back)."""
-        if mean.shape != (self.cfg.d_in,):
-            raise ValueError(f"mean must have shape ({self.cfg.d_in},), got {tuple(mean.shape)}.")
+        """Centre inputs on the site's mean matrix ``M`` (the SAE reads ``vec(X - M)``, adds ``M`` back).
+
+        ``mean`` is flattened key-major (``d_k*d_v``), in the units the SAE works in (for factor inputs:
+        already multiplied by ``write_scale``)."""
+        d = self.cfg.d_k * self.cfg.d_v
+        if mean.shape != (d,):
+            raise ValueError(f"mean must have shape ({d},) (d_k*d_v, flattened key-major), got {tuple(mean.shape)}.")
         self.b_dec.data.copy_(mean.to(self.b_dec))
         self.cfg.apply_b_dec_to_input = True
+
+
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        # BatchTopK's threshold is "topk_threshold" in training checkpoints and "threshold" in inference
+        # saves: accept either, so SAE.load_from_disk also opens training checkpoints.
+        own = next((n for n in ("threshold", "topk_threshold") if n in self._buffers), None)
+        other = {"threshold": "topk_threshold", "topk_threshold": "threshold"}.get(own or "")
+        if own is not None and own not in state_dict and other in state_dict:
+            state_dict[own] = state_dict.pop(other)
+
+    def save_model(self, path: str | Path) -> tuple[Path, Path]:
+        return save_files_atomically(path, super().save_model)  # type: ignore[misc]
 
 
 class MatrixTrainingMixin(MatrixSAEMixin):
@@ -333,7 +406,10 @@ class MatrixTrainingMixin(MatrixSAEMixin):
         return {"auxiliary_reconstruction_loss": self.cfg.aux_loss_coefficient * scale * loss}
 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        output = super().training_forward_pass(step_input)
+        return self._update_topk_threshold(super().training_forward_pass(step_input))
+
+    def _update_topk_threshold(self, output: TrainStepOutput) -> TrainStepOutput:
+        """BatchTopK: move the inference threshold towards the smallest positive activation of the batch."""
         if self.cfg.sparsity == "batchtopk":
             positive = output.feature_acts[output.feature_acts > 0]
             if positive.numel():
@@ -341,6 +417,9 @@ class MatrixTrainingMixin(MatrixSAEMixin):
                 self.topk_threshold = (1 - lr) * self.topk_threshold + lr * positive.min().detach().double()
             output.metrics["topk_threshold"] = self.topk_threshold
         return output
+
+    def save_inference_model(self, path: str | Path) -> tuple[Path, Path]:
+        return save_files_atomically(path, super().save_inference_model)  # type: ignore[misc]
 
     @torch.no_grad()
     def log_histograms(self) -> dict[str, Any]:
@@ -370,3 +449,4 @@ def _folded_norm_tensors(sae: Any, state_dict: dict[str, Any], norms: Tensor) ->
     else:
         raise NotImplementedError("A tied bilinear SAE cannot fold decoder norms; train it with rescale off.")
     return out
+

@@ -14,20 +14,24 @@ What it does, in order (each step is skipped when its output already exists, unl
    (by a title hash) into a *fit* part, which is trained on, and a small *dev* part, used only to
    pick the best checkpoint, so that the reported validation loss is untouched by any choice;
 4. trains each model with the Hugging Face reference classes (``Qwen3_5ForCausalLM`` for
-   ``toy-gdn``, ``Mamba2ForCausalLM`` for ``toy-mamba2``) on random 256-token windows of the
-   fit stream, with AdamW, linear warmup and cosine decay, deterministic seeds and periodic
-   resumable checkpoints in ``runs/toy/<name>/`` (git-ignored scratch);
+   ``toy-gdn``, ``Mamba2ForCausalLM`` for ``toy-mamba2``) or, for ``toy-rwkv7`` (no class in
+   transformers), with HookedSSM's own pure-torch RWKV-7 (``scripts/toy_rwkv7.py``), on random
+   256-token windows of the fit stream, with AdamW, linear warmup and cosine decay,
+   deterministic seeds and periodic resumable checkpoints in ``runs/toy/<name>/`` (git-ignored
+   scratch);
 5. rounds the weights to bfloat16, evaluates the mean next-token cross-entropy (nats) on the
    validation stream (non-overlapping 256-token windows, fp32 compute) and a unigram baseline
    (train-split token frequencies with add-one smoothing, same targets), and saves each model
-   with ``save_pretrained`` (safetensors) plus the tokenizer files and a ``README.md`` card;
-   ``MODELS.md`` and ``training_metrics.json`` summarise all models.
+   as safetensors (``save_pretrained``; BlinkDL's tensor names for ``toy-rwkv7``) plus the
+   tokenizer files and a ``README.md`` card; ``MODELS.md`` and ``training_metrics.json``
+   summarise all models (a run rewrites the cards of the models it trained only).
 
 Typical use::
 
     python scripts/train_toy_models.py                        # everything, CPU-sized defaults
     python scripts/train_toy_models.py --device cuda --batch-size 64 --steps 1500
     python scripts/train_toy_models.py --models toy-mamba2 --steps 50   # smoke run
+    python scripts/train_toy_models.py --models toy-rwkv7 --device cpu --threads 1 --steps 500
 
 For a run on another machine (where only weights should come back) use ``--weights-only
 --out-dir DIR``: it writes ``DIR/<name>/{config.json,generation_config.json,model.safetensors}``
@@ -36,7 +40,9 @@ adds the tokenizer files and writes the cards. Carry ``runs/toy/data.pt`` along 
 machines use the same tokens (the corpus depends on the Python version).
 
 This script deliberately imports nothing from ``hooked_ssm`` except the standalone corpus file
-(loaded by path), so it runs where only torch + transformers + tokenizers are installed.
+(loaded by path), so it runs where only torch + transformers + tokenizers are installed; the
+exception is ``toy-rwkv7``, whose helper module (``scripts/toy_rwkv7.py``) is imported only when
+that model is asked for.
 """
 
 from __future__ import annotations
@@ -66,7 +72,8 @@ SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>"]  # ids 0, 1, 2
 BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
 SEQ_LEN = 256
 DEV_MODULUS, DEV_REMAINDER = 20, 1  # fit/dev division of the train split (by title hash)
-MODEL_NAMES = ("toy-gdn", "toy-mamba2")
+MODEL_NAMES = ("toy-gdn", "toy-mamba2", "toy-rwkv7")
+RWKV7 = "toy-rwkv7"  # trained through hooked_ssm (scripts/toy_rwkv7.py), not transformers
 SAVE_DTYPE = torch.bfloat16
 
 
@@ -245,6 +252,20 @@ def make_config(name: str):
     raise KeyError(name)
 
 
+def rwkv7_module():
+    """``scripts/toy_rwkv7.py``, imported by path on first use (it imports hooked_ssm)."""
+    if "_toy_rwkv7" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("_toy_rwkv7", Path(__file__).with_name("toy_rwkv7.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["_toy_rwkv7"]
+
+
+def class_name(name: str) -> str:
+    return rwkv7_module().MODEL_CLASS if name == RWKV7 else model_class(name).__name__
+
+
 def model_class(name: str):
     if name == "toy-gdn":
         from transformers import Qwen3_5ForCausalLM
@@ -255,7 +276,9 @@ def model_class(name: str):
     return Mamba2ForCausalLM
 
 
-def build_model(name: str, seed: int):
+def build_model(name: str, seed: int, device: torch.device | None = None):
+    if name == RWKV7:  # HookedSSM moves its inputs to cfg.device, so it is built there
+        return rwkv7_module().build_model(seed, VOCAB_SIZE, str(device or "cpu"))
     torch.manual_seed(seed)
     model = model_class(name)(make_config(name))
     if name == "toy-gdn":
@@ -281,6 +304,8 @@ def init_gdn_decay_(model) -> None:
 
 
 def forward_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    if not hasattr(model, "config"):  # a HookedSSM (toy-rwkv7): token ids in, logits out
+        return model(input_ids)
     return model(input_ids=input_ids, use_cache=False).logits
 
 
@@ -349,7 +374,7 @@ def train_one(name: str, data: dict, args, device: torch.device) -> tuple[object
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
     seed = args.seed + MODEL_NAMES.index(name)
-    model = build_model(name, seed).to(device)
+    model = build_model(name, seed, device).to(device)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
@@ -453,11 +478,13 @@ def train_one(name: str, data: dict, args, device: torch.device) -> tuple[object
               f"final dev {final_dev:.4f})")
         model.load_state_dict({k: v.to(device) for k, v in best["state"].items()})
     saved = rounded_copy(model).float()
+    if name == RWKV7:  # score what from_pretrained runs: the recurrent form, not the training one
+        rwkv7_module().use_exact_recurrence_(saved)
     val_loss = evaluate(saved, data["validation"], device, autocast=False)
     dev_loss = evaluate(saved, dev, device, autocast=False)
     print(f"[{name}] validation loss {val_loss:.4f} nats (dev {dev_loss:.4f}), weights rounded to {SAVE_DTYPE}")
     metrics = {
-        "model_class": model_class(name).__name__,
+        "model_class": class_name(name),
         "parameters": n_params,
         "steps": total_steps,
         "selected_step": best["step"] if best["state"] is not None else total_steps,
@@ -493,6 +520,11 @@ def save_model(model, out: Path, weights_only: bool) -> None:
     from transformers import GenerationConfig
 
     out.mkdir(parents=True, exist_ok=True)
+    if not hasattr(model, "config"):  # toy-rwkv7: BlinkDL's names, see scripts/toy_rwkv7.py
+        rwkv7_module().save_blinkdl(model, out, SAVE_DTYPE, BOS_ID, EOS_ID, PAD_ID)
+        if not weights_only:
+            copy_tokenizer_files(out)
+        return
     model = model.to("cpu", SAVE_DTYPE)
     model.config.dtype = SAVE_DTYPE
     model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
@@ -518,6 +550,45 @@ _DESCRIPTIONS = {
     "toy-mamba2": ("Mamba-2 (`Mamba2ForCausalLM`): 4 layers, d_model 256, expand 2 (d_inner 512 = 16 heads "
                    "x head_dim 32), d_state 32, 2 B/C groups, conv kernel 4, chunk size 64, tied embeddings."),
 }
+# Card sections that follow "Reproduce", per model.
+_NOTES = {
+    "toy-gdn": [
+        "## Initialisation of the recurrent decay",
+        "The Gated DeltaNet heads start with `dt ~ LogUniform(1e-3, 1e-1)` (`dt_bias` its inverse",
+        "softplus) and `A ~ U(1, 16)` (`init_gdn_decay_` in the training script), as FLA and Mamba",
+        "initialise them. With transformers' default (`dt_bias = 1`, `A` up to 16) a short run leaves the",
+        "heads forgetting everything every token (median decay ~0), so states equal the last write. With",
+        "this init the trained heads keep a median per-token decay between 0.57 and 0.99.",
+    ],
+}
+
+
+def _description(name: str) -> str:
+    return rwkv7_module().DESCRIPTION if name == RWKV7 else _DESCRIPTIONS[name]
+
+
+def _notes(name: str) -> list[str]:
+    return rwkv7_module().CARD_NOTES if name == RWKV7 else _NOTES.get(name, [])
+
+
+def _class_cell(m: dict) -> str:
+    if m["model_class"] == "HookedSSM":
+        return "`hooked_ssm.HookedSSM` (RWKV-7; transformers has no RWKV-7 class)"
+    return f"`transformers.{m['model_class']}`"
+
+
+def _weights_cell(name: str, m: dict) -> str:
+    if name == RWKV7:
+        return (f"`model.safetensors` with BlinkDL's tensor names (a `.pth` layout, no pickle), {m['saved_dtype']} "
+                "(HookedSSM computes in float32 by default)")
+    return f"`model.safetensors`, {m['saved_dtype']} (load with `dtype=torch.float32` for exact fp32 compute)"
+
+
+def _reproduce_flags(m: dict) -> str:
+    if m["train_device"].startswith("cuda"):
+        return " --device cuda"
+    threads = m["train_device"].removeprefix("cpu (").split(" ")[0]
+    return f" --device cpu --threads {threads}" if threads.isdigit() else " --device cpu"
 
 
 def _card(name: str, m: dict, summary: dict) -> str:
@@ -529,13 +600,13 @@ def _card(name: str, m: dict, summary: dict) -> str:
         "A tiny model bundled with `hooked_ssm` so that everything runs offline, on a laptop and in CI.",
         "It is a toy: it has seen a couple of MB of Python documentation and nothing else.",
         "",
-        _DESCRIPTIONS[name],
+        _description(name),
         "",
         "| | |",
         "|---|---|",
-        f"| class | `transformers.{m['model_class']}` |",
+        f"| class | {_class_cell(m)} |",
         f"| parameters | {m['parameters']:,} |",
-        f"| weights | `model.safetensors`, {m['saved_dtype']} (load with `dtype=torch.float32` for exact fp32 compute) |",
+        f"| weights | {_weights_cell(name, m)} |",
         f"| tokenizer | byte-level BPE, vocabulary {VOCAB_SIZE}, `<|bos|>`=0 `<|eos|>`=1 `<|pad|>`=2 (no special tokens added automatically: prepend `<|bos|>`) |",
         f"| validation loss (nats/token) | **{m['validation_loss']:.4f}** |",
         f"| unigram baseline (nats/token) | {base:.4f} |",
@@ -546,7 +617,7 @@ def _card(name: str, m: dict, summary: dict) -> str:
         f"{m['selected_step'] * m['batch_size'] * m['seq_len'] / summary['tokens']['fit']:.1f} epochs of the {summary['tokens']['fit']:,}-token fit split |",
         f"| trained on | {m['train_device']}, {m['train_precision']}, {m['train_time_s']:.0f} s |",
         f"| corpus | Python {corpus['python_version']} documentation: {corpus['train']['documents']} train / {corpus['validation']['documents']} validation documents ({corpus['train']['characters']:,} / {corpus['validation']['characters']:,} characters) |",
-        f"| software | torch {summary['software']['torch']}, transformers {summary['software']['transformers']} |",
+        f"| software | torch {_software(m, summary)['torch']}, transformers {_software(m, summary)['transformers']} |",
         "",
         *_sweep_lines(m),
         "## Data",
@@ -570,11 +641,16 @@ def _card(name: str, m: dict, summary: dict) -> str:
         f"python scripts/train_toy_models.py --models {name} --steps {m['steps']} --batch-size {m['batch_size']} "
         f"--warmup-steps {m['warmup_steps']} --lr {m['lr']:g} --seed {m['seed'] - MODEL_NAMES.index(name)}"
         + f" --eval-every {_eval_every(m)}"
-        + (" --device cuda" if m["train_device"].startswith("cuda") else ""),
+        + _reproduce_flags(m),
         "```",
         "",
+        *_notes(name),
     ]
     return "\n".join(lines)
+
+
+def _software(m: dict, summary: dict) -> dict:
+    return m.get("software") or summary["software"]
 
 
 def _eval_every(m: dict) -> int:
@@ -605,7 +681,9 @@ def _sweep_lines(m: dict) -> list[str]:
     return lines + [""]
 
 
-def write_summary(summary: dict) -> None:
+def write_summary(summary: dict, cards=None) -> None:
+    """MODELS.md and training_metrics.json for all models; README cards for ``cards`` (default all),
+    so that a run leaves the cards of models it did not train (and any hand edits) alone."""
     base = summary["unigram_baseline"]["validation_ce"]
     rows = [
         "# Bundled toy models",
@@ -624,12 +702,20 @@ def write_summary(summary: dict) -> None:
             f"| `{name}` | `{m['model_class']}` | {m['parameters']:,} | {m['saved_dtype']} | "
             f"{m['selected_step']} / {m['steps']} ({m['batch_size']} x {m['seq_len']}) | **{m['validation_loss']:.4f}** | {base:.4f} |"
         )
+    rows += ["", "Each model's `README.md` has its training details. Trained on:", ""]
+    rows += [f"- `{name}`: {m['train_device']}, {m['train_precision']}, {m['train_time_s']:.0f} s"
+             for name, m in summary["models"].items()]
+    if RWKV7 in summary["models"]:
+        rows += ["", f"`{RWKV7}` has no transformers class: it was trained as a `HookedSSM` (pure-torch RWKV-7,",
+                 "chunked form for the training forward, tested equal to the recurrence) and is saved with",
+                 "BlinkDL's tensor names in safetensors; its logits match BlinkDL's `rwkv` package."]
     rows.append("")
     (TOY_DIR / "MODELS.md").write_text("\n".join(rows))
     slim = {**summary, "models": {k: {kk: vv for kk, vv in v.items()} for k, v in summary["models"].items()}}
     (TOY_DIR / "training_metrics.json").write_text(json.dumps(slim, indent=1) + "\n")
     for name, m in summary["models"].items():
-        (TOY_DIR / name / "README.md").write_text(_card(name, m, summary))
+        if cards is None or name in cards:
+            (TOY_DIR / name / "README.md").write_text(_card(name, m, summary))
 
 
 def merge_summary(new: dict) -> dict:
@@ -638,7 +724,9 @@ def merge_summary(new: dict) -> dict:
     if path.exists():
         old = json.loads(path.read_text())
         if old.get("tokenizer_sha256") == new.get("tokenizer_sha256"):
-            models = {**old.get("models", {}), **new["models"]}
+            # models kept from the old summary keep the software they were trained with
+            kept = {k: {**v, "software": v.get("software", old.get("software"))} for k, v in old.get("models", {}).items()}
+            models = {**kept, **new["models"]}
             new = {**new, "models": {k: models[k] for k in MODEL_NAMES if k in models}}
     return new
 
@@ -721,7 +809,7 @@ def main(argv=None) -> int:
         if args.weights_only:
             (args.out_dir / "metrics.json").write_text(json.dumps(summary, indent=1) + "\n")
     if not args.weights_only and args.out_dir.resolve() == TOY_DIR:
-        write_summary(merge_summary(summary))
+        write_summary(merge_summary(summary), cards=list(summary["models"]))
     elif not args.weights_only:
         (args.out_dir / "metrics.json").write_text(json.dumps(summary, indent=1) + "\n")
     for name, m in summary["models"].items():
@@ -742,7 +830,7 @@ def finalize(src: Path, names: list[str]) -> int:
             if (src / name / f).exists():
                 shutil.copyfile(src / name / f, dst / f)
         copy_tokenizer_files(dst)
-    write_summary(merge_summary(summary))
+    write_summary(merge_summary(summary), cards=list(summary["models"]))
     print(f"installed {list(summary['models'])} into {TOY_DIR}")
     return 0
 

@@ -13,6 +13,7 @@ the residual stream, ``x_prev`` the previous token's ``x``)::
     v     = W_v x_v  (layer 0: v_first = v)              hook_v_first (layer 0)
     v     = lerp(v, v_first, sigmoid(v0 + x_v v1 v2))    layers >= 1; hook_v is the value used
     S_t   = diag(w) S - (a * kappa)(kappa^T S) + k~ v^T  hook_write = k~ v^T, hook_state = S_t
+                                                         hook_write_factors = [k~ | v] (observation only)
     o     = S_t^T r                                      hook_read
     y     = (GroupNorm_heads(o) + (r . (k~ * r_k)) v) * g   the "bonus" term; g = sigmoid(x_g g1) g2 (hook_gate)
     out   = W_o y                                        hook_z = y
@@ -34,7 +35,11 @@ Semantics of edits:
 
 Execution: only the recurrent form exists for RWKV-7 (on CPU it is the fastest pure-torch form, see
 ``hooked_ssm.ops.rwkv7``); ``execution="chunked"`` therefore runs the recurrent form too
-(``RWKV7Mixer.execution`` is always ``"recurrent"``).
+(``RWKV7Mixer.execution`` is always ``"recurrent"``). Training is the exception: the per-token loop
+is slow to differentiate, so a training script may set ``RWKV7Mixer.train_chunk_size`` on a model's
+mixers to run hook-free forwards through the chunked form of ``hooked_ssm.ops.rwkv7_chunked``
+(tested equal to the recurrence, values and gradients). It is None by default, and whenever
+``hook_write`` or ``hook_state`` is active the recurrent form runs regardless.
 """
 
 from __future__ import annotations
@@ -49,9 +54,10 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
-from hooked_ssm.components.recurrent_mixer import scan_with_state_hooks
+from hooked_ssm.components.recurrent_mixer import observe_write_factors, scan_with_state_hooks
 from hooked_ssm.config import HookedSSMConfig
 from hooked_ssm.ops.rwkv7 import recurrent_rwkv7
+from hooked_ssm.ops.rwkv7_chunked import chunked_rwkv7
 from hooked_ssm.state import RWKV7Cache
 
 DECAY_SCALE = math.exp(-0.5)  # BlinkDL's 0.606531 (rwkv pip rounds it; fla uses exp(-0.5) exactly)
@@ -75,6 +81,9 @@ def token_shift(x: Float[Tensor, "batch pos d"], previous: Tensor | None) -> tup
 
 class RWKV7Mixer(nn.Module):
     execution = "recurrent"  # the only form implemented for RWKV-7 (see the module docstring)
+    # Training only (see the module docstring): chunk size of the chunked form used for hook-free
+    # forwards, or None for the recurrent form. Set per instance by training scripts.
+    train_chunk_size: int | None = None
 
     def __init__(self, cfg: HookedSSMConfig, layer: int, value_residual: ValueResidual):
         super().__init__()
@@ -115,6 +124,7 @@ class RWKV7Mixer(nn.Module):
         self.hook_v = HookPoint()  # [batch, pos, head, d_v]: write value (after the v_first mix)
         self.hook_gate = HookPoint()  # [batch, pos, head, d_v]: output gate g
         self.hook_write = HookPoint()  # [batch, pos, head, d_k*d_v]: k~ v^T, key-major
+        self.hook_write_factors = HookPoint()  # [batch, pos, head, d_k+d_v]: [k~ | v], observation only
         self.hook_state = HookPoint()  # [batch, pos or selected pos, head, d_k*d_v]: S_t, key-major
         self.hook_read = HookPoint()  # [batch, pos, head, d_v]: S_t^T r (before GroupNorm)
         self.hook_z = HookPoint()  # [batch, pos, head, d_v]: (GroupNorm(o) + bonus) * g, entering o_proj
@@ -162,6 +172,7 @@ class RWKV7Mixer(nn.Module):
             v = v * mask[..., None]
         v = self.hook_v(v)
 
+        observe_write_factors(self.hook_write_factors, k.float(), v.float())
         initial_state = None if cache is None else cache.ssm_state
         o, final_state = self._scan(r.float(), w.float(), k.float(), v.float(), kappa.float(), a.float(),
                                     initial_state, state_positions)
@@ -185,7 +196,11 @@ class RWKV7Mixer(nn.Module):
         hooked = scan_with_state_hooks(
             self.hook_write, self.hook_state, native_write, self.d_k, self.d_v, run, r.shape[1], state_positions
         )
-        return hooked if hooked is not None else run({}, None)[:2]
+        if hooked is not None:
+            return hooked
+        if self.train_chunk_size:
+            return chunked_rwkv7(r, w, k, v, kappa, a, initial_state, self.train_chunk_size)
+        return run({}, None)[:2]
 
 
 class RWKV7ChannelMix(nn.Module):

@@ -3,7 +3,7 @@
 ``load_pretrained`` accepts
 - a local checkpoint directory: ``config.json`` + safetensors (sharded or not) or
   ``pytorch_model.bin`` (transformers layouts, the original mamba_ssm layout, fla-hub RWKV-7);
-- a local BlinkDL RWKV-7 ``.pth`` file;
+- a local BlinkDL RWKV-7 ``.pth`` file, or the same state dict as a ``.safetensors`` file;
 - the name of a bundled toy model;
 - a release name from :mod:`hooked_ssm.pretrained.model_names` (``state-spaces/mamba2-370m``,
   ``rwkv7-g1-0.4b`` ...) or any Hugging Face Hub id (downloaded with ``huggingface_hub``, which
@@ -25,7 +25,7 @@ from hooked_ssm.config import HookedSSMConfig
 from hooked_ssm.pretrained import mamba2, qwen3_5, rwkv7
 from hooked_ssm.pretrained.checkpoint import CheckpointError, read_config, read_safetensors
 from hooked_ssm.pretrained.model_names import Release, find_release, release_names
-from hooked_ssm.pretrained.torch_files import TORCH_WEIGHT_SUFFIXES, read_torch_file, read_weights
+from hooked_ssm.pretrained.torch_files import WEIGHT_FILE_SUFFIXES, read_weight_file, read_weights
 
 if TYPE_CHECKING:
     from hooked_ssm.model import HookedSSM
@@ -44,7 +44,7 @@ def supported_architectures() -> list[str]:
 
 
 def resolve_checkpoint_dir(name_or_path: str | Path) -> Path:
-    """The local checkpoint for ``name_or_path``: a directory, or a BlinkDL ``.pth`` file.
+    """The local checkpoint for ``name_or_path``: a directory, or a BlinkDL ``.pth``/``.safetensors`` file.
 
     Downloads release names and Hub ids (only those: a local path never touches the network).
     """
@@ -52,13 +52,13 @@ def resolve_checkpoint_dir(name_or_path: str | Path) -> Path:
     if path.is_dir():
         return path
     if path.is_file():
-        if path.suffix in TORCH_WEIGHT_SUFFIXES:
+        if path.suffix in WEIGHT_FILE_SUFFIXES:
             return path
         raise CheckpointError(
             f"{path} is a file; pass the checkpoint directory that holds config.json "
-            f"(or a BlinkDL RWKV-7 .pth file)."
+            f"(or a BlinkDL RWKV-7 .pth / .safetensors file)."
         )
-    if path.suffix in TORCH_WEIGHT_SUFFIXES:
+    if path.suffix in WEIGHT_FILE_SUFFIXES:
         raise CheckpointError(f"{path} does not exist.")
     toy = TOY_MODELS_DIR / str(name_or_path)
     if (toy / "config.json").is_file():
@@ -68,7 +68,7 @@ def resolve_checkpoint_dir(name_or_path: str | Path) -> Path:
         return _download_release(*found)
     if str(name_or_path).count("/") != 1:
         raise CheckpointError(
-            f"{name_or_path!r} is neither a local checkpoint directory or .pth file, a bundled toy model "
+            f"{name_or_path!r} is neither a local checkpoint directory or weights file, a bundled toy model "
             f"({sorted(p.name for p in TOY_MODELS_DIR.glob('*/config.json'))}), a known release "
             f"({', '.join(release_names())}), nor a Hub id like 'org/name'."
         )
@@ -129,12 +129,15 @@ def _load_release_tokenizer(release: Release | None) -> PreTrainedTokenizerBase 
 def _read_checkpoint(source: Path, release: Release | None) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
     """``(architecture, config fields, raw state dict)`` of a checkpoint directory or .pth file."""
     defaults = release.defaults if release is not None else {}
-    if source.is_file():
-        state = read_torch_file(source)
+    if source.is_file():  # a bare weights file: only BlinkDL's RWKV-7 layout has no config
+        state = read_weight_file(source)
         return rwkv7.BLINK, rwkv7.config_from_blink(state, defaults), state
     raw_config = read_config(source)
     architecture = _architecture(raw_config, source)
     converter = CONVERTERS[architecture]
+    if architecture == rwkv7.BLINK:  # BlinkDL names in safetensors beside a config.json (toy-rwkv7)
+        state = read_safetensors(source)
+        return architecture, rwkv7.config_from_blink_dir(raw_config, state), state
     if converter is qwen3_5:
         fields = qwen3_5.config_from_hf(AutoConfig.from_pretrained(source), architecture)
         return architecture, fields, read_safetensors(source)

@@ -42,15 +42,19 @@ def safetensors_files(directory: Path) -> list[Path]:
     return files
 
 
+def read_safetensors_file(file: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(
+            f"Could not read {file}: {err}. The file is truncated or corrupt; re-download or re-save it."
+        ) from err
+
+
 def read_safetensors(directory: Path) -> dict[str, Tensor]:
     state: dict[str, Tensor] = {}
     for file in safetensors_files(directory):
-        try:
-            state.update(load_file(file))
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(
-                f"Could not read {file}: {err}. The file is truncated or corrupt; re-download or re-save it."
-            ) from err
+        state.update(read_safetensors_file(file))
     return state
 
 

@@ -3,6 +3,12 @@
 state dict. fla is never imported: its layout is mapped back to BlinkDL's names here
 (the inverse of fla's ``utils/convert_from_rwkv7.py``) and converted from there.
 
+BlinkDL's names and shapes are also accepted in safetensors, with no pickle involved: a bare
+``.safetensors`` file (read like a ``.pth``), or a directory whose ``config.json`` declares
+``"architectures": ["rwkv7_blinkdl"]`` beside ``model.safetensors`` (the bundled ``toy-rwkv7``).
+Such a config.json adds token ids and the context length; the dims still come from the tensors
+(any dims it states must agree). :func:`to_blink_state_dict` writes that layout.
+
 Every dim is read from the tensor shapes (a ``.pth`` has no config): ``d_model`` and ``d_vocab``
 from ``emb.weight``, ``n_heads`` and the head size from ``r_k``, the LoRA ranks from ``w1``,
 ``a1``, ``v1`` (layer 1) and ``g1``, the channel-mix width from ``ffn.key.weight``.
@@ -88,6 +94,32 @@ def config_from_blink(state: dict[str, Tensor], defaults: dict[str, Any] | None 
         **lora,
     )
     fields.update({k: v for k, v in (defaults or {}).items() if k in ("n_ctx", "eos_token_id", "bos_token_id")})
+    return fields
+
+
+def config_from_blink_dir(raw: dict, state: dict[str, Tensor]) -> dict[str, Any]:
+    """Fields of a BlinkDL-named state dict stored beside a ``config.json`` (``rwkv7_blinkdl``).
+
+    A config that names a ``bos_token_id`` makes ``<|bos|>`` prepended by default, as models
+    trained with a BOS before every document (the toy) expect; BlinkDL's releases have none.
+    """
+    fields = config_from_blink(state)
+    declared = {
+        "d_model": raw.get("hidden_size"), "n_layers": raw.get("num_hidden_layers"), "d_vocab": raw.get("vocab_size"),
+        "d_k": raw.get("head_size"), "d_mlp": raw.get("intermediate_size"),
+        "rwkv_decay_lora": raw.get("decay_low_rank_dim"), "rwkv_a_lora": raw.get("a_low_rank_dim"),
+        "rwkv_v_lora": raw.get("v_low_rank_dim"), "rwkv_gate_lora": raw.get("gate_low_rank_dim"),
+    }
+    wrong = {key: (value, fields[key]) for key, value in declared.items() if value is not None and value != fields[key]}
+    if wrong:
+        raise CheckpointError(f"config.json does not match the weights (config vs tensors: {wrong}).")
+    fields.update(
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_id=raw.get("eos_token_id"),
+        pad_token_id=raw.get("pad_token_id"),
+        default_prepend_bos=raw.get("bos_token_id") is not None,
+        n_ctx=int(raw.get("max_position_embeddings") or fields["n_ctx"]),
+    )
     return fields
 
 
@@ -224,3 +256,35 @@ def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[s
     if state:
         raise CheckpointError(f"Checkpoint has tensors the config does not account for: {sorted(state)[:8]}")
     return out
+
+
+def to_blink_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[str, Tensor]:
+    """The inverse of :func:`convert_state_dict`: HookedSSM parameters -> BlinkDL names and shapes
+    (``(1, 1, C)`` mix vectors, ``(H, N)`` ``r_k``), as in a released ``.pth``. Layer 0 gets no
+    ``v0/v1/v2`` (BlinkDL's files carry unused ones; ``rwkv`` and this loader do not need them)."""
+    row = lambda t: t.reshape(1, 1, -1)  # noqa: E731
+    out = {
+        "emb.weight": state["embed.W_E"],
+        "blocks.0.ln0.weight": state["blocks.0.ln0.w"],
+        "blocks.0.ln0.bias": state["blocks.0.ln0.b"],
+        "ln_out.weight": state["ln_final.w"],
+        "ln_out.bias": state["ln_final.b"],
+        "head.weight": state["embed.W_E"] if cfg.tie_word_embeddings else state["unembed.weight"],
+    }
+    for layer in range(cfg.n_layers):
+        blk, mixer, att, ffn = f"blocks.{layer}.", f"blocks.{layer}.mixer.", f"blocks.{layer}.att.", f"blocks.{layer}.ffn."
+        for norm in ("ln1", "ln2"):
+            out[f"{blk}{norm}.weight"], out[f"{blk}{norm}.bias"] = state[f"{blk}{norm}.w"], state[f"{blk}{norm}.b"]
+        vectors = (*_TIME_MIX, "w0", "a0", "k_k", "k_a") + (("v0",) if layer > 0 else ())
+        for name in vectors:
+            out[f"{att}{name}"] = row(state[f"{mixer}{name}"])
+        matrices = ("w1", "w2", "a1", "a2", "g1", "g2", "r_k") + (("v1", "v2") if layer > 0 else ())
+        for name in matrices:
+            out[f"{att}{name}"] = state[f"{mixer}{name}"]
+        for blink, ours in _LINEARS.items():
+            out[f"{att}{blink}.weight"] = state[f"{mixer}{ours}.weight"]
+        out[f"{att}ln_x.weight"], out[f"{att}ln_x.bias"] = state[f"{mixer}ln_x_w"], state[f"{mixer}ln_x_b"]
+        out[f"{ffn}x_k"] = row(state[f"{blk}mlp.x_k"])
+        out[f"{ffn}key.weight"] = state[f"{blk}mlp.key.weight"]
+        out[f"{ffn}value.weight"] = state[f"{blk}mlp.value.weight"]
+    return {name: tensor.detach().contiguous() for name, tensor in out.items()}

@@ -14,9 +14,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from hooked_ssm.pretrained.checkpoint import CheckpointError, read_safetensors
+from hooked_ssm.pretrained.checkpoint import CheckpointError, read_safetensors, read_safetensors_file
 
 TORCH_WEIGHT_SUFFIXES = (".pth", ".pt", ".bin")
+#: Suffixes of a single weights file that ``from_pretrained`` accepts in place of a directory.
+WEIGHT_FILE_SUFFIXES = (*TORCH_WEIGHT_SUFFIXES, ".safetensors")
 
 
 def read_torch_file(path: Path) -> dict[str, Tensor]:
@@ -38,6 +40,16 @@ def read_torch_file(path: Path) -> dict[str, Tensor]:
     ):
         raise CheckpointError(f"{path} does not hold a state dict (a dict of name -> tensor).")
     return state
+
+
+def read_weight_file(path: Path) -> dict[str, Tensor]:
+    """A single weights file: safetensors (``.safetensors``, no pickle at all) or ``torch.save``."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return read_torch_file(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist.")
+    return read_safetensors_file(path)
 
 
 def _is_zip(path: Path) -> bool:

@@ -437,3 +437,51 @@ def test_release_names_resolve_through_the_table(pth_path, monkeypatch):
     with pytest.raises(CheckpointError, match="dims of its release"):
         HookedSSM.from_pretrained("rwkv7-world-0.1b")
     assert requested[-1] == ("BlinkDL/rwkv-7-world", "RWKV-x070-World-0.1B-v2.8-20241210-ctx4096.pth")
+
+
+# ------------------------------------------------------------------ BlinkDL names in safetensors (no pickle)
+def test_blinkdl_safetensors_file_loads_like_the_pth(blink_sd, model, tmp_path):
+    path = tmp_path / "rwkv7-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in blink_sd.items()}, path)
+    from_safetensors = HookedSSM.from_pretrained(path)
+    assert from_safetensors.cfg.original_architecture == "rwkv7_blinkdl"
+    tokens = _tokens(2, 21, seed=17)
+    with torch.no_grad():
+        torch.testing.assert_close(from_safetensors(tokens), model(tokens), atol=0, rtol=0)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        HookedSSM.from_pretrained(tmp_path / "absent.safetensors")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        HookedSSM.from_pretrained(truncated)
+
+
+def test_blinkdl_directory_with_config_json(blink_sd, model, tmp_path):
+    """The bundled toy-rwkv7's layout: config.json declaring rwkv7_blinkdl + BlinkDL-named safetensors."""
+    directory = tmp_path / "blink_dir"
+    directory.mkdir()
+    save_file({k: v.contiguous() for k, v in blink_sd.items()}, directory / "model.safetensors")
+    config = {"architectures": ["rwkv7_blinkdl"], "vocab_size": VOCAB, "hidden_size": C, "num_hidden_layers": LAYERS,
+              "head_size": N, "v_low_rank_dim": LORA["v"], "bos_token_id": 5, "eos_token_id": 6, "pad_token_id": 7,
+              "max_position_embeddings": 1024}
+    (directory / "config.json").write_text(json.dumps(config))
+    loaded = HookedSSM.from_pretrained(directory)
+    assert (loaded.cfg.bos_token_id, loaded.cfg.eos_token_id, loaded.cfg.pad_token_id, loaded.cfg.n_ctx) == (5, 6, 7, 1024)
+    assert loaded.cfg.default_prepend_bos and not model.cfg.default_prepend_bos
+    tokens = _tokens(1, 19, seed=18)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), model(tokens), atol=0, rtol=0)
+    (directory / "config.json").write_text(json.dumps({**config, "head_size": 32}))
+    with pytest.raises(CheckpointError, match="does not match the weights"):
+        HookedSSM.from_pretrained(directory)
+
+
+def test_to_blink_state_dict_gives_back_the_original_tensors(blink_sd, model):
+    from hooked_ssm.pretrained.rwkv7 import to_blink_state_dict
+
+    exported = to_blink_state_dict(model.state_dict(), model.cfg)
+    unused = {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}  # in BlinkDL's files, never read
+    assert set(exported) == set(blink_sd) - unused
+    for name, tensor in exported.items():
+        assert tensor.shape == blink_sd[name].shape, name
+        assert torch.equal(tensor, blink_sd[name]), name

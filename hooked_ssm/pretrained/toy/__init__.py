@@ -1,12 +1,13 @@
-"""Bundled toy models: tiny Gated DeltaNet (Qwen3.5-style) and Mamba-2 checkpoints.
+"""Bundled toy models: tiny Gated DeltaNet (Qwen3.5-style), Mamba-2 and RWKV-7 checkpoints.
 
 They are trained by ``scripts/train_toy_models.py`` on text that every Python installation
 carries (see :mod:`hooked_ssm.pretrained.toy.corpus`), with a byte-level BPE tokenizer
 (vocabulary 4096) trained by the same script and stored in ``tokenizer/``. Each model lives
 in ``<name>/`` as an ordinary Hugging Face checkpoint directory (``config.json``,
 ``model.safetensors``, tokenizer files and a ``README.md`` model card), so the real
-checkpoint-loading path is exercised offline. ``MODELS.md`` summarises their validation
-losses.
+checkpoint-loading path is exercised offline. ``toy-rwkv7`` (no transformers class exists)
+stores BlinkDL's ``.pth`` tensor names in its safetensors, behind a ``config.json`` that
+declares ``rwkv7_blinkdl``. ``MODELS.md`` summarises their validation losses.
 
 The tokenizer does NOT add ``<|bos|>`` automatically (it has no post-processor template):
 callers prepend ``tokenizer.bos_token_id`` themselves, as the training data did at the start
@@ -22,7 +23,7 @@ TOY_DIR: Path = Path(__file__).resolve().parent
 #: The shared tokenizer directory (``PreTrainedTokenizerFast.save_pretrained`` output).
 TOKENIZER_DIR: Path = TOY_DIR / "tokenizer"
 #: Names of the bundled toy models; each is a sub-directory of :data:`TOY_DIR`.
-TOY_MODEL_NAMES: tuple[str, ...] = ("toy-gdn", "toy-mamba2")
+TOY_MODEL_NAMES: tuple[str, ...] = ("toy-gdn", "toy-mamba2", "toy-rwkv7")
 #: Special tokens and their ids in the bundled tokenizer.
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<|bos|>", "<|eos|>", "<|pad|>"
 BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID = 0, 1, 2

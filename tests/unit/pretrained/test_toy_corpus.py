@@ -155,7 +155,8 @@ def test_tokenizer_loads_with_auto_tokenizer():
 # --------------------------------------------------------------------------------------------
 # bundled checkpoints (skipped where they have not been trained yet)
 # --------------------------------------------------------------------------------------------
-_CLASSES = {"toy-gdn": "Qwen3_5ForCausalLM", "toy-mamba2": "Mamba2ForCausalLM"}
+# toy-rwkv7 has no transformers class: its config.json declares BlinkDL's layout, loaded by HookedSSM
+_CLASSES = {"toy-gdn": "Qwen3_5ForCausalLM", "toy-mamba2": "Mamba2ForCausalLM", "toy-rwkv7": "rwkv7_blinkdl"}
 
 
 def _model_dir_or_skip(name):
@@ -189,12 +190,18 @@ def test_bundled_model_loads_and_predicts(name, tokenizer):
     import transformers
 
     path = _model_dir_or_skip(name)
-    cls = getattr(transformers, _CLASSES[name])
-    model = cls.from_pretrained(str(path), dtype=torch.float32).eval()
     doc = corpus.build_corpus()["validation"][0]
     ids = torch.tensor([[BOS_TOKEN_ID] + tokenizer(doc)["input_ids"][:95]])
-    with torch.no_grad():
-        logits = model(input_ids=ids, use_cache=False).logits
+    if _CLASSES[name] == "rwkv7_blinkdl":
+        from hooked_ssm import HookedSSM
+
+        with torch.no_grad():
+            logits = HookedSSM.from_pretrained(str(path), device="cpu")(ids)
+    else:
+        cls = getattr(transformers, _CLASSES[name])
+        model = cls.from_pretrained(str(path), dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits
     assert logits.shape == (1, ids.shape[1], TOY_VOCAB_SIZE)
     assert torch.isfinite(logits).all()
     loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item()

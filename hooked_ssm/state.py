@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 
@@ -34,14 +34,29 @@ class RWKV7Cache:
 
 @dataclass
 class AttentionCache:
+    """Keys (after RoPE) and values of the tokens consumed so far, one slot per token.
+
+    Rows that continue prefixes of *different* lengths in one batch (e.g. batched interventions at
+    different positions) hold a ragged cache: ``keys``/``values`` are right-padded to a common
+    number of slots, ``key_mask`` marks the real slots and ``row_lengths`` counts each row's tokens
+    (the absolute position of its next token, which the rotary embedding needs). Both are None for
+    an ordinary cache, where the slot index is the position.
+    """
+
     keys: Float[Tensor, "batch pos kv_head d_head"] | None = None
     values: Float[Tensor, "batch pos kv_head d_head"] | None = None
+    key_mask: Bool[Tensor, "batch pos"] | None = None
+    row_lengths: Int[Tensor, "batch"] | None = None
 
     @property
     def length(self) -> int:
+        """Number of slots (the longest row's length when ragged)."""
         return 0 if self.keys is None else self.keys.shape[1]
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.key_mask is not None:
+            self.key_mask = torch.cat([self.key_mask, self.key_mask.new_ones(k.shape[:2])], dim=1)
+            self.row_lengths = self.row_lengths + k.shape[1]
         self.keys = k if self.keys is None else torch.cat([self.keys, k], dim=1)
         self.values = v if self.values is None else torch.cat([self.values, v], dim=1)
         return self.keys, self.values

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
@@ -35,11 +35,12 @@ class PartialRotary(nn.Module):
         return 1.0 / (self.theta**exponents)
 
     def forward(
-        self, x: Float[Tensor, "batch pos head d_head"], positions: Tensor
+        self, x: Float[Tensor, "batch pos head d_head"], positions: Int[Tensor, "pos"] | Int[Tensor, "batch pos"]
     ) -> Float[Tensor, "batch pos head d_head"]:
-        freqs = positions.float()[:, None] * self.inv_freq(x.device)[None, :]
+        # Positions shared by the batch ([pos]) or per row ([batch, pos], ragged caches).
+        freqs = positions.float()[..., None] * self.inv_freq(x.device)
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.dtype)[:, None, :], emb.sin().to(x.dtype)[:, None, :]
+        cos, sin = emb.cos().to(x.dtype)[..., None, :], emb.sin().to(x.dtype)[..., None, :]
         rot, rest = x[..., : emb.shape[-1]], x[..., emb.shape[-1] :]
         return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
 
@@ -88,7 +89,10 @@ class GatedAttention(nn.Module):
         v = self.hook_v(self.v_proj(x).view(batch, length, self.n_kv_heads, self.d_head))
 
         offset = 0 if cache is None else cache.length
-        positions = torch.arange(offset, offset + length, device=x.device)
+        slots = torch.arange(offset, offset + length, device=x.device)  # cache slots of this call's tokens
+        ragged = cache is not None and cache.row_lengths is not None
+        # RoPE needs absolute positions; in a ragged cache they differ per row from the slots.
+        positions = cache.row_lengths[:, None] + torch.arange(length, device=x.device) if ragged else slots
         q = self.hook_rot_q(self.rotary(q, positions))
         k = self.hook_rot_k(self.rotary(k, positions))
         if cache is not None:
@@ -98,9 +102,11 @@ class GatedAttention(nn.Module):
         keys = k.repeat_interleave(group, dim=2)
         values = v.repeat_interleave(group, dim=2)
         key_positions = torch.arange(keys.shape[1], device=x.device)
-        allowed = key_positions[None, :] <= positions[:, None]  # [query, key]
+        allowed = key_positions[None, :] <= slots[:, None]  # [query, key]: causal in slot order
+        if ragged:  # the padding slots between a row's prefix and this call's tokens hold nothing
+            allowed = allowed[None, None] & cache.key_mask[:, None, None, :]
         if attention_mask is not None:  # [batch, key_pos] with 1 for real tokens
-            allowed = allowed[None, None] & attention_mask[:, None, None, -keys.shape[1] :].bool()
+            allowed = allowed & attention_mask[:, None, None, -keys.shape[1] :].bool()
         z = None
         if not (self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks()):
             try:  # nothing reads the pattern: PyTorch's fused attention, as transformers uses

@@ -24,7 +24,7 @@ import hashlib
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +32,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from hooked_ssm.state import RecurrentState
+from hooked_ssm.state import AttentionCache, RecurrentState
 
 _SITE_RE = re.compile(r"^blocks\.(\d+)\.mixer\.hook_(write|state|ssm_write|ssm_state)$")
 
@@ -369,13 +369,17 @@ def clone_state(state: RecurrentState) -> RecurrentState:
 
 
 @contextmanager
-def execution_for_length(model: Any, length: int, threshold: int = 16) -> Iterator[None]:
+def execution_for_length(model: Any, length: int, threshold: int | None = None) -> Iterator[None]:
     """Run calls shorter than ``threshold`` tokens with the recurrent form of the scans.
 
     The chunked scans pad every call to a whole chunk, so a 1-token continuation costs as much as
-    a 64-token one; the token-by-token form is cheaper below ~16 tokens. Both forms agree to
-    float32 round-off. Sets the mixers' ``execution`` attribute for the duration of the call.
+    a 64-token one; on CPU the token-by-token form is cheaper below ~16 tokens (the default there).
+    On a GPU a call is bound by kernel launches, about 10 per token per layer in the recurrent form
+    against a fixed ~35 in the chunked one, so the default threshold there is 4 tokens. Both forms
+    agree to float32 round-off. Sets the mixers' ``execution`` attribute for the duration of the call.
     """
+    if threshold is None:
+        threshold = 16 if torch.device(model.cfg.device).type == "cpu" else 4
     mixers = [
         block.mixer for block in model.blocks
         if getattr(getattr(block, "mixer", None), "execution", None) == "chunked"
@@ -457,6 +461,107 @@ def branch_logits(
     return first if rest is None else torch.cat([first, rest], dim=1)
 
 
+# ---------------------------------------------------------------- batched branches of different prefixes
+def _batch_size(state: RecurrentState) -> int | None:
+    for cache in state.layers:
+        for f in dataclasses.fields(cache):
+            if isinstance(value := getattr(cache, f.name), Tensor):
+                return value.shape[0]
+    return None
+
+
+def _cat_or_zeros(values: Sequence[Tensor | None], sizes: Sequence[int]) -> Tensor | None:
+    """Concatenate along the batch dim; ``None`` (an untouched cache, which means zeros) becomes
+    zeros shaped like the others."""
+    like = next((v for v in values if v is not None), None)
+    if like is None:
+        return None
+    return torch.cat([like.new_zeros(n, *like.shape[1:]) if v is None else v for v, n in zip(values, sizes)])
+
+
+def _stack_attention(caches: Sequence[AttentionCache], sizes: Sequence[int]) -> AttentionCache:
+    """One attention cache for rows whose prefixes have different lengths (see ``AttentionCache``):
+    keys and values right-padded to the longest prefix, with the key mask and row lengths."""
+    slots = max(c.length for c in caches)
+    ragged = any(c.row_lengths is not None or c.length != slots for c in caches)
+    if slots == 0:
+        return AttentionCache()
+    if not ragged:
+        return AttentionCache(torch.cat([c.keys for c in caches]), torch.cat([c.values for c in caches]))
+    like = next(c for c in caches if c.keys is not None)
+    total = sum(sizes)
+    keys = like.keys.new_zeros(total, slots, *like.keys.shape[2:])
+    values = like.values.new_zeros(total, slots, *like.values.shape[2:])
+    key_mask = torch.zeros(total, slots, dtype=torch.bool, device=like.keys.device)
+    lengths = []
+    start = 0
+    for cache, n in zip(caches, sizes):
+        if cache.keys is not None:
+            keys[start : start + n, : cache.length] = cache.keys
+            values[start : start + n, : cache.length] = cache.values
+            key_mask[start : start + n, : cache.length] = True if cache.key_mask is None else cache.key_mask
+        lengths.append(torch.full((n,), cache.length, device=key_mask.device) if cache.row_lengths is None
+                       else cache.row_lengths)
+        start += n
+    return AttentionCache(keys, values, key_mask, torch.cat(lengths))
+
+
+def stack_states(states: Sequence[RecurrentState], sizes: Sequence[int] | None = None) -> RecurrentState:
+    """The rows of ``states`` as one batch, whatever number of tokens each has consumed.
+
+    Recurrent caches have a fixed size and simply concatenate (an untouched cache counts as zeros,
+    which is what it means); attention caches of different lengths become one ragged cache (see
+    ``hooked_ssm.state.AttentionCache``), so every row continues its own prefix at its own
+    positions. ``n_tokens`` of the result is the longest prefix (hooks that use
+    ``model.current_position_offset`` see that one). ``sizes`` (rows of each state) is needed only
+    for a state that holds no tensor yet (nothing consumed); such a state otherwise counts as one row.
+    """
+    if sizes is None:
+        sizes = [_batch_size(s) or 1 for s in states]
+    layers = []
+    for caches in zip(*(s.layers for s in states)):
+        if isinstance(caches[0], AttentionCache):
+            layers.append(_stack_attention(caches, sizes))
+            continue
+        changes = {f.name: _cat_or_zeros([getattr(c, f.name) for c in caches], sizes) for f in dataclasses.fields(caches[0])}
+        layers.append(dataclasses.replace(caches[0], **changes))
+    return RecurrentState(layers, max(s.n_tokens for s in states))
+
+
+def run_layers(
+    model: Any,
+    inputs: Int[Tensor, "batch pos"] | Float[Tensor, "batch pos d_model"],
+    state: RecurrentState,
+    first_layer: int = 0,
+    fwd_hooks: Sequence[tuple[str, Callable]] = (),
+    v_first: Float[Tensor, "batch pos head d_v"] | None = None,
+) -> Float[Tensor, "batch pos d_model"]:
+    """The final residual stream (before ``ln_final``) of a continuation of ``state``, on the
+    cheaper scan form, with ``fwd_hooks`` live. Advances ``state`` in place.
+
+    With ``first_layer = 0``, ``inputs`` are token ids. An edit at layer ``l`` cannot change the
+    blocks before ``l``, so a caller that has their output can start at ``first_layer = l``:
+    ``inputs`` is then the residual stream entering that block (its ``hook_resid_pre``) and only
+    the caches of blocks ``>= l`` are read or advanced. RWKV-7 layers ``>= 1`` also read layer 0's
+    value (the value residual): pass it as ``v_first`` (``blocks.0.mixer.hook_v_first``).
+    """
+    length = inputs.shape[1]
+    # Leaving a hooks() context resets every hook point: skipped when there is nothing to add.
+    hooks = model.hooks(fwd_hooks=list(fwd_hooks)) if fwd_hooks else nullcontext()
+    with execution_for_length(model, length), hooks:
+        if first_layer == 0:
+            resid = model(inputs.to(model.cfg.device), past_state=state, stop_at_layer=len(model.blocks))
+        else:
+            model.current_position_offset = state.n_tokens
+            if v_first is not None:
+                model.blocks[0].mixer.value_residual.value = v_first
+            resid = inputs
+            for layer in range(first_layer, len(model.blocks)):
+                resid = model.blocks[layer](resid, state.layers[layer])
+    state.n_tokens += length  # forward() skips this when it stops early
+    return resid
+
+
 def write_replacement_hook(head: int, position: int, new_writes: Float[Tensor, "rows dk_dv"]) -> Callable:
     """A ``hook_write`` hook that sets the write of ``head`` at ``position`` (of this forward call)
     to ``new_writes`` (one flattened key-major matrix per batch row)."""
@@ -501,6 +606,8 @@ __all__ = [
     "clone_state",
     "execution_for_length",
     "continue_run",
+    "stack_states",
+    "run_layers",
     "prefix_states",
     "branch_logits",
     "write_replacement_hook",

@@ -23,11 +23,20 @@ unit form. Each condition is scored by ``KL(p_patched || p_base)`` of the next-t
 
 The atom **wins** when ``KL_atom < KL_delete``; the strict chain is ``KL_atom < KL_delete < KL_random``.
 
-**Fast path** (``method="fast"``, default). The prompt's unpatched prefix ``0..t-1`` is run once
-(incrementally, with a ``RecurrentState``), and every condition continues from a copy of that
-state over positions ``t..window end`` only. The conditions of one firing, and the firings of
-different prompts at the same position, share one batched forward. Each condition starts from
-its own copy of the state, so results do not depend on the order or grouping of conditions.
+**Fast path** (``method="fast"``, default). The prompt batch's unpatched prefix is run once,
+incrementally (a ``RecurrentState``), and copied at each firing position ``t``. Firings are then
+taken in position order in groups, and each group runs as **one batch**: rows = firings x
+conditions, each row continuing its own copy of the state at its own ``t`` over ``t..window end``
+only (the attention layers of hybrids hold a ragged KV cache, so prefixes of different lengths
+share a batch). Every row takes one hooked step (its write replaced), then the rows continue
+together in segments, finished rows dropped between segments; only scored positions are
+unembedded. Because an edit at layer ``l`` cannot change blocks ``< l``, an unpatched pass records
+the residual stream entering block ``l`` and the prefix walk and the branches run blocks ``l..``
+only. The base logits come from that pass, or, for layer 0 with short windows, from an extra
+unpatched row per firing in the branch. Each condition starts from its own copy of the state, so
+results do not depend on the order or grouping of conditions. ``max_rows`` caps the rows of one
+batch (default 48 on CPU, 192 on GPU).
+
 ``method="naive"`` re-runs the prefix for each firing (``run_with_hooks`` on ``0..window end``);
 the two agree to float32 round-off (tested to 1e-6 in KL).
 """
@@ -35,14 +44,15 @@ the two agree to float32 round-off (tested to 1e-6 in KL).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -60,13 +70,14 @@ from writesae_lens.interventions.firings import (
     Firing,
     Site,
     as_prompt_list,
-    branch_logits,
-    continue_run,
     find_firings,
     firing_generator,
     prompt_batches,
     random_rank1,
     resolve_site,
+    run_layers,
+    select_rows,
+    stack_states,
     unit_atoms,
     write_replacement_hook,
 )
@@ -146,50 +157,225 @@ def _row(f: Firing, kls: Sequence[float], conditions: Sequence[str], scale: str,
 
 
 # ---------------------------------------------------------------- the runs
-@torch.no_grad()
-def _fast_batch(model, site, prompt_tokens, rows_of, firings_of, writes_of, base_logits, score, horizon, max_rows, n_cond):
-    """Yield ``(firings, kl [n, n_cond], end)`` per position group of one equal-length batch.
+@dataclass
+class _Plan:
+    """One firing of a prompt batch: ``index`` into the batch's firings (and their writes), its
+    ``row`` in the batch, the edited position ``t``, the last position run ``end`` and the scored
+    positions (absolute, within ``t..end``)."""
 
-    The prefix advances incrementally from one firing position to the next (all prompts of the
-    batch at once); each group's branch is its rows of that state, repeated once per condition:
-    one hooked step at ``t`` (the replaced write), then a plain continuation to the window end.
+    index: int
+    row: int
+    t: int
+    end: int
+    scored: list[int]
+
+    @property
+    def n_after(self) -> int:
+        return self.end - self.t
+
+
+# Elements of one float64 KL block (positions x rows x vocab): bounds the scoring's memory.
+_KL_BLOCK = 1 << 22
+
+
+def _on_cpu(model: Any) -> bool:
+    return torch.device(model.cfg.device).type == "cpu"
+
+
+def _min_segment(model: Any) -> int:
+    """Rows of a branch continue in segments of at least this many tokens: a row whose window ends
+    inside a segment is padded to its end (causal, so the padding cannot reach it) and finished
+    rows are dropped between segments. On CPU a call's fixed cost is ~25 row-tokens of work; on a
+    GPU a call costs about the same whatever its length, so segments are long there."""
+    return 16 if _on_cpu(model) else 128
+
+
+def _default_max_rows(model: Any) -> int:
+    """Rows of one batched branch when ``max_rows`` is not given: on CPU the throughput per
+    row-token is flat from 3 to 48 rows; on a GPU larger batches mean fewer launches."""
+    return 48 if _on_cpu(model) else 192
+
+
+def _clean_pass(
+    model: Any, tokens: Int[Tensor, "batch pos"], plans: Sequence[_Plan], first_layer: int
+) -> tuple[dict[tuple[int, int], int], Tensor, Tensor, Tensor | None]:
+    """One unpatched pass over the batch: the base logits at every scored ``(row, position)``
+    (``index`` into ``logits``), the residual stream entering block ``first_layer`` (token ids when
+    it is 0) and, for RWKV-7 runs starting past layer 0, layer 0's value residual."""
+    hooks, captured = [], {}
+    if first_layer > 0:
+        def keep(name: str) -> Callable:
+            def hook(act: Tensor, hook: Any) -> None:
+                captured[name] = act.detach()
+            return hook
+
+        hooks.append((f"blocks.{first_layer}.hook_resid_pre", keep("resid")))
+        if "blocks.0.mixer.hook_v_first" in model.hook_dict:
+            hooks.append(("blocks.0.mixer.hook_v_first", keep("v_first")))
+    with model.hooks(fwd_hooks=hooks):
+        resid = model(tokens, stop_at_layer=len(model.blocks))
+    pairs = sorted({(p.row, pos) for p in plans for pos in p.scored})
+    index = {pair: i for i, pair in enumerate(pairs)}
+    rows = torch.tensor([r for r, _ in pairs], device=resid.device, dtype=torch.long)
+    cols = torch.tensor([c for _, c in pairs], device=resid.device, dtype=torch.long)
+    logits = model.unembed(model.ln_final(resid[rows, cols]))
+    inputs = captured["resid"] if first_layer > 0 else tokens
+    return index, logits, inputs, captured.get("v_first")
+
+
+class _PrefixWalk:
+    """The unpatched prefix, advanced incrementally (blocks ``first_layer..`` only) to each firing
+    position in increasing order; :meth:`snapshot` copies one row of it at ``t``."""
+
+    def __init__(self, model: Any, inputs: Tensor, first_layer: int, v_first: Tensor | None):
+        self.model, self.inputs, self.first_layer, self.v_first = model, inputs, first_layer, v_first
+        self.state = RecurrentState.empty(model.cfg.layer_types)
+        self.done = 0
+
+    def snapshot(self, t: int, rows: Sequence[int]) -> RecurrentState:
+        if t > self.done:
+            v_first = None if self.v_first is None else self.v_first[:, self.done : t]
+            run_layers(self.model, self.inputs[:, self.done : t], self.state, self.first_layer, (), v_first)
+            self.done = t
+        return select_rows(self.state, torch.tensor(rows))
+
+
+def _gather(x: Tensor | None, rows: Tensor, cols: Tensor) -> Tensor | None:
+    """``x[rows[i], cols[i, j]]`` as ``[n, len, ...]``, with ``cols`` clamped into the prompt
+    (positions past a row's window only pad it, see :func:`_min_segment`)."""
+    if x is None:
+        return None
+    cols = cols.clamp(max=x.shape[1] - 1).to(x.device)
+    return x[rows.to(x.device)[:, None], cols]
+
+
+class _Branch:
+    """The patched continuations of one group of firings as one batch of rows.
+
+    Rows are the firings (sorted by window length, longest first) times ``per`` slots: one per
+    condition, plus an unpatched slot when the base logits are computed here (``base is None``).
+    Each row starts from its firing's copy of the prefix state (``states``: one row per plan, in
+    the order of ``plans``; prefixes of different lengths make ragged attention caches), takes one
+    hooked step at its own ``t`` (its write replaced), then continues in segments that drop
+    finished rows. Scored positions are unembedded as they pass.
     """
-    length = prompt_tokens.shape[1]
-    state = RecurrentState.empty(model.cfg.layer_types)
-    done = 0
-    per_chunk = max(1, max_rows // n_cond)
-    for t in sorted(rows_of):
-        continue_run(model, prompt_tokens[:, done:t], state, return_type=None)
-        done = t
-        end = window_end(t, length, score, horizon)
-        positions = scored_positions(t, end, score)
-        members = rows_of[t]
-        for start in range(0, len(members), per_chunk):
-            chunk = members[start : start + per_chunk]
-            batch_rows = torch.tensor(chunk).repeat_interleave(n_cond)
-            writes = torch.cat([writes_of[t][i] for i in range(start, start + len(chunk))])
-            hook = write_replacement_hook(site.head, 0, writes)
-            # Only the scored positions are unembedded.
-            logits = branch_logits(model, site, prompt_tokens, state, batch_rows, t, end, hook, positions=positions)
-            base = base_logits[batch_rows][:, positions]
-            kl = kl_divergence(logits, base).mean(-1).view(len(chunk), n_cond)
-            yield [firings_of[t][i] for i in range(start, start + len(chunk))], kl.cpu(), end
+
+    def __init__(self, model, site, plans, states, writes, inputs, v_first, base, n_cond, first_layer):
+        order = sorted(range(len(plans)), key=lambda i: (-plans[i].n_after, plans[i].t))
+        self.plans = [plans[i] for i in order]
+        self.model, self.site, self.inputs, self.v_first, self.first_layer = model, site, inputs, v_first, first_layer
+        self.base, self.n_cond = base, n_cond
+        self.per = n_cond + (base is None)
+        per, device = self.per, torch.device(model.cfg.device)
+        self.prompt_rows = torch.tensor([p.row for p in self.plans]).repeat_interleave(per)
+        self.starts = torch.tensor([p.t for p in self.plans]).repeat_interleave(per)
+        self.state = select_rows(states, torch.tensor(order, device=device).repeat_interleave(per))
+        self.writes = writes[[p.index for p in self.plans]].flatten(0, 1).to(device)
+        slot = torch.arange(len(order) * per) % per
+        self.edited = torch.nonzero(slot < n_cond).flatten().to(device)  # rows whose write is replaced
+        self.kl_sum = torch.zeros(len(order), n_cond, dtype=torch.float64, device=device)
+        self.count = torch.zeros(len(order), dtype=torch.float64, device=device)
+
+    def run(self, min_segment: int) -> tuple[list[int], Tensor]:
+        """``(firing indices, mean KL [n, n_cond])``."""
+        rows, starts = self.prompt_rows, self.starts
+        edited, writes, head = self.edited, self.writes, self.site.head
+
+        def replace(act: Tensor, hook: Any) -> Tensor:
+            act[edited, 0, head] = writes.to(act)
+            return act
+
+        cols = starts[:, None]
+        resid = run_layers(self.model, _gather(self.inputs, rows, cols), self.state, self.first_layer,
+                           [(self.site.write_hook, replace)], _gather(self.v_first, rows, cols))
+        self._score(resid, 0, 0)
+        lengths = [p.n_after for p in self.plans]
+        done = 0
+        while lengths and lengths[0] > done:
+            active = sum(n > done for n in lengths)  # a prefix: lengths are sorted, longest first
+            if active * self.per < resid.shape[0]:
+                self.state = select_rows(self.state, torch.arange(active * self.per, device=resid.device))
+                rows, starts = rows[: active * self.per], starts[: active * self.per]
+            stop = max(lengths[active - 1], min(lengths[0], done + min_segment))
+            cols = starts[:, None] + torch.arange(done + 1, stop + 1)
+            resid = run_layers(self.model, _gather(self.inputs, rows, cols), self.state, self.first_layer, (),
+                               _gather(self.v_first, rows, cols))
+            self._score(resid, done + 1, stop)
+            done = stop
+        return [p.index for p in self.plans], (self.kl_sum / self.count[:, None]).cpu()
+
+    def _score(self, resid: Float[Tensor, "rows len d_model"], first: int, last: int) -> None:
+        """KL of every scored position ``t + j`` with ``first <= j <= last`` (``resid`` covers exactly
+        those offsets, starting at ``first``), accumulated per firing and condition."""
+        pairs = [(i, pos) for i, p in enumerate(self.plans[: resid.shape[0] // self.per])
+                 for pos in p.scored if first <= pos - p.t <= last]
+        if not pairs:
+            return
+        per, vocab = self.per, self.model.cfg.d_vocab
+        step = max(1, _KL_BLOCK // (per * vocab))
+        device = resid.device
+        for start in range(0, len(pairs), step):
+            chunk = pairs[start : start + step]
+            firing = torch.tensor([i for i, _ in chunk], device=device)
+            offset = torch.tensor([pos - self.plans[i].t - first for i, pos in chunk], device=device)
+            picked = resid[(firing * per)[:, None] + torch.arange(per, device=device), offset[:, None]]
+            logits = self.model.unembed(self.model.ln_final(picked))  # [n, per, vocab]
+            if self.base is None:
+                reference = logits[:, self.n_cond]
+            else:
+                index, base_logits = self.base
+                reference = base_logits[[index[(self.plans[i].row, pos)] for i, pos in chunk]]
+            kl = kl_divergence(logits[:, : self.n_cond], reference[:, None])
+            self.kl_sum.index_add_(0, firing, kl)
+            self.count.index_add_(0, firing, torch.ones(len(chunk), dtype=torch.float64, device=device))
 
 
 @torch.no_grad()
-def _naive_batch(model, site, prompt_tokens, rows_of, firings_of, writes_of, base_logits, score, horizon, max_rows, n_cond):
+def _fast_batch(model, site, prompt_tokens, plans, writes, max_rows, n_cond):
+    """Yield ``(firing indices, kl [n, n_cond])`` per group of one equal-length prompt batch.
+
+    One prefix walk over the batch snapshots each firing's state at its position; firings are
+    taken in position order in groups of ``max_rows // rows-per-firing`` and each group runs as one
+    batched branch (see :class:`_Branch`). The base logits come from one unpatched pass over the
+    batch, or, when the windows are short (together fewer tokens than the batch), from an
+    unpatched slot in the branch. An edit at layer ``l`` cannot change blocks ``< l``: when
+    ``l > 0`` the unpatched pass also records the residual stream entering block ``l`` and the
+    walk and branches run blocks ``l..`` only.
+    """
+    batch, length = prompt_tokens.shape
+    tokens = prompt_tokens.to(model.cfg.device)
+    first_layer = site.layer
+    clean_slot = first_layer == 0 and sum(p.n_after + 1 for p in plans) < batch * length
+    if clean_slot:
+        base, inputs, v_first = None, tokens, None
+    else:
+        index, logits, inputs, v_first = _clean_pass(model, tokens, plans, first_layer)
+        base = (index, logits)
+    walk = _PrefixWalk(model, inputs, first_layer, v_first)
+    group_size = max(1, max_rows // (n_cond + clean_slot))
+    min_segment = _min_segment(model)
+    order = sorted(plans, key=lambda p: (p.t, p.row))
+    for start in range(0, len(order), group_size):
+        group = order[start : start + group_size]
+        at: dict[int, list[int]] = {}  # t -> rows of the batch firing there, in group order
+        for p in group:
+            at.setdefault(p.t, []).append(p.row)
+        states = stack_states([walk.snapshot(t, rows) for t, rows in at.items()], [len(r) for r in at.values()])
+        branch = _Branch(model, site, group, states, writes, inputs, v_first, base, n_cond, first_layer)
+        yield branch.run(min_segment)
+
+
+@torch.no_grad()
+def _naive_batch(model, site, prompt_tokens, plans, writes, max_rows, n_cond):
     """Reference: one full ``run_with_hooks`` from position 0 per firing (conditions batched)."""
-    length = prompt_tokens.shape[1]
-    for t in sorted(rows_of):
-        end = window_end(t, length, score, horizon)
-        positions = scored_positions(t, end, score)
-        for i, row in enumerate(rows_of[t]):
-            hook = write_replacement_hook(site.head, t, writes_of[t][i])
-            tokens = prompt_tokens[row : row + 1, : end + 1].expand(n_cond, -1).to(model.cfg.device)
-            logits = model.run_with_hooks(tokens, fwd_hooks=[(site.write_hook, hook)])
-            base = base_logits[row : row + 1, positions].expand(n_cond, -1, -1)
-            kl = kl_divergence(logits[:, positions], base).mean(-1).view(1, n_cond)
-            yield [firings_of[t][i]], kl.cpu(), end
+    base_logits = model(prompt_tokens.to(model.cfg.device))
+    for p in sorted(plans, key=lambda p: (p.t, p.row)):
+        hook = write_replacement_hook(site.head, p.t, writes[p.index])
+        tokens = prompt_tokens[p.row : p.row + 1, : p.end + 1].expand(n_cond, -1).to(model.cfg.device)
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(site.write_hook, hook)])
+        base = base_logits[p.row : p.row + 1, p.scored].expand(n_cond, -1, -1)
+        kl = kl_divergence(logits[:, p.scored], base).mean(-1).view(1, n_cond)
+        yield [p.index], kl.cpu()
 
 
 def substitute_firings(
@@ -204,7 +390,7 @@ def substitute_firings(
     conditions: Sequence[str] = CONDITIONS,
     method: Literal["fast", "naive"] = "fast",
     batch_size: int = 8,
-    max_rows: int = 48,
+    max_rows: int | None = None,
     seed: int = 0,
     out: str | Path | None = None,
     progress: bool = True,
@@ -212,13 +398,15 @@ def substitute_firings(
     """Run the patched passes for the given ``firings``; one row per firing (see module docstring).
 
     Rows are appended to ``out`` (JSONL) as they complete. ``max_rows`` caps the batch rows of one
-    patched forward (conditions x firings).
+    patched forward of the fast path (firings x conditions); default 48 on CPU, 192 on GPU.
     """
     site = site or resolve_site(model, sae)
     conditions = tuple(conditions)
     prompts = as_prompt_list(tokens)
     d_k, d_v = model.cfg.d_k, model.cfg.d_v
     run_batch = {"fast": _fast_batch, "naive": _naive_batch}[method]
+    if max_rows is None:
+        max_rows = _default_max_rows(model)
     by_prompt: dict[int, list[Firing]] = {}
     for f in firings:
         if f.position >= len(prompts[f.prompt]) - 1 or f.position < 0:
@@ -227,20 +415,18 @@ def substitute_firings(
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(firings), disable=not progress, desc=f"substitution L{site.layer}H{site.head}")
     for ids, batch in prompt_batches(prompts, batch_size, ids=sorted(by_prompt)):
-        with torch.no_grad():
-            base_logits = model(batch.to(model.cfg.device))
-        rows_of: dict[int, list[int]] = {}
-        firings_of: dict[int, list[Firing]] = {}
-        for row, prompt in enumerate(ids):
-            for f in by_prompt[prompt]:
-                rows_of.setdefault(f.position, []).append(row)
-                firings_of.setdefault(f.position, []).append(f)
-        writes_of = {t: list(condition_writes(fs, sae, d_k, d_v, scale, conditions, seed)) for t, fs in firings_of.items()}
-        for group, kl, end in run_batch(model, site, batch, rows_of, firings_of, writes_of, base_logits, score, horizon, max_rows, len(conditions)):
-            new = [
-                _row(f, kl[i].tolist(), conditions, scale, f.native_norm if scale == "native_norm" else f.contribution_norm, score, end)
-                for i, f in enumerate(group)
-            ]
+        members = [(row, f) for row, prompt in enumerate(ids) for f in by_prompt[prompt]]
+        plans = []
+        for i, (row, f) in enumerate(members):
+            end = window_end(f.position, batch.shape[1], score, horizon)
+            plans.append(_Plan(i, row, f.position, end, scored_positions(f.position, end, score)))
+        writes = condition_writes([f for _, f in members], sae, d_k, d_v, scale, conditions, seed)
+        for group, kl in run_batch(model, site, batch, plans, writes, max_rows, len(conditions)):
+            new = []
+            for i, k in zip(group, kl):
+                f = members[i][1]
+                s = f.native_norm if scale == "native_norm" else f.contribution_norm
+                new.append(_row(f, k.tolist(), conditions, scale, s, score, plans[i].end))
             rows += new
             if out is not None:
                 append_jsonl(out, new)
@@ -267,7 +453,7 @@ def run_substitution_test(
     max_firings: int | None = None,
     max_per_atom: int | None = None,
     batch_size: int = 8,
-    max_rows: int = 48,
+    max_rows: int | None = None,
     seed: int = 0,
     out: str | Path | None = None,
     resume: bool = False,

@@ -3,7 +3,8 @@
 - every hook point with a no-op hook vs none (and the same without the three matrix hooks
   ``hook_write`` / ``hook_state`` / ``hook_delta_v``, whose mere presence changes the scan);
 - ``hook_write`` on every Gated DeltaNet layer, caching one head's slice vs all heads, against
-  HookedSSM without hooks and against the transformers reference (the 1.5x target);
+  HookedSSM without hooks and against the transformers reference (the 1.5x target); the same for
+  ``hook_write_factors`` (the write's ``[k | v]`` factors, d_k + d_v numbers instead of d_k*d_v);
 - ``hook_state`` likewise (the whole trajectory, every position);
 - ``run_with_cache`` on one layer's ``hook_state`` with and without ``pos_slice=-1``: time, bytes of
   the cached tensors, and peak memory (CPU: peak RSS growth; GPU: ``torch.cuda.max_memory_allocated``).
@@ -106,11 +107,12 @@ def run(settings: Settings) -> None:
                     candidate=("all no-op hooks", with_hooks(model, tokens, [(n, noop) for n in all_names])),
                     tokens=batch * length, extra=dict(n_hooks=len(all_names)),
                     max_rounds=5)
-            for leaf in ("hook_write", "hook_state"):
+            # hook_write_factors: the write's [k | v] factors, what factored SAE training caches.
+            for leaf in ("hook_write", "hook_write_factors", "hook_state"):
                 one = capture_hooks(model, leaf, head, store)
                 every = capture_hooks(model, leaf, None, store)
                 n = len(one)
-                if leaf == "hook_write":
+                if leaf.startswith("hook_write"):
                     row = compare(settings, bench="2 hooks", case=f"{case}: {leaf} one head, {n} layers, vs transformers",
                                   reference=("transformers, no hooks", reference),
                                   candidate=(f"HookedSSM + {leaf}[:, :, {head}] cached", with_hooks(model, tokens, one, store)),

@@ -26,7 +26,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     model = HookedSSM.from_pretrained(args.model, device="cpu")
     cfg = model.cfg
-    layer = args.layer if args.layer is not None else cfg.layer_types.index("gated_deltanet")
+    recurrent = [i for i, kind in enumerate(cfg.layer_types) if kind != "full_attention"]
+    layer = args.layer if args.layer is not None else recurrent[0]
+    if layer not in recurrent:
+        raise SystemExit(f"Layer {layer} is {cfg.layer_types[layer]!r}; pick a recurrent layer: {recurrent}.")
     mixer = f"blocks.{layer}.mixer"
     print(f"Loaded {cfg.model_name}: {cfg.n_layers} layers {cfg.layer_types}, d_model={cfg.d_model}, "
           f"{cfg.n_heads} value heads of d_k={cfg.d_k}, d_v={cfg.d_v}")
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     writes = as_matrix(cache[f"{mixer}.hook_write"], cfg.d_k, cfg.d_v)[0, :, args.head]
     states = as_matrix(cache[f"{mixer}.hook_state"], cfg.d_k, cfg.d_v)[0, :, args.head]
     print(f"\n{length} tokens, loss {loss.item():.3f} nats/token")
-    print(f"Head {args.head}: write ||b k v^T||_F per token (first 8): "
+    print(f"Head {args.head}: write ||k_w v_w^T||_F per token (first 8): "
           f"{[round(x, 3) for x in writes.flatten(1).norm(dim=-1)[:8].tolist()]}")
     print(f"  every write has matrix rank {sorted(set(torch.linalg.matrix_rank(writes).tolist()))}; "
           f"final state rank {torch.linalg.matrix_rank(states[-1]).item()} of {min(cfg.d_k, cfg.d_v)}")

@@ -44,11 +44,16 @@ def import_interventions() -> tuple[Any, str]:
     except ImportError as err:
         for name in [n for n in sys.modules if n == "writesae_lens" or n.startswith("writesae_lens.")]:
             del sys.modules[name]
-        shim = types.ModuleType("writesae_lens")
-        shim.__path__ = [str(ROOT / "writesae_lens")]
-        sys.modules["writesae_lens"] = shim
-        return (importlib.import_module("writesae_lens.interventions"),
-                f"writesae_lens.interventions without the package __init__ ({err.name} missing)")
+        # Bare packages for writesae_lens and writesae_lens.interventions: their __init__s import
+        # modules that need SAELens (splicing), the substitution runner does not.
+        for package in ("writesae_lens", "writesae_lens.interventions"):
+            shim = types.ModuleType(package)
+            shim.__path__ = [str(ROOT / package.replace(".", "/"))]
+            sys.modules[package] = shim
+        substitution = importlib.import_module("writesae_lens.interventions.substitution")
+        interventions = types.SimpleNamespace(substitution=substitution,
+                                              substitute_firings=substitution.substitute_firings)
+        return interventions, f"writesae_lens.interventions.substitution without the package __init__s ({err.name} missing)"
 
 
 class AtomStandIn:

@@ -33,6 +33,7 @@ from hooked_ssm.components.recurrent_mixer import (  # noqa: F401  (run_hook/cha
     merge_edits,
     observe_write_factors,
     run_hook,
+    runs_recurrent,
     state_hook_edits,
     write_edits,
 )
@@ -128,7 +129,7 @@ class GatedDeltaNetMixer(nn.Module):
         want_states = self.hook_state.has_hooks()
         want_delta_v = self.hook_delta_v.has_hooks()
         if not (edits or want_states or want_delta_v):
-            if self.execution == "recurrent":
+            if runs_recurrent(self.execution, q.shape[1], q.device):
                 return recurrent_gated_delta_rule(q, k, v, beta, g, initial_state)[:2]
             return chunked_gated_delta_rule(q, k, v, beta, g, initial_state, self.chunk_size)
 
@@ -160,6 +161,6 @@ class GatedDeltaNetMixer(nn.Module):
         return write_edits(self.hook_write, native, self.d_k, self.d_v)
 
     def _scan_with_edits(self, q, k, v, beta, g, initial_state, edits, positions, delta_v):
-        if delta_v or self.execution == "recurrent":
+        if delta_v or runs_recurrent(self.execution, q.shape[1], q.device):
             return recurrent_gated_delta_rule(q, k, v, beta, g, initial_state, edits, positions, delta_v)
         return (*gated_delta_rule_with_edits(q, k, v, beta, g, initial_state, edits, positions, self.chunk_size), None)

@@ -27,8 +27,8 @@ Edit semantics:
   exactly (the chunked scan is split there) and read by every later token.
 
 ``execution="chunked"`` (default) runs the chunked SSD scan; ``"recurrent"`` runs the per-token
-loop. Both give the same answer (to float rounding). Single-token steps (decoding with a
-``RecurrentState``) always take one recurrent step.
+loop. Both give the same answer (to float rounding). Short calls (decoding steps with a
+``RecurrentState``) take the recurrent form either way (``recurrent_mixer.runs_recurrent``).
 """
 
 from __future__ import annotations
@@ -42,7 +42,12 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
-from hooked_ssm.components.recurrent_mixer import log_decay_through_hook, observe_write_factors, scan_with_state_hooks
+from hooked_ssm.components.recurrent_mixer import (
+    log_decay_through_hook,
+    observe_write_factors,
+    runs_recurrent,
+    scan_with_state_hooks,
+)
 from hooked_ssm.config import HookedSSMConfig
 from hooked_ssm.ops.causal_conv import causal_depthwise_conv
 from hooked_ssm.ops.ssd import chunked_ssd, recurrent_ssd, ssd_with_edits
@@ -149,7 +154,7 @@ class Mamba2Mixer(nn.Module):
 
     def _scan(self, q, k, v, log_decay, initial_state, state_positions):
         """Run the recurrence, honouring edits made through hook_write / hook_state."""
-        recurrent = self.execution == "recurrent" or q.shape[1] == 1
+        recurrent = runs_recurrent(self.execution, q.shape[1], q.device)
 
         def run(edits, positions):
             if recurrent:

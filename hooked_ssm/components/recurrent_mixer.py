@@ -23,6 +23,18 @@ StateEdits = dict[int, Float[Tensor, "batch head d_k d_v"]]
 ScanFn = Callable[[StateEdits, Sequence[int] | None], tuple[Tensor, Tensor, Tensor | None]]
 
 
+# Calls shorter than this many tokens run the token-by-token scan even under execution="chunked":
+# a chunked call costs about the same whatever its length (one padded chunk), so decoding steps and
+# short continuations are cheaper recurrent. On a GPU a call is bound by kernel launches (about 10
+# per token per layer recurrent, about 35 per chunk chunked), hence the lower threshold there.
+RECURRENT_BELOW = {"cpu": 16, "cuda": 4}
+
+
+def runs_recurrent(execution: str, length: int, device: torch.device) -> bool:
+    """Whether a mixer set to ``execution`` scans ``length`` tokens with the recurrent form."""
+    return execution == "recurrent" or length < RECURRENT_BELOW.get(device.type, 4)
+
+
 def run_hook(hook: HookPoint, x: Tensor) -> Tensor | None:
     """Call ``hook`` on ``x``; return the edited tensor, or None if no hook changed it.
 

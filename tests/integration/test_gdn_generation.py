@@ -59,3 +59,22 @@ def test_generation_stops_at_eos(qwen35):
     assert out.tolist() == [[5, 6, 7, first]]
     sampled = model.generate(prompt, max_new_tokens=5, do_sample=True, top_k=5, stop_at_eos=False, verbose=False)
     assert sampled.shape == (1, 8)
+
+
+def test_short_calls_take_the_recurrent_scan_and_agree_with_the_chunked_one(qwen35, monkeypatch):
+    """Decoding steps skip the chunked scan (one padded chunk per call); long calls still use it."""
+    import hooked_ssm.components.gated_deltanet as gdn
+
+    model = HookedSSM.from_pretrained(qwen35[0])
+    tokens = torch.randint(3, model.cfg.d_vocab, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        chunked_full = model(tokens)
+        lengths = []
+        chunked = gdn.chunked_gated_delta_rule
+        monkeypatch.setattr(gdn, "chunked_gated_delta_rule", lambda q, *a, **kw: lengths.append(q.shape[1]) or chunked(q, *a, **kw))
+        state = RecurrentState.empty(model.cfg.layer_types)
+        pieces = [model(tokens[:, :30], past_state=state)]
+        pieces += [model(tokens[:, t : t + 1], past_state=state) for t in range(30, 40)]
+    n_linear = model.cfg.layer_types.count("gated_deltanet")
+    assert lengths == [30] * n_linear  # the prefill only
+    torch.testing.assert_close(torch.cat(pieces, dim=1), chunked_full, atol=1e-4, rtol=1e-4)

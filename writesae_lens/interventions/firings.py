@@ -24,7 +24,7 @@ import hashlib
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -368,34 +368,6 @@ def clone_state(state: RecurrentState) -> RecurrentState:
     return map_state(state, lambda x: x.clone())
 
 
-@contextmanager
-def execution_for_length(model: Any, length: int, threshold: int | None = None) -> Iterator[None]:
-    """Run calls shorter than ``threshold`` tokens with the recurrent form of the scans.
-
-    The chunked scans pad every call to a whole chunk, so a 1-token continuation costs as much as
-    a 64-token one; on CPU the token-by-token form is cheaper below ~16 tokens (the default there).
-    On a GPU a call is bound by kernel launches, about 10 per token per layer in the recurrent form
-    against a fixed ~35 in the chunked one, so the default threshold there is 4 tokens. Both forms
-    agree to float32 round-off. Sets the mixers' ``execution`` attribute for the duration of the call.
-    """
-    if threshold is None:
-        threshold = 16 if torch.device(model.cfg.device).type == "cpu" else 4
-    mixers = [
-        block.mixer for block in model.blocks
-        if getattr(getattr(block, "mixer", None), "execution", None) == "chunked"
-    ]
-    if length >= threshold or not mixers:
-        yield
-        return
-    for mixer in mixers:
-        mixer.execution = "recurrent"
-    try:
-        yield
-    finally:
-        for mixer in mixers:
-            mixer.execution = "chunked"
-
-
 def continue_run(
     model: Any,
     tokens: Int[Tensor, "batch pos"],
@@ -404,7 +376,7 @@ def continue_run(
     return_type: str | None = "logits",
     positions: Sequence[int] | None = None,
 ) -> Tensor | None:
-    """``model(tokens, past_state=state)`` with ``fwd_hooks`` live, on the cheaper scan form.
+    """``model(tokens, past_state=state)`` with ``fwd_hooks`` live.
 
     With ``positions`` (indices into this call), only those positions are unembedded: the final
     norm and unembedding run on ``[batch, len(positions), d_model]`` instead of every position.
@@ -412,7 +384,7 @@ def continue_run(
     if tokens.shape[1] == 0:
         return None
     tokens = tokens.to(model.cfg.device)
-    with execution_for_length(model, tokens.shape[1]), model.hooks(fwd_hooks=list(fwd_hooks)):
+    with model.hooks(fwd_hooks=list(fwd_hooks)):
         if positions is None or return_type != "logits":
             return model(tokens, return_type=return_type, past_state=state)
         resid = model(tokens, past_state=state, stop_at_layer=len(model.blocks))
@@ -536,8 +508,8 @@ def run_layers(
     fwd_hooks: Sequence[tuple[str, Callable]] = (),
     v_first: Float[Tensor, "batch pos head d_v"] | None = None,
 ) -> Float[Tensor, "batch pos d_model"]:
-    """The final residual stream (before ``ln_final``) of a continuation of ``state``, on the
-    cheaper scan form, with ``fwd_hooks`` live. Advances ``state`` in place.
+    """The final residual stream (before ``ln_final``) of a continuation of ``state``, with
+    ``fwd_hooks`` live. Advances ``state`` in place.
 
     With ``first_layer = 0``, ``inputs`` are token ids. An edit at layer ``l`` cannot change the
     blocks before ``l``, so a caller that has their output can start at ``first_layer = l``:
@@ -548,7 +520,7 @@ def run_layers(
     length = inputs.shape[1]
     # Leaving a hooks() context resets every hook point: skipped when there is nothing to add.
     hooks = model.hooks(fwd_hooks=list(fwd_hooks)) if fwd_hooks else nullcontext()
-    with execution_for_length(model, length), hooks:
+    with hooks:
         if first_layer == 0:
             resid = model(inputs.to(model.cfg.device), past_state=state, stop_at_layer=len(model.blocks))
         else:
@@ -604,7 +576,6 @@ __all__ = [
     "map_state",
     "select_rows",
     "clone_state",
-    "execution_for_length",
     "continue_run",
     "stack_states",
     "run_layers",

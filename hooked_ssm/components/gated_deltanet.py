@@ -131,7 +131,7 @@ class GatedDeltaNetMixer(nn.Module):
         if not (edits or want_states or want_delta_v):
             if runs_recurrent(self.execution, q.shape[1], q.device):
                 return recurrent_gated_delta_rule(q, k, v, beta, g, initial_state)[:2]
-            return chunked_gated_delta_rule(q, k, v, beta, g, initial_state, self.chunk_size)
+            return chunked_gated_delta_rule(q, k, v, beta, g, initial_state, self.chunk_size)[:2]
 
         positions = list(range(q.shape[1])) if state_positions is None else list(state_positions)
         run = lambda edits, positions, delta_v: self._scan_with_edits(  # noqa: E731

@@ -169,4 +169,4 @@ class Mamba2Mixer(nn.Module):
             return hooked
         if recurrent:
             return recurrent_ssd(q, k, v, log_decay, initial_state)[:2]
-        return chunked_ssd(q, k, v, log_decay, initial_state, self.chunk_size)
+        return chunked_ssd(q, k, v, log_decay, initial_state, self.chunk_size)[:2]

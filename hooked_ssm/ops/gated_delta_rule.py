@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from hooked_ssm.ops.split_scan import scan_split_at_edits
+from hooked_ssm.ops.split_scan import scan_split_at_edits, states_inside_chunks
 
 # Per-position additive edits of the state after the update at that position: {t: [batch, head, d_k, d_v]}.
 StateEdits = Mapping[int, Float[Tensor, "batch head d_k d_v"]]
@@ -90,17 +90,23 @@ def chunked_gated_delta_rule(
     g: Float[Tensor, "batch pos head"],
     initial_state: Float[Tensor, "batch head d_k d_v"] | None = None,
     chunk_size: int = 64,
-) -> tuple[Float[Tensor, "batch pos head d_v"], Float[Tensor, "batch head d_k d_v"]]:
+    state_positions: Sequence[int] | None = None,
+) -> tuple[
+    Float[Tensor, "batch pos head d_v"],
+    Float[Tensor, "batch head d_k d_v"],
+    Float[Tensor, "batch n_sel head d_k d_v"] | None,
+]:
     """Chunkwise-parallel gated delta rule (the WY / UT-transform algorithm of Yang et al.).
 
     Inside a chunk the ``c`` delta-rule updates collapse into one triangular solve; chunks are then
     scanned sequentially. Padding to a multiple of ``chunk_size`` uses ``g = 0, beta = 0`` tokens,
-    which leave the state untouched.
+    which leave the state untouched. Returns ``(o, final_state, states)``, ``states`` holding ``S_t``
+    for each position in ``state_positions`` (None when none is asked for).
     """
     batch, length, heads, d_k = k.shape
     state = _zero_state(k, v) if initial_state is None else initial_state
     if length == 0:
-        return v.new_zeros(v.shape), state
+        return v.new_zeros(v.shape), state, None
     # A sequence shorter than a chunk needs no padding up to a full chunk (decoding steps, short prompts).
     chunk_size = min(chunk_size, 1 << (length - 1).bit_length())
     pad = (-length) % chunk_size
@@ -130,13 +136,21 @@ def chunked_gated_delta_rule(
     k_to_end = k_c * (cum_g[..., -1:] - cum_g).exp()[..., None]
     chunk_decay = cum_g[..., -1].exp()[..., None, None]
 
-    outputs = []
+    outputs, entering, written = [], [], []
     for i in range(q_c.shape[2]):
-        values = pseudo_values[:, :, i] - state_readers[:, :, i] @ state
+        values = pseudo_values[:, :, i] - state_readers[:, :, i] @ state  # the delta-rule values u_t
         outputs.append(q_decayed[:, :, i] @ state + intra[:, :, i] @ values)
+        if state_positions:
+            entering.append(state)
+            written.append(values)
         state = state * chunk_decay[:, :, i] + k_to_end[:, :, i].transpose(-1, -2) @ values
     o = torch.stack(outputs, dim=2).reshape(batch, heads, -1, v.shape[-1])[:, :, :length]
-    return o.transpose(1, 2), state
+    states = None
+    if state_positions:
+        states = states_inside_chunks(
+            torch.stack(entering, dim=2), k_c, torch.stack(written, dim=2), decay, cum_g, state_positions, chunk_size
+        )
+    return o.transpose(1, 2), state, states
 
 
 def gated_delta_rule_with_edits(
@@ -162,7 +176,9 @@ def gated_delta_rule_with_edits(
     """
     edits = edits or {}
     return scan_split_at_edits(
-        lambda seg, state: chunked_gated_delta_rule(q[:, seg], k[:, seg], v[:, seg], beta[:, seg], g[:, seg], state, chunk_size),
+        lambda seg, state, positions: chunked_gated_delta_rule(
+            q[:, seg], k[:, seg], v[:, seg], beta[:, seg], g[:, seg], state, chunk_size, positions
+        ),
         lambda: recurrent_gated_delta_rule(q, k, v, beta, g, initial_state, edits, state_positions)[:3],
         q, initial_state, edits, state_positions, chunk_size,
     )

@@ -1,4 +1,5 @@
-"""Exact additive state edits for any chunked scan whose update is affine in the state.
+"""Exact additive state edits for any chunked scan whose update is affine in the state, and the
+states at chosen positions from inside the chunks.
 
 Adding ``D`` to the state after the update at ``t`` is exact if the scan is split at ``t``: scan
 up to ``t``, add ``D`` to the carried state, correct the read at ``t`` (``o_t += D^T q_t``), scan
@@ -14,10 +15,47 @@ from jaxtyping import Float
 from torch import Tensor
 
 StateEdits = Mapping[int, Float[Tensor, "batch head d_k d_v"]]
-# chunked(segment, initial_state) -> (o for the segment, state after it)
-ChunkedScan = Callable[[slice, Tensor | None], tuple[Tensor, Tensor]]
+# chunked(segment, initial_state, positions in the segment) -> (o, state after it, states at those positions)
+ChunkedScan = Callable[[slice, Tensor | None, Sequence[int] | None], tuple[Tensor, Tensor, Tensor | None]]
 # recurrent() -> (o, final_state, states at state_positions or None), edits applied
 RecurrentScan = Callable[[], tuple[Tensor, Tensor, Tensor | None]]
+
+
+def states_inside_chunks(
+    entering: Float[Tensor, "batch head n_chunks d_k d_v"],
+    keys: Float[Tensor, "batch head n_chunks chunk d_k"],
+    values: Float[Tensor, "batch head n_chunks chunk d_v"],
+    pair_decay: Float[Tensor, "batch head n_chunks chunk chunk"],
+    cum_log_decay: Float[Tensor, "batch head n_chunks chunk"],
+    positions: Sequence[int],
+    chunk_size: int,
+) -> Float[Tensor, "batch n_sel head d_k d_v"]:
+    """The states after the updates at ``positions``, from the chunk scan's own quantities.
+
+    Inside a chunk the state after position ``t`` (offset ``r``) is
+    ``S_t = exp(cum_r) S_enter + sum_{j <= r} pair_decay[r, j] k_j values_j^T``: the entering state
+    decayed, plus the chunk's writes so far, each decayed to ``t`` (``values`` are what was actually
+    written: the delta-rule values for Gated DeltaNet, ``dt x`` for SSD). ``pair_decay`` is zero
+    above the diagonal. Computed for whole chunks (those holding a wanted position) with matmuls,
+    no per-token loop.
+    """
+    index = torch.as_tensor(list(positions), device=keys.device)
+    chunk, offset = index // chunk_size, index % chunk_size
+    needed, slot = torch.unique(chunk, return_inverse=True)
+    if len(needed) < keys.shape[2]:  # only the chunks holding a wanted position
+        entering, keys, values, pair_decay, cum_log_decay = (
+            x.index_select(2, needed) for x in (entering, keys, values, pair_decay, cum_log_decay)
+        )
+    # Every state of those chunks at once: the chunk's writes k_j v_j^T weighed by the decay matrix
+    # (one matmul), plus the entering state decayed to each position (fused into the result).
+    writes = (keys[..., :, None] * values[..., None, :]).flatten(-2)  # [b, h, n, c, d_k*d_v]
+    states = pair_decay @ writes
+    states.addcmul_(cum_log_decay.exp()[..., None], entering.flatten(-2)[:, :, :, None])
+    if index.tolist() == list(range(len(index))):  # a prefix of the positions (e.g. all): a view, no gather
+        selected = states.flatten(2, 3)[:, :, : len(index)]
+    else:
+        selected = states[:, :, slot, offset]
+    return selected.transpose(1, 2).unflatten(-1, entering.shape[-2:])
 
 
 def scan_split_at_edits(
@@ -29,27 +67,34 @@ def scan_split_at_edits(
     state_positions: Sequence[int] | None,
     chunk_size: int,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Run ``chunked`` segment by segment, split at the edited positions and the wanted states.
+    """Run ``chunked`` segment by segment, split at the edited positions.
 
-    Each split costs one more chunked call, so when the breakpoints are dense (segments shorter
+    Wanted states come from inside each segment's chunks (``states_inside_chunks``), so they cost
+    no splits. Each edit costs one more chunked call, so when edits are dense (segments shorter
     than ``chunk_size // 4`` on average) ``recurrent`` runs instead: it is then the cheaper form.
     """
     length = q.shape[1]
-    breakpoints = sorted(set(edits) | set(state_positions or ()))
+    breakpoints = sorted(edits)
     if len(breakpoints) * max(chunk_size // 4, 1) > length:
         return recurrent()
+    wanted = sorted(set(state_positions or ()))
     state, outputs, states, start = initial_state, [], {}, 0
     for end in [*breakpoints, length - 1]:
         if end < start:  # the last breakpoint was the final position
             continue
-        o, state = chunked(slice(start, end + 1), state)
+        inside = [t for t in wanted if start <= t <= end]
+        o, state, found = chunked(slice(start, end + 1), state, [t - start for t in inside] or None)
+        states.update(zip(inside, found.unbind(dim=1) if inside else ()))
         if end in edits:
             state = state + edits[end]
-            # The read at `end` happens after the update, so it sees the edit too.
+            # The read at `end` happens after the update, so it sees the edit too; so does its state.
             o = o.clone()
             o[:, -1] += torch.einsum("bhkv,bhk->bhv", edits[end], q[:, end])
-        states[end] = state
+            if end in states:
+                states[end] = state
         outputs.append(o)
         start = end + 1
+    if len(outputs) == 1 and list(state_positions or ()) == wanted and not edits:
+        return outputs[0], state, found  # one segment, positions in order: no re-stacking
     selected = torch.stack([states[t] for t in state_positions], dim=1) if state_positions else None
     return torch.cat(outputs, dim=1), state, selected

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from hooked_ssm.ops.split_scan import scan_split_at_edits
+from hooked_ssm.ops.split_scan import scan_split_at_edits, states_inside_chunks
 
 StateEdits = Mapping[int, Float[Tensor, "batch head d_state headdim"]]
 
@@ -90,18 +90,24 @@ def chunked_ssd(
     log_decay: Float[Tensor, "batch pos head"],
     initial_state: Float[Tensor, "batch head d_state headdim"] | None = None,
     chunk_size: int = 64,
-) -> tuple[Float[Tensor, "batch pos head headdim"], Float[Tensor, "batch head d_state headdim"]]:
+    state_positions: Sequence[int] | None = None,
+) -> tuple[
+    Float[Tensor, "batch pos head headdim"],
+    Float[Tensor, "batch head d_state headdim"],
+    Float[Tensor, "batch n_sel head d_state headdim"] | None,
+]:
     """Chunkwise SSD (the "state space duality" algorithm of Mamba-2).
 
     Inside a chunk the output is a masked, decay-weighted attention ``(q k^T * L) v`` with
     ``L[i, j] = exp(sum_{j<s<=i} log_decay_s)``; the chunk's effect on the state is carried to the
     next chunk. Padding to a multiple of ``chunk_size`` uses ``k = v = 0``, ``log_decay = 0``
-    tokens, which leave the state untouched.
+    tokens, which leave the state untouched. Returns ``(o, final_state, states)``, ``states`` holding
+    ``h_t`` for each position in ``state_positions`` (None when none is asked for).
     """
     batch, length, heads, _ = k.shape
     state = _zero_state(k, v) if initial_state is None else initial_state
     if length == 0:
-        return v.new_zeros(v.shape), state
+        return v.new_zeros(v.shape), state, None
     pad = (-length) % chunk_size
 
     def to_chunks(x: Tensor) -> Tensor:  # [batch, head, n_chunks, chunk, ...]
@@ -117,12 +123,17 @@ def chunked_ssd(
     k_to_end = k_c * pair_decay[..., -1, :, None]  # each write, decayed to the chunk end
     chunk_decay = cum[..., -1].exp()[..., None, None]
 
-    outputs = []
+    outputs, entering = [], []
     for i in range(q_c.shape[2]):
         outputs.append(q_decayed[:, :, i] @ state + intra[:, :, i])
+        if state_positions:
+            entering.append(state)
         state = state * chunk_decay[:, :, i] + k_to_end[:, :, i].transpose(-1, -2) @ v_c[:, :, i]
     o = torch.stack(outputs, dim=2).reshape(batch, heads, -1, v.shape[-1])[:, :, :length]
-    return o.transpose(1, 2), state
+    states = None
+    if state_positions:
+        states = states_inside_chunks(torch.stack(entering, dim=2), k_c, v_c, pair_decay, cum, state_positions, chunk_size)
+    return o.transpose(1, 2), state, states
 
 
 def ssd_with_edits(
@@ -147,7 +158,9 @@ def ssd_with_edits(
     """
     edits = edits or {}
     return scan_split_at_edits(
-        lambda seg, state: chunked_ssd(q[:, seg], k[:, seg], v[:, seg], log_decay[:, seg], state, chunk_size),
+        lambda seg, state, positions: chunked_ssd(
+            q[:, seg], k[:, seg], v[:, seg], log_decay[:, seg], state, chunk_size, positions
+        ),
         lambda: recurrent_ssd(q, k, v, log_decay, initial_state, edits, state_positions),
         q, initial_state, edits, state_positions, chunk_size,
     )

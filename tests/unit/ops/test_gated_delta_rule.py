@@ -1,5 +1,6 @@
 """The gated delta rule's forms against an explicit matrix recurrence written here from the formula."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -58,7 +59,7 @@ def test_chunked_and_recurrent_forms_match_the_explicit_recurrence(
     initial = torch.randn(batch, heads, d_k, d_v, generator=torch.Generator().manual_seed(seed + 1))
     o_ref, s_ref, _ = explicit_recurrence(q, k, v, beta, g, initial)
     o_rec, s_rec, _, _ = recurrent_gated_delta_rule(q, k, v, beta, g, initial)
-    o_chk, s_chk = chunked_gated_delta_rule(q, k, v, beta, g, initial, chunk_size)
+    o_chk, s_chk, _ = chunked_gated_delta_rule(q, k, v, beta, g, initial, chunk_size)
     for o, s in [(o_rec, s_rec), (o_chk, s_chk)]:
         torch.testing.assert_close(o.double(), o_ref, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(s.double(), s_ref, atol=2e-5, rtol=1e-4)
@@ -110,3 +111,20 @@ def test_split_form_avoids_a_per_token_loop_for_few_edits(monkeypatch):
     q, k, v, beta, g = random_inputs(1, 512, 2, 8, 8, seed=0)
     ops.gated_delta_rule_with_edits(q, k, v, beta, g, edits={100: torch.ones(1, 2, 8, 8)}, chunk_size=64)
     assert len(calls) == 2
+
+
+def test_every_state_comes_from_the_chunks_without_a_per_token_loop(monkeypatch):
+    """All positions' states (with an initial state, edits at some of them, a ragged last chunk)
+    equal the explicit recurrence, and the token-by-token form is never called."""
+    import hooked_ssm.ops.gated_delta_rule as ops
+
+    monkeypatch.setattr(ops, "recurrent_gated_delta_rule", lambda *a, **kw: pytest.fail("per-token loop"))
+    q, k, v, beta, g = random_inputs(2, 75, 3, 8, 6, seed=11)
+    initial = torch.randn(2, 3, 8, 6, generator=torch.Generator().manual_seed(12))
+    edits = {9: torch.randn(2, 3, 8, 6), 40: torch.randn(2, 3, 8, 6)}
+    positions = list(range(75))
+    o_ref, s_ref, states_ref = explicit_recurrence(q, k, v, beta, g, initial, edits)
+    o, s, states = gated_delta_rule_with_edits(q, k, v, beta, g, initial, edits, positions, chunk_size=16)
+    torch.testing.assert_close(states.double(), states_ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(o.double(), o_ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(s.double(), s_ref, atol=2e-5, rtol=1e-4)

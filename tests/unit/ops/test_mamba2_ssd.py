@@ -56,7 +56,7 @@ def test_chunked_and_recurrent_forms_agree(batch, length, heads, d_state, headdi
     o_ref, s_ref, _ = explicit_recurrence(q, k, v, a, initial)
     scale = max(1.0, o_ref.abs().max().item())
     o_rec, s_rec, _ = recurrent_ssd(q, k, v, a, initial)
-    o_chk, s_chk = chunked_ssd(q, k, v, a, initial, chunk_size)
+    o_chk, s_chk, _ = chunked_ssd(q, k, v, a, initial, chunk_size)
     _close(o_rec, o_ref, scale)
     _close(o_chk, o_ref, scale)
     _close(s_chk, s_ref, max(1.0, s_ref.abs().max().item()))
@@ -99,5 +99,23 @@ def test_segment_sum_is_the_masked_cumulative_sum():
 def test_empty_sequence_keeps_the_state():
     q, k, v, a = random_inputs(1, 0, 2, 4, 3, seed=0)
     initial = torch.randn(1, 2, 4, 3)
-    o, s = chunked_ssd(q, k, v, a, initial, 8)
+    o, s, _ = chunked_ssd(q, k, v, a, initial, 8)
     assert o.shape == (1, 0, 2, 3) and torch.equal(s, initial)
+
+
+def test_every_state_comes_from_the_chunks_without_a_per_token_loop(monkeypatch):
+    """All positions' states (with an initial state, edits at some of them, a ragged last chunk)
+    equal the explicit recurrence, and the token-by-token form is never called."""
+    import hooked_ssm.ops.ssd as ops
+
+    monkeypatch.setattr(ops, "recurrent_ssd", lambda *a, **kw: pytest.fail("per-token loop"))
+    q, k, v, a = random_inputs(2, 75, 3, 8, 6, seed=11)
+    initial = torch.randn(2, 3, 8, 6, generator=torch.Generator().manual_seed(12))
+    edits = {9: torch.randn(2, 3, 8, 6), 40: torch.randn(2, 3, 8, 6)}
+    positions = list(range(75))
+    o_ref, s_ref, states_ref = explicit_recurrence(q, k, v, a, initial, edits)
+    o, s, states = ssd_with_edits(q, k, v, a, initial, edits, positions, chunk_size=16)
+    scale = max(1.0, o_ref.abs().max().item())
+    _close(states, states_ref, scale)
+    _close(o, o_ref, scale)
+    _close(s, s_ref, scale)

@@ -97,9 +97,8 @@ class GatedDeltaNetMixer(nn.Module):
             self.in_proj_qkv(x), self.conv_weight, conv_state=None if cache is None else cache.conv_state
         )
         q, k, v = F.silu(conv_out).split([key_dim, key_dim, self.n_heads * self.d_v], dim=-1)
-        group = self.n_heads // self.n_key_heads
-        q = l2_normalize(q.float().view(batch, length, -1, self.d_k)).repeat_interleave(group, dim=2)
-        k = l2_normalize(k.float().view(batch, length, -1, self.d_k)).repeat_interleave(group, dim=2)
+        q = self._per_value_head(l2_normalize(q.float().view(batch, length, -1, self.d_k)))
+        k = self._per_value_head(l2_normalize(k.float().view(batch, length, -1, self.d_k)))
         q = self.hook_q(q * self.d_k**-0.5)
         k = self.hook_k(k)
         v = self.hook_v(v.float().view(batch, length, self.n_heads, self.d_v))
@@ -116,6 +115,11 @@ class GatedDeltaNetMixer(nn.Module):
         o = self.hook_read(o.to(x.dtype))
         y = self.hook_z(self.norm(o, z))
         return self.out_proj(y.reshape(batch, length, -1))
+
+    def _per_value_head(self, x: Float[Tensor, "batch pos key_head d_k"]) -> Float[Tensor, "batch pos head d_k"]:
+        """Expand grouped keys/queries to one per value head (a no-op, not a copy, without grouping)."""
+        group = self.n_heads // self.n_key_heads
+        return x if group == 1 else x.repeat_interleave(group, dim=2)
 
     def _log_decay(self, x: Tensor) -> Float[Tensor, "batch pos head"]:
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)

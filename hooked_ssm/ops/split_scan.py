@@ -35,9 +35,9 @@ def states_inside_chunks(
     Inside a chunk the state after position ``t`` (offset ``r``) is
     ``S_t = exp(cum_r) S_enter + sum_{j <= r} pair_decay[r, j] k_j values_j^T``: the entering state
     decayed, plus the chunk's writes so far, each decayed to ``t`` (``values`` are what was actually
-    written: the delta-rule values for Gated DeltaNet, ``dt x`` for SSD). ``pair_decay`` is zero
-    above the diagonal. Computed for whole chunks (those holding a wanted position) with matmuls,
-    no per-token loop.
+    written: the delta-rule values for Gated DeltaNet, ``dt x`` for SSD; ``cum_log_decay`` is the
+    in-chunk cumulative log decay, ``pair_decay`` zero above the diagonal). Computed for whole
+    chunks (those holding a wanted position), all chunks in parallel, never token by token.
     """
     index = torch.as_tensor(list(positions), device=keys.device)
     chunk, offset = index // chunk_size, index % chunk_size
@@ -46,16 +46,34 @@ def states_inside_chunks(
         entering, keys, values, pair_decay, cum_log_decay = (
             x.index_select(2, needed) for x in (entering, keys, values, pair_decay, cum_log_decay)
         )
-    # Every state of those chunks at once: the chunk's writes k_j v_j^T weighed by the decay matrix
-    # (one matmul), plus the entering state decayed to each position (fused into the result).
-    writes = (keys[..., :, None] * values[..., None, :]).flatten(-2)  # [b, h, n, c, d_k*d_v]
-    states = pair_decay @ writes
-    states.addcmul_(cum_log_decay.exp()[..., None], entering.flatten(-2)[:, :, :, None])
+    form = _states_by_matmul if keys.is_cuda else _states_by_walk
+    states = form(entering, keys, values, pair_decay, cum_log_decay).flatten(-2)  # [b, h, n, c, d_k*d_v]
     if index.tolist() == list(range(len(index))):  # a prefix of the positions (e.g. all): a view, no gather
         selected = states.flatten(2, 3)[:, :, : len(index)]
     else:
         selected = states[:, :, slot, offset]
     return selected.transpose(1, 2).unflatten(-1, entering.shape[-2:])
+
+
+def _states_by_matmul(entering, keys, values, pair_decay, cum_log_decay):
+    """GPU form: one matmul of the decay matrix with the chunk's writes (few large kernels; it
+    does ``chunk`` times the arithmetic of the walk, which launch-bound GPUs do not notice)."""
+    writes = (keys[..., :, None] * values[..., None, :]).flatten(-2)
+    states = pair_decay @ writes
+    states.addcmul_(cum_log_decay.exp()[..., None], entering.flatten(-2)[:, :, :, None])
+    return states.unflatten(-1, entering.shape[-2:])
+
+
+def _states_by_walk(entering, keys, values, pair_decay, cum_log_decay):
+    """CPU form: ``S_r = exp(a_r) S_{r-1} + k_r values_r^T`` over the positions of a chunk, every
+    chunk at once (``chunk`` batched steps, not one per token; arithmetic-bound CPUs prefer it)."""
+    step_log_decay = torch.diff(cum_log_decay, dim=-1, prepend=torch.zeros_like(cum_log_decay[..., :1]))
+    step_decay = step_log_decay.exp()[..., None, None]
+    state, walked = entering, []
+    for r in range(keys.shape[3]):
+        state = torch.addcmul(keys[:, :, :, r, :, None] * values[:, :, :, r, None, :], step_decay[:, :, :, r], state)
+        walked.append(state)
+    return torch.stack(walked, dim=3)
 
 
 def scan_split_at_edits(

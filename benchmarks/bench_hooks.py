@@ -113,12 +113,12 @@ def run(settings: Settings) -> None:
                 every = capture_hooks(model, leaf, None, store)
                 n = len(one)
                 if leaf.startswith("hook_write"):
-                    row = compare(settings, bench="2 hooks", case=f"{case}: {leaf} one head, {n} layers, vs transformers",
-                                  reference=("transformers, no hooks", reference),
-                                  candidate=(f"HookedSSM + {leaf}[:, :, {head}] cached", with_hooks(model, tokens, one, store)),
-                                  tokens=batch * length,
-                                  target=TARGET_WRITE if not settings.cuda else None,
-                                  target_check=lambda r: r >= 1 / 1.5)
+                    compare(settings, bench="2 hooks", case=f"{case}: {leaf} one head, {n} layers, vs transformers",
+                            reference=("transformers, no hooks", reference),
+                            candidate=(f"HookedSSM + {leaf}[:, :, {head}] cached", with_hooks(model, tokens, one, store)),
+                            tokens=batch * length,
+                            target=TARGET_WRITE if not settings.cuda else None,
+                            target_check=lambda r: r >= 1 / 1.5)
                 compare(settings, bench="2 hooks", case=f"{case}: {leaf} one head cached, {n} layers",
                         reference=("HookedSSM, no hooks", plain),
                         candidate=(f"{leaf} one head", with_hooks(model, tokens, one, store)),

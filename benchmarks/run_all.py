@@ -15,7 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
-BENCHES = ["forward", "hooks", "generate", "sae", "substitution"]
+BENCHES = ["forward", "hooks", "generate", "sae", "substitution", "rwkv7"]
 
 
 def main(argv: list[str] | None = None) -> int:

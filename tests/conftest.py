@@ -48,6 +48,16 @@ def save(model, tmp_path_factory, name):
     return directory
 
 
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules that run many tiny forwards (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    with torch's default threads a shared CPU spends more time in OpenMP barriers than computing."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 @pytest.fixture(scope="session")
 def qwen35(tmp_path_factory):
     torch.manual_seed(0)

@@ -12,13 +12,8 @@ from writesae_lens.interventions.logit_shift import closed_form_gate, gate_produ
 T0, HEAD = 6, 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests run many tiny forwards: on a shared CPU one thread is far faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Many tiny forwards: on a shared CPU one thread is far faster (fixture in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,8 @@ from writesae_lens.saes import WriteSAE, WriteSAEConfig
 HEAD = 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Many tiny forwards: on a shared CPU one thread is far faster (fixture in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

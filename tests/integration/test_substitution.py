@@ -17,13 +17,8 @@ from writesae_lens.saes import WriteSAE, WriteSAEConfig
 LAYER, HEAD = 1, 2  # a Gated DeltaNet layer of the hybrid fixture (layers: lin, lin, full, lin, full)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many tiny forwards: on a shared CPU one thread is far faster (OpenMP barriers dominate)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Many tiny forwards: on a shared CPU one thread is far faster (fixture in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

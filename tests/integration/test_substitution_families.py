@@ -10,12 +10,8 @@ from writesae_lens.interventions import run_substitution_test
 from writesae_lens.saes import WriteSAE, WriteSAEConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Many tiny forwards: on a shared CPU one thread is far faster (fixture in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_sae(model, layer, head, site="write", seed=0):

@@ -15,12 +15,8 @@ from writesae_lens.saes import WriteSAE, WriteSAEConfig
 LAYER, HEAD = 1, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Many tiny forwards: on a shared CPU one thread is far faster (fixture in tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_sae(d_k, d_v, d_sae, layer, head, k=4, seed=0):

@@ -10,8 +10,7 @@ vocabulary 65536) with BlinkDL's initialisation plus a perturbation of every par
 - generation: greedy decoding, ``rwkv`` fed one token at a time with its state (how its own
   pipeline decodes) vs ``HookedSSM.generate(use_past_kv_cache=True)``; same prompt, same length.
 
-HookedSSM runs RWKV-7 token by token (the form that applies edits exactly); a second forward row
-times the chunked form it trains with (``train_chunk_size``, opt-in, no hooks). The
+Both HookedSSM execution paths are timed: ``chunked`` (the default) and ``recurrent``. The
 ``rwkv`` package is a CPU reference here (its CUDA path needs a compiled kernel), so the benchmark
 runs on CPU only.
 """
@@ -25,7 +24,7 @@ from typing import Any
 
 import torch
 
-from common import ROOT, Settings, compare, free, perturb_, toy_dir
+from common import ROOT, Settings, compare, free, perturb_, set_execution, toy_dir
 
 SHAPE_0_1B = dict(d_model=768, n_layers=12, d_vocab=65536, d_k=64, d_mlp=3072,
                   lora=dict(rwkv_decay_lora=64, rwkv_a_lora=64, rwkv_v_lora=32, rwkv_gate_lora=128))
@@ -80,17 +79,6 @@ def rwkv_greedy(reference: Any, prompt: list[int], new: int) -> list[int]:
     return out
 
 
-def with_train_chunks(model: Any, fn: Any, chunk_size: int = 16) -> Any:
-    """Call ``fn`` with the mixers on the chunked form of ``hooked_ssm.ops.rwkv7_chunked``."""
-    for block in model.blocks:
-        block.mixer.train_chunk_size = chunk_size
-    try:
-        return fn()
-    finally:
-        for block in model.blocks:
-            block.mixer.train_chunk_size = None
-
-
 def run(settings: Settings) -> None:
     if settings.cuda:
         settings.note("rwkv7: skipped on CUDA (the rwkv package is the CPU reference here).")
@@ -110,19 +98,16 @@ def run(settings: Settings) -> None:
         with torch.no_grad():
             ref_fn = lambda: reference.forward(tokens[0].tolist(), None, full_output=True)[0]  # noqa: E731
             hooked_fn = lambda: model(tokens)[0]  # noqa: E731
-            err = (ref_fn() - hooked_fn()).abs().max().item()
-            compare(settings, bench="1 forward", case=f"rwkv7 {label}, B=1 T={length}, recurrent",
-                    reference=("rwkv package (cpu fp32)", ref_fn), candidate=("HookedSSM", hooked_fn),
-                    tokens=length, target=">= 1.0 (HookedSSM at least as fast)", target_check=lambda r: r >= 1.0,
-                    extra=dict(family="rwkv7", shape=shape, batch=1, length=length, max_abs_logit_diff=err))
-
-            # The chunked form HookedSSM trains with (opt-in, hook-free): what a chunked default would give.
-            chunked_fn = lambda: with_train_chunks(model, hooked_fn)  # noqa: E731
-            compare(settings, bench="1 forward", case=f"rwkv7 {label}, B=1 T={length}, chunked training form (opt-in)",
-                    reference=("rwkv package (cpu fp32)", ref_fn), candidate=("HookedSSM, train_chunk_size=16", chunked_fn),
-                    tokens=length,
-                    extra=dict(family="rwkv7", shape=shape, batch=1, length=length,
-                               max_abs_logit_diff=(ref_fn() - chunked_fn()).abs().max().item()))
+            for execution in ("chunked", "recurrent"):
+                set_execution(model, execution)
+                compare(settings, bench="1 forward", case=f"rwkv7 {label}, B=1 T={length}, {execution}",
+                        reference=("rwkv package (cpu fp32)", ref_fn), candidate=(f"HookedSSM {execution}", hooked_fn),
+                        tokens=length,
+                        target=">= 1.0 (HookedSSM at least as fast)" if execution == "chunked" else None,
+                        target_check=lambda r: r >= 1.0,
+                        extra=dict(family="rwkv7", shape=shape, batch=1, length=length, execution=execution,
+                                   max_abs_logit_diff=(ref_fn() - hooked_fn()).abs().max().item()))
+            set_execution(model, "chunked")
 
             prompt = tokens[:, :prompt_len]
             ref_gen = lambda: rwkv_greedy(reference, prompt[0].tolist(), new)  # noqa: E731
@@ -131,6 +116,6 @@ def run(settings: Settings) -> None:
             same = ref_gen() == hooked_gen()[0].tolist()
             compare(settings, bench="3 generate", case=f"rwkv7 {label}, B=1, prompt {prompt_len}, +{new} tokens",
                     reference=("rwkv package, token by token with its state", ref_gen),
-                    candidate=("HookedSSM generate (recurrent)", hooked_gen), tokens=new, max_rounds=7,
+                    candidate=("HookedSSM generate", hooked_gen), tokens=new, max_rounds=7,
                     extra=dict(family="rwkv7", shape=shape, prompt=prompt_len, new_tokens=new, identical_tokens=same))
         free(model, reference)

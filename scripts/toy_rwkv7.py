@@ -25,11 +25,11 @@ from safetensors.torch import save_file
 
 from hooked_ssm import HookedSSM
 from hooked_ssm.config import HookedSSMConfig
+from hooked_ssm.ops.rwkv7_chunked import DEFAULT_CHUNK_SIZE
 from hooked_ssm.pretrained.rwkv7 import BLINK, to_blink_state_dict
 
 D_MODEL, N_LAYERS, HEAD_SIZE = 256, 4, 64
 D_MLP = 4 * D_MODEL  # BlinkDL's channel-mix width
-TRAIN_CHUNK_SIZE = 16  # chunk of the training-only chunked form (1/gamma <= 1.6e4 over 16 tokens)
 MODEL_CLASS = "HookedSSM"
 
 
@@ -56,16 +56,14 @@ def make_config(vocab_size: int, device: str = "cpu") -> HookedSSMConfig:
 def build_model(seed: int, vocab_size: int, device: str = "cpu") -> HookedSSM:
     torch.manual_seed(seed)
     model = HookedSSM(make_config(vocab_size, device))
-    init_blinkdl_(model)
-    for block in model.blocks:
-        block.mixer.train_chunk_size = TRAIN_CHUNK_SIZE
+    init_blinkdl_(model)  # trains through the chunked form (execution="chunked", the default)
     return model
 
 
 def use_exact_recurrence_(model: HookedSSM) -> HookedSSM:
-    """Switch the mixers back to the recurrent form (what ``from_pretrained`` runs)."""
+    """Switch the mixers to the per-token recurrence (the reported losses are computed with it)."""
     for block in model.blocks:
-        block.mixer.train_chunk_size = None
+        block.mixer.execution = "recurrent"
     return model
 
 
@@ -175,7 +173,7 @@ CARD_NOTES = [
     "",
     "transformers has no RWKV-7 class, so the model was trained as a `HookedSSM` (the pure-torch",
     "RWKV-7 that BlinkDL and fla-hub checkpoints load into). The training forward runs the chunked",
-    f"form in `hooked_ssm/ops/rwkv7_chunked.py` (chunks of {TRAIN_CHUNK_SIZE} tokens; tested equal to the",
+    f"form in `hooked_ssm/ops/rwkv7_chunked.py` (chunks of {DEFAULT_CHUNK_SIZE} tokens; tested equal to the",
     "per-token recurrence in values and gradients), which differentiates several times faster on CPU;",
     "the losses above are computed with the recurrent form, which is what `from_pretrained` runs.",
     "",

@@ -33,13 +33,12 @@ Semantics of edits:
 - ``hook_a`` edits move both the erase strength and the write key (``k~`` is computed from ``a``);
   ``hook_erase_key`` edits move only the erase.
 
-Execution: only the recurrent form exists for RWKV-7 (on CPU it is the fastest pure-torch form, see
-``hooked_ssm.ops.rwkv7``); ``execution="chunked"`` therefore runs the recurrent form too
-(``RWKV7Mixer.execution`` is always ``"recurrent"``). Training is the exception: the per-token loop
-is slow to differentiate, so a training script may set ``RWKV7Mixer.train_chunk_size`` on a model's
-mixers to run hook-free forwards through the chunked form of ``hooked_ssm.ops.rwkv7_chunked``
-(tested equal to the recurrence, values and gradients). It is None by default, and whenever
-``hook_write`` or ``hook_state`` is active the recurrent form runs regardless.
+Execution: ``execution="chunked"`` (the default) runs the chunked form of
+``hooked_ssm.ops.rwkv7_chunked`` (chunks of 16 tokens, batched matmuls; equal to the recurrence to
+float32 rounding, values and gradients); ``"recurrent"`` runs the per-token loop. Write and state
+edits split the chunked scan at the edited positions (``ops.split_scan``), so a clean run and an
+edited run share every output before the first edit bit for bit. The recurrence runs for short
+calls (decoding steps), for dense edits, and to produce the states a ``hook_state`` hook sees.
 """
 
 from __future__ import annotations
@@ -54,10 +53,11 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
-from hooked_ssm.components.recurrent_mixer import observe_write_factors, scan_with_state_hooks
+from hooked_ssm.components.recurrent_mixer import observe_write_factors, runs_recurrent, scan_with_state_hooks
 from hooked_ssm.config import HookedSSMConfig
 from hooked_ssm.ops.rwkv7 import recurrent_rwkv7
-from hooked_ssm.ops.rwkv7_chunked import chunked_rwkv7
+from hooked_ssm.ops.rwkv7_chunked import DEFAULT_CHUNK_SIZE, chunked_rwkv7
+from hooked_ssm.ops.split_scan import scan_split_at_edits
 from hooked_ssm.state import RWKV7Cache
 
 DECAY_SCALE = math.exp(-0.5)  # BlinkDL's 0.606531 (rwkv pip rounds it; fla uses exp(-0.5) exactly)
@@ -80,14 +80,10 @@ def token_shift(x: Float[Tensor, "batch pos d"], previous: Tensor | None) -> tup
 
 
 class RWKV7Mixer(nn.Module):
-    execution = "recurrent"  # the only form implemented for RWKV-7 (see the module docstring)
-    # Training only (see the module docstring): chunk size of the chunked form used for hook-free
-    # forwards, or None for the recurrent form. Set per instance by training scripts.
-    train_chunk_size: int | None = None
-
     def __init__(self, cfg: HookedSSMConfig, layer: int, value_residual: ValueResidual):
         super().__init__()
         self.layer, self.value_residual = layer, value_residual
+        self.execution = cfg.execution
         self.n_heads, self.d_k, self.d_v = cfg.n_heads, cfg.d_k, cfg.d_v
         d, d_att = cfg.d_model, cfg.n_heads * cfg.d_k
         for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"):
@@ -188,19 +184,23 @@ class RWKV7Mixer(nn.Module):
 
     def _scan(self, r, w, k, v, kappa, a, initial_state, state_positions):
         """Run the recurrence, honouring edits made through hook_write / hook_state."""
+        recurrent = runs_recurrent(self.execution, r.shape[1], r.device)
+
+        def chunked(segment, state, _positions):
+            return (*chunked_rwkv7(r[:, segment], w[:, segment], k[:, segment], v[:, segment],
+                                   kappa[:, segment], a[:, segment], state), None)
 
         def run(edits, positions):
-            return recurrent_rwkv7(r, w, k, v, kappa, a, initial_state, edits, positions)
+            if recurrent or positions:  # states at chosen positions: only the recurrence yields them
+                return recurrent_rwkv7(r, w, k, v, kappa, a, initial_state, edits, positions)
+            exact = lambda: recurrent_rwkv7(r, w, k, v, kappa, a, initial_state, edits, None)  # noqa: E731
+            return scan_split_at_edits(chunked, exact, r, initial_state, edits, None, DEFAULT_CHUNK_SIZE)
 
         native_write = lambda: (k[..., :, None] * v[..., None, :]).flatten(-2)  # noqa: E731
         hooked = scan_with_state_hooks(
             self.hook_write, self.hook_state, native_write, self.d_k, self.d_v, run, r.shape[1], state_positions
         )
-        if hooked is not None:
-            return hooked
-        if self.train_chunk_size:
-            return chunked_rwkv7(r, w, k, v, kappa, a, initial_state, self.train_chunk_size)
-        return run({}, None)[:2]
+        return hooked if hooked is not None else run({}, None)[:2]
 
 
 class RWKV7ChannelMix(nn.Module):

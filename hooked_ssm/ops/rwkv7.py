@@ -14,8 +14,8 @@ the erase key, so replacing it is a clean edit. The update is affine in ``S`` (t
 ``diag(w) - (a*kappa) kappa^T`` does not depend on the state), so additive state edits at
 position ``t`` are exact: add them to the state after the update at ``t``.
 
-Only the recurrent form is implemented: on CPU it is faster than the pure-torch chunked DPLR
-algorithms (see MODELS.md section 6), and it honours every hook exactly.
+This is the reference form (and the one that yields states at chosen positions); plain forwards
+use the chunked form in ``hooked_ssm.ops.rwkv7_chunked``, tested equal to it.
 """
 
 from __future__ import annotations

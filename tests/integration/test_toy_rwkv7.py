@@ -132,9 +132,9 @@ def test_chunked_training_forward_equals_the_recurrent_form(model, validation_to
     """What training ran (the chunked form) gives the loaded model's logits and every gradient."""
     batch = validation_tokens[: 2 * 97].view(2, 97)
 
-    def loss_and_grads(chunk_size):
+    def loss_and_grads(execution):
         for block in model.blocks:
-            block.mixer.train_chunk_size = chunk_size
+            block.mixer.execution = execution
         try:
             model.zero_grad(set_to_none=True)
             logits = model(batch[:, :-1])
@@ -142,11 +142,11 @@ def test_chunked_training_forward_equals_the_recurrent_form(model, validation_to
             return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         finally:
             for block in model.blocks:
-                block.mixer.train_chunk_size = None
+                block.mixer.execution = "chunked"
             model.zero_grad(set_to_none=True)
 
-    logits_ref, grads_ref = loss_and_grads(None)
-    logits, grads = loss_and_grads(16)
+    logits_ref, grads_ref = loss_and_grads("recurrent")
+    logits, grads = loss_and_grads("chunked")
     torch.testing.assert_close(logits, logits_ref, atol=1e-4, rtol=1e-4)
     # every parameter gets a gradient through the recurrent form (nothing detaches) ...
     assert set(grads_ref) == {n for n, _ in model.named_parameters()}

@@ -175,7 +175,7 @@ CARD_NOTES = [
     "RWKV-7 that BlinkDL and fla-hub checkpoints load into). The training forward runs the chunked",
     f"form in `hooked_ssm/ops/rwkv7_chunked.py` (chunks of {DEFAULT_CHUNK_SIZE} tokens; tested equal to the",
     "per-token recurrence in values and gradients), which differentiates several times faster on CPU;",
-    "the losses above are computed with the recurrent form, which is what `from_pretrained` runs.",
+    "the losses above are computed with the per-token recurrent form (the reference form).",
     "",
     "Initialisation follows BlinkDL's RWKV-7 conventions (`init_blinkdl_` in `scripts/toy_rwkv7.py`):",
     "per-channel decay biases spread across and within heads (per-token decay ~0.56 to ~0.9998; every",

@@ -3,7 +3,7 @@ states at chosen positions from inside the chunks.
 
 Adding ``D`` to the state after the update at ``t`` is exact if the scan is split at ``t``: scan
 up to ``t``, add ``D`` to the carried state, correct the read at ``t`` (``o_t += D^T q_t``), scan
-on. Shared by the Gated DeltaNet and Mamba-2 (SSD) scans.
+on. Shared by the Gated DeltaNet, Mamba-2 (SSD) and RWKV-7 scans (RWKV-7 without in-chunk states).
 """
 
 from __future__ import annotations

@@ -58,6 +58,15 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
+
+@pytest.fixture(scope="session")
+def dataset():
+    """96 rows of 32 random token ids (vocabulary 3..299 of the tiny models), as SAELens's runners read."""
+    from datasets import Dataset
+
+    tokens = torch.randint(3, 300, (96, 32), generator=torch.Generator().manual_seed(0))
+    return Dataset.from_dict({"input_ids": tokens.tolist()})
+
 @pytest.fixture(scope="session")
 def qwen35(tmp_path_factory):
     torch.manual_seed(0)

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import sae_lens.saes.sae as sae_module
 import torch
-from datasets import Dataset
 from sae_lens import SAE, TrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
 from safetensors import SafetensorError
@@ -34,12 +33,6 @@ CHECKPOINT_FILES = {
 @pytest.fixture(scope="module")
 def model(qwen35):
     return HookedSSM.from_pretrained(qwen35[0])
-
-
-@pytest.fixture(scope="module")
-def dataset():
-    tokens = torch.randint(3, 300, (96, 32), generator=torch.Generator().manual_seed(0))
-    return Dataset.from_dict({"input_ids": tokens.tolist()})
 
 
 def checkpointed_runner(model, dataset, tmp_path, steps=40, **kwargs):

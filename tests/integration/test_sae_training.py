@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-from datasets import Dataset
 from sae_lens import SAE
 
 import writesae_lens.saes  # noqa: F401  (registers the architectures)
@@ -17,12 +16,6 @@ LAYER, HEAD = 1, 2
 @pytest.fixture(scope="module")
 def model(qwen35):
     return HookedSSM.from_pretrained(qwen35[0])
-
-
-@pytest.fixture(scope="module")
-def dataset():
-    tokens = torch.randint(3, 300, (96, 32), generator=torch.Generator().manual_seed(0))
-    return Dataset.from_dict({"input_ids": tokens.tolist()})
 
 
 def held_out_activations(model, hook_name):

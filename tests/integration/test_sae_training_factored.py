@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from datasets import Dataset
 from sae_lens import SAE
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.sae_trainer import SAETrainer
@@ -24,12 +23,6 @@ WRITE = f"blocks.{LAYER}.mixer.hook_write"
 @pytest.fixture(scope="module")
 def model(qwen35):
     return HookedSSM.from_pretrained(qwen35[0])
-
-
-@pytest.fixture(scope="module")
-def dataset():
-    tokens = torch.randint(3, 300, (96, 32), generator=torch.Generator().manual_seed(0))
-    return Dataset.from_dict({"input_ids": tokens.tolist()})
 
 
 def one_trainer_step(runner, batch, scaling_factor=None, dead_every=2):

@@ -67,6 +67,28 @@ def dataset():
     tokens = torch.randint(3, 300, (96, 32), generator=torch.Generator().manual_seed(0))
     return Dataset.from_dict({"input_ids": tokens.tolist()})
 
+
+@pytest.fixture(scope="session")
+def blinkdl_rwkv():
+    """Loader of BlinkDL's ``rwkv`` package (0.8.32) in its RWKV-7 CPU fp32 mode: ``load(path.pth)``.
+
+    The package reads ``RWKV_V7_ON`` at import time, so it is (re)imported in that mode if needed.
+    """
+    import importlib
+    import os
+    import sys
+
+    def load(pth_path):
+        os.environ["RWKV_V7_ON"] = "1"
+        os.environ.setdefault("RWKV_JIT_ON", "0")
+        os.environ["RWKV_CUDA_ON"] = "0"
+        module = sys.modules.get("rwkv.model")
+        if module is None or getattr(module, "RWKV", None) is not getattr(module, "RWKV_x070", object()):
+            module = importlib.reload(module) if module is not None else importlib.import_module("rwkv.model")
+        return module.RWKV(model=str(pth_path.with_suffix("")), strategy="cpu fp32")  # path WITHOUT .pth
+
+    return load
+
 @pytest.fixture(scope="session")
 def qwen35(tmp_path_factory):
     torch.manual_seed(0)

@@ -4,11 +4,8 @@ recurrence, v_first semantics, generation with the recurrent cache, and clear er
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import os
-import sys
 
 import pytest
 import torch
@@ -107,15 +104,9 @@ def model(pth_path):
 
 
 @pytest.fixture(scope="module")
-def rwkv_reference(pth_path):
+def rwkv_reference(pth_path, blinkdl_rwkv):
     """BlinkDL's ``rwkv`` package (0.8.32), RWKV-7 CPU fp32 path."""
-    os.environ["RWKV_V7_ON"] = "1"
-    os.environ.setdefault("RWKV_JIT_ON", "0")
-    os.environ["RWKV_CUDA_ON"] = "0"
-    module = sys.modules.get("rwkv.model")
-    if module is None or getattr(module, "RWKV", None) is not getattr(module, "RWKV_x070", object()):
-        module = importlib.reload(module) if module is not None else importlib.import_module("rwkv.model")
-    return module.RWKV(model=str(pth_path.with_suffix("")), strategy="cpu fp32")  # path WITHOUT .pth
+    return blinkdl_rwkv(pth_path)
 
 
 def _tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:

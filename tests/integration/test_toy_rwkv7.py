@@ -5,10 +5,7 @@ form's logits and parameter gradients."""
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
-import sys
 
 import pytest
 import torch
@@ -52,18 +49,12 @@ def validation_tokens(model) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def rwkv_reference(tmp_path_factory):
+def rwkv_reference(tmp_path_factory, blinkdl_rwkv):
     """BlinkDL's ``rwkv`` package (0.8.32, CPU fp32) on the same tensors, written out as a ``.pth``."""
     state = {k: v.float() for k, v in load_file(toy_model_dir(NAME) / "model.safetensors").items()}
     path = tmp_path_factory.mktemp("toy_rwkv7") / "toy-rwkv7.pth"
     torch.save(state, path)
-    os.environ["RWKV_V7_ON"] = "1"
-    os.environ.setdefault("RWKV_JIT_ON", "0")
-    os.environ["RWKV_CUDA_ON"] = "0"
-    module = sys.modules.get("rwkv.model")
-    if module is None or getattr(module, "RWKV", None) is not getattr(module, "RWKV_x070", object()):
-        module = importlib.reload(module) if module is not None else importlib.import_module("rwkv.model")
-    return module.RWKV(model=str(path.with_suffix("")), strategy="cpu fp32")  # path WITHOUT .pth
+    return blinkdl_rwkv(path)
 
 
 def test_loads_offline_with_its_config_and_tokenizer(model):

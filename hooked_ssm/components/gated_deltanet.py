@@ -106,7 +106,7 @@ class GatedDeltaNetMixer(nn.Module):
         g = self._log_decay(x)
         z = self.hook_gate(self.in_proj_z(x).view(batch, length, self.n_heads, self.d_v))
 
-        observe_write_factors(self.hook_write_factors, k, beta[..., None] * v)
+        observe_write_factors(self.hook_write_factors, lambda: (k, beta[..., None] * v))
         initial_state = None if cache is None else cache.ssm_state
         o, final_state = self._scan(q, k, v, beta, g, initial_state, state_positions)
         if cache is not None:

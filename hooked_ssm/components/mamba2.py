@@ -140,7 +140,7 @@ class Mamba2Mixer(nn.Module):
         log_decay = log_decay_through_hook(self.hook_decay, dt * -self.A_log.float().exp())
         gate = self.hook_gate(gate.view(batch, length, self.n_heads, self.headdim))
 
-        observe_write_factors(self.hook_write_factors, k, v)
+        observe_write_factors(self.hook_write_factors, lambda: (k, v))
         initial_state = None if cache is None else cache.ssm_state
         o, final_state = self._scan(q, k, v, log_decay, initial_state, state_positions)
         if cache is not None:

@@ -64,18 +64,20 @@ def log_decay_through_hook(hook: HookPoint, log_decay: Tensor) -> Tensor:
 
 
 def observe_write_factors(
-    hook: HookPoint, key: Float[Tensor, "batch pos head d_k"], value: Float[Tensor, "batch pos head d_v"]
+    hook: HookPoint,
+    factors: Callable[[], tuple[Float[Tensor, "batch pos head d_k"], Float[Tensor, "batch pos head d_v"]]],
 ) -> None:
     """Show ``hook_write_factors`` the write's factors ``[k_w | v_w]`` (``hook_write == k_w v_w^T``).
 
     Observation only (cached by SAELens's activation store for factored WriteSAE training, O(d_k + d_v)
-    per head instead of O(d_k d_v)): built only when the hook has hooks, and an edit raises, because
-    a change of the factors has no single meaning here (it would move the write, but not what
-    ``hook_k`` / ``hook_v`` feed elsewhere, e.g. the delta rule's erase or RWKV-7's bonus).
+    per head instead of O(d_k d_v)). ``factors()`` runs only when the hook has hooks, so unhooked
+    forwards pay nothing. An edit raises: a change of the factors has no single meaning here (it
+    would move the write, but not what ``hook_k`` / ``hook_v`` feed elsewhere, e.g. the delta
+    rule's erase or RWKV-7's bonus).
     """
     if not hook.has_hooks():
         return
-    if run_hook(hook, torch.cat([key, value], dim=-1)) is not None:
+    if run_hook(hook, torch.cat(factors(), dim=-1)) is not None:
         raise ValueError(
             f"{hook.name} is observation-only: a hook changed its value, and that edit cannot be applied. To "
             f"change the write, edit {str(hook.name).removesuffix('_factors')} (an exact state edit) or hook_k / "

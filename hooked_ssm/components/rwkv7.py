@@ -168,7 +168,7 @@ class RWKV7Mixer(nn.Module):
             v = v * mask[..., None]
         v = self.hook_v(v)
 
-        observe_write_factors(self.hook_write_factors, k.float(), v.float())
+        observe_write_factors(self.hook_write_factors, lambda: (k.float(), v.float()))
         initial_state = None if cache is None else cache.ssm_state
         o, final_state = self._scan(r.float(), w.float(), k.float(), v.float(), kappa.float(), a.float(),
                                     initial_state, state_positions)

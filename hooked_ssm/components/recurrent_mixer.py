@@ -136,7 +136,7 @@ def read_state(
     states: Float[Tensor, "batch n head d_k d_v"], queries: Float[Tensor, "batch n head d_k"]
 ) -> Float[Tensor, "batch n head d_v"]:
     """``o_t = S_t^T q_t``: the read of Gated DeltaNet (q), Mamba-2 (C) and RWKV-7 (r)."""
-    return torch.einsum("bnhkv,bnhk->bnhv", states, queries.to(states.dtype))
+    return (queries.to(states.dtype)[..., None, :] @ states).squeeze(-2)  # batched matmul: no permuted copies
 
 
 def scan_with_state_hooks(
@@ -167,14 +167,16 @@ def scan_with_state_hooks(
     if hooked is flat or states._version != version:  # edited in place: the unedited states are gone
         states = scan(whole, initial_state, edits, positions)[2]
     returned = hooked.to(states.dtype).view(states.shape)
-    changed = returned.ne(states).flatten(2).any(dim=2).any(dim=0)  # [n_sel]
+    changed = returned.ne(states).flatten(3).any(dim=3).any(dim=0)  # [n_sel, head]
     if not changed.any():  # an identity (a clone, an in-place no-op): nothing to replace
         return o, final_state
-    first = min(positions[i] for i in torch.nonzero(changed).flatten().tolist())
+    first = min(positions[i] for i in torch.nonzero(changed.any(dim=1)).flatten().tolist())
     # From the first change on, every selected position is a replacement point: one that the hook
     # left alone is set back to its unedited state (what the hook returned for it).
     replacements = {t: i for i, t in enumerate(positions) if t >= first}  # a repeated position: its last value
-    return replace_states(scan, read, q, o, edits, returned, replacements)
+    # Heads are independent recurrences: a head the hook never changed keeps its unedited reads.
+    heads = torch.nonzero(changed.any(dim=0)).flatten().tolist()
+    return replace_states(scan, read, q, o, edits, returned, replacements, slice(heads[0], heads[-1] + 1))
 
 
 def replace_states(
@@ -185,20 +187,23 @@ def replace_states(
     edits: StateEdits,
     returned: Float[Tensor, "batch n_sel head d_k d_v"],
     replacements: dict[int, int],
+    heads: slice = slice(None),
 ) -> tuple[Float[Tensor, "batch pos head d_v"], Float[Tensor, "batch head d_k d_v"]]:
     """Install ``returned[:, replacements[t]]`` as the state at each position ``t`` of ``replacements``.
 
     ``o`` is the unedited run's output, kept before the first replacement. Replaced positions read
-    their returned state (one batched read for all of them); only the stretches between replaced
+    their returned state (one batched read for all of them, of the ``heads`` whose returned states
+    differ from the unedited ones; the other heads' reads are already right); only the stretches between replaced
     positions are scanned again, each from the last returned state (none at all when every position
     from the first replaced one to the end is replaced). The final state is the last returned one
     when the last position is replaced, else the state after the last stretch.
     """
     length = q.shape[1]
     times = sorted(replacements)
-    index = torch.tensor([replacements[t] for t in times], device=returned.device)
+    index = [replacements[t] for t in times]
     o = o.clone()
-    o[:, times] = read(returned[:, index], q[:, times]).to(o.dtype)
+    at, index = _as_slice(times), _as_slice(index)
+    o[:, at, heads] = read(returned[:, index, heads], q[:, at, heads]).to(o.dtype)
     stretches = [(a + 1, b) for a, b in zip(times, [*times[1:], length]) if b > a + 1]
     final_state = returned[:, replacements[times[-1]]]
     for start, stop in stretches:
@@ -207,3 +212,8 @@ def replace_states(
         if stop == length:
             final_state = state
     return o, final_state
+
+
+def _as_slice(index: list[int]) -> slice | list[int]:
+    """A run of consecutive indices as a slice (a view, where a list would copy), else the list."""
+    return slice(index[0], index[-1] + 1) if index == list(range(index[0], index[-1] + 1)) else index

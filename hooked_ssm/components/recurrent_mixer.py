@@ -123,8 +123,6 @@ def write_edits(
     return {t: diff[:, t] for t in changed_positions(diff)}
 
 
-
-
 def merge_edits(edits: StateEdits, more: StateEdits) -> StateEdits:
     merged = dict(edits)
     for t, delta in more.items():
@@ -192,10 +190,10 @@ def replace_states(
     """Install ``returned[:, replacements[t]]`` as the state at each position ``t`` of ``replacements``.
 
     ``o`` is the unedited run's output, kept before the first replacement. Replaced positions read
-    their returned state (one batched read for all of them, of the ``heads`` whose returned states
-    differ from the unedited ones; the other heads' reads are already right); only the stretches between replaced
-    positions are scanned again, each from the last returned state (none at all when every position
-    from the first replaced one to the end is replaced). The final state is the last returned one
+    their returned state: one batched read for all of them, of the ``heads`` whose returned states
+    differ from the unedited ones (the other heads' reads are already right). Only the stretches
+    between replaced positions are scanned again, each from the last returned state (none at all
+    when every position from the first replaced one to the end is replaced). The final state is the last returned one
     when the last position is replaced, else the state after the last stretch.
     """
     length = q.shape[1]

@@ -22,8 +22,9 @@ Semantics of edits:
 
 - ``hook_write`` edits change the *state* only, exactly, at their positions, and persist into every
   later state. ``hook_state`` edits replace: the state that position ``t`` reads is exactly what the
-  hook returned for ``t`` and the recurrence continues from it (``recurrent_mixer``). The bonus term ``(r . (k~ * r_k)) v`` is a direct path from the current
-  token's ``k~`` and ``v`` that bypasses the state; it keeps using the unedited ``k~`` and ``v``.
+  hook returned for ``t`` and the recurrence continues from it (``recurrent_mixer``). The bonus
+  term ``(r . (k~ * r_k)) v`` is a direct path from the current token's ``k~`` and ``v`` that
+  bypasses the state; it keeps using the unedited ``k~`` and ``v``.
   To move the bonus too, edit ``hook_k`` / ``hook_v`` (which move write and bonus together).
 - ``v_first`` (the value residual): layer 0 produces it and ``blocks.0.mixer.hook_v_first`` is
   where it is produced; layer 0's own value *is* ``v_first``, so an edit there changes layer 0's

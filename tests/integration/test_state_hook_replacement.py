@@ -63,11 +63,13 @@ def model_family(model) -> str:
     return {"GatedDeltaNetMixer": "toy-gdn", "Mamba2Mixer": "toy-mamba2", "RWKV7Mixer": "toy-rwkv7"}[mixer]
 
 
-def reference_reads(family, inputs, replacements=None):
+def reference_reads(family, inputs, replacements=None, write_edits=None):
     """Float64 per-token recurrence of the family: ``(reads [b, T, h, d_v], states [b, T, h, d_k, d_v])``.
 
-    ``replacements`` maps a position to a function of the *unedited* state there (what the hook
-    sees) that returns the state installed at that position; the recurrence continues from it.
+    ``write_edits`` maps a position to a matrix added to the state after the update there (a write
+    edit: it persists). ``replacements`` maps a position to a function of the state there without
+    replacements (what the hook sees, write edits included) that returns the state installed at
+    that position; the recurrence continues from it.
     """
     x = {name: t.double() for name, t in inputs.items()}
     q, k, v, decay = x["hook_q"], x["hook_k"], x["hook_v"], x["hook_decay"]
@@ -89,6 +91,8 @@ def reference_reads(family, inputs, replacements=None):
                 erase = torch.einsum("bhk,bhkv->bhv", kappa, s)
                 s = (decay[:, t, ..., None] * s - (x["hook_a"][:, t] * kappa)[..., None] * erase[..., None, :]
                      + k[:, t, ..., :, None] * v[:, t, :, None, :])
+            if write_edits and t in write_edits:
+                s = s + write_edits[t]
             new.append(s)
         state, unedited = new
         if replacements and t in replacements:
@@ -138,7 +142,7 @@ def test_an_edit_of_one_head_at_every_position_moves_only_that_reads(setup):
     assert abs(ratio.item() - 1) < 1e-3
 
 
-@pytest.mark.parametrize("selected", [[30], [23, 50]], ids=["one", "two"])
+@pytest.mark.parametrize("selected", [[30], [23, 50], [50, 23, 24]], ids=["one", "two", "three unsorted"])
 def test_selected_positions_continue_the_recurrence_from_the_returned_state(setup, selected):
     """(b) With one or two selected positions, each reads exactly what the hook returned and later
     positions read the recurrence continued from it (the second replacement is not additive)."""
@@ -156,8 +160,34 @@ def test_selected_positions_continue_the_recurrence_from_the_returned_state(setu
     replacements = {t: (lambda s, e=e: s + as_matrix(e)) for t, e in zip(selected, edits)}
     expected, _ = reference_reads(family, clean, replacements)
     close(edited["hook_read"], expected)
-    torch.testing.assert_close(edited["hook_read"][:, : selected[0]], clean["hook_read"][:, : selected[0]],
+    first = min(selected)
+    torch.testing.assert_close(edited["hook_read"][:, :first], clean["hook_read"][:, :first],
                                atol=1e-5 * clean["hook_read"].abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("order", ["state before write", "state after write"])
+def test_state_hooks_see_write_edits_and_write_edits_persist_through_replacements(setup, order):
+    """A write edit at one position and a state replacement at another, in one forward: the hook
+    sees the states with the write edit in them, and the write edit persists after a replacement."""
+    family, model, tokens = setup
+    _, clean = run(model, tokens)
+    scale = reference_reads(family, clean)[1].abs().mean().item()
+    at_write, at_state = (40, 25) if order == "state before write" else (25, 40)
+    D, E = flat_matrix(model, 3, 3 * scale), flat_matrix(model, 4, 3 * scale)
+
+    def add_write(write, hook):
+        write = write.clone()
+        write[:, at_write] += D
+        return write
+
+    def add_state(states, hook):
+        return states + E
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(mixer_hook("hook_write"), add_write)]):
+        _, edited = run(model, tokens, add_state, state_positions=[at_state])
+    as_matrix = lambda e: e.double().view(model.cfg.n_heads, model.cfg.d_k, model.cfg.d_v)  # noqa: E731
+    expected, _ = reference_reads(family, clean, {at_state: lambda s: s + as_matrix(E)}, {at_write: as_matrix(D)})
+    close(edited["hook_read"], expected)
 
 
 @pytest.mark.parametrize("selection", [None, [LENGTH - 1]], ids=["all", "last"])

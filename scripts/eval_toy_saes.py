@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import torch
+from datasets import Dataset
 from sae_lens import SAE, ActivationsStore
 from sae_lens.evals import EvalConfig
 
@@ -39,8 +40,6 @@ def validation_tokens(model: HookedSAESSM, n_prompts: int, context_size: int) ->
 
 @torch.no_grad()
 def evaluate(model: HookedSAESSM, sae_id: str, tokens: torch.Tensor, batch: int) -> dict[str, object]:
-    from datasets import Dataset
-
     sae = SAE.from_pretrained(RELEASE, sae_id)
     clean, spliced = [], []
     for rows in tokens.split(batch):

@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from writesae_lens.dashboard.cli import register as register_dashboard
+
 SubcommandRun = Callable[[argparse.Namespace], int]
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], SubcommandRun]] = {}
 
@@ -305,6 +307,7 @@ register_subcommand("steer", "sustained installs during greedy decoding, and sin
 register_subcommand("erase", "cache-slot erasure of one atom at its firings vs a control", _erase_args, _erase)
 register_subcommand("partition", "register / bundle partition of the atoms (2- vs 1-component mixture, BIC)", _partition_args, _partition)
 register_subcommand("demo", "toy GDN + its bundled SAE: the paper's headline checks side by side", _demo_args, _demo)
+register_dashboard(register_subcommand)  # writesae dashboard (writesae_lens/dashboard/cli.py)
 
 
 def build_parser() -> argparse.ArgumentParser:

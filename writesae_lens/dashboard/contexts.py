@@ -61,7 +61,7 @@ class TopContexts:
             name: torch.where(inside, channels[name].float().permute(0, 2, 1).gather(2, index), 0.0)
             for name in self.channels
         }
-        # Merge [atom, k] kept with [atom, batch] candidates; ties keep the earlier entry.
+        # Merge the [atom, k] kept with the [atom, batch] candidates.
         scores = torch.cat([self.score, best.T.float()], dim=1)
         keep = scores.topk(self.k, dim=1, sorted=True).indices  # [atom, k]
 
@@ -77,7 +77,8 @@ class TopContexts:
             self.values[name] = merge(self.values[name], snippet_values[name].transpose(0, 1))
 
     def contexts(self, atom: int) -> list[Context]:
-        """The kept contexts of ``atom``, best first (padding outside the window dropped)."""
+        """The kept contexts of ``atom``, best first (padding outside the window dropped; channel
+        values to 6 significant digits)."""
         out = []
         for j in range(self.k):
             if not torch.isfinite(self.score[atom, j]):
@@ -88,6 +89,6 @@ class TopContexts:
                 window=int(self.window[atom, j]), position=int(self.position[atom, j]),
                 focus=self.left - first, score=float(self.score[atom, j]),
                 tokens=self.tokens[atom, j][inside].tolist(),
-                channels={name: [round(v, 5) for v in self.values[name][atom, j][inside].tolist()] for name in self.channels},
+                channels={name: [float(f"{v:.6g}") for v in self.values[name][atom, j][inside].tolist()] for name in self.channels},
             ))
         return out

@@ -263,7 +263,7 @@ def _compute(model: Any, sae: Any, site: Site, tokens: Tensor, config: Dashboard
     for slot, atom in enumerate(alive):
         values = fired_values_all[fired_atoms_all == atom]
         histogram = _histogram(values, config.histogram_bins)
-        keys = [dict(token=int(t), cos=round(float(c), 4), count=int(key_count[t]))
+        keys = [dict(token=int(t), cos=float(c), count=int(key_count[t]))
                 for c, t in zip(key_top.values[slot].tolist(), key_top.indices[slot].tolist()) if math.isfinite(c)]
         entry = dict(
             atom=atom, n_firings=int(n_fire[atom]), density=int(n_fire[atom]) / max(n_tokens, 1),
@@ -274,9 +274,9 @@ def _compute(model: Any, sae: Any, site: Site, tokens: Tensor, config: Dashboard
             top_contexts=[_context_dict(c) for c in top.contexts(atom)],
             read_contexts=[_context_dict(c) for c in reads.contexts(atom)],
             key_tokens=keys,
-            promoted=[dict(token=int(t), logit=round(float(v), 5))
+            promoted=[dict(token=int(t), logit=float(v))
                       for v, t in zip(promoted.values[slot].tolist(), promoted.indices[slot].tolist())],
-            suppressed=[dict(token=int(t), logit=round(-float(v), 5))
+            suppressed=[dict(token=int(t), logit=-float(v))
                         for v, t in zip(suppressed.values[slot].tolist(), suppressed.indices[slot].tolist())],
         )
         for ctx in entry["top_contexts"] + entry["read_contexts"]:
@@ -314,7 +314,7 @@ def _histogram(values: np.ndarray, bins: int) -> dict[str, list[float]]:
 
 
 def _context_dict(ctx: Context) -> dict[str, Any]:
-    out = dict(window=ctx.window, position=ctx.position, focus=ctx.focus, score=round(ctx.score, 5), tokens=ctx.tokens)
+    out = dict(window=ctx.window, position=ctx.position, focus=ctx.focus, score=ctx.score, tokens=ctx.tokens)
     out.update(ctx.channels)
     out["in_state"] = [bool(v) for v in out["in_state"]]
     return out

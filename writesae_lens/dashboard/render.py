@@ -9,14 +9,13 @@ allow on ``file://`` (inlining it would add ~4.6 MB to every page).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jinja2
-import plotly.graph_objects as go
 import plotly.io as pio
 from markupsafe import Markup, escape
 from plotly.offline import get_plotlyjs
@@ -27,6 +26,7 @@ from writesae_lens.dashboard.data import DashboardData
 CLASS_COLOURS = {"register": "#2b7bd0", "bundle": "#e0862d", "dead": "#9aa0a6"}
 WRITE_MARK = 0.3  # a snippet token is marked as a write position at >= 30% of the snippet's largest write
 _PLOT_CONFIG = dict(displayModeBar=False, responsive=True)
+Figure = dict[str, Any]  # Plotly's figure JSON: {"data": [...], "layout": {...}}
 _INVISIBLE = {"\n": "⏎", "\t": "⇥", "\r": "␍"}
 
 
@@ -48,62 +48,70 @@ def _environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
     )
     env.globals["zip"] = zip
+    env.filters["fmt"] = lambda value, spec: "–" if value is None else format(value, spec)
     return env
 
 
-def _figure_html(fig: go.Figure, div_id: str) -> str:
+def _figure_html(fig: Figure, div_id: str) -> str:
     return pio.to_html(fig, full_html=False, include_plotlyjs=False, config=_PLOT_CONFIG, div_id=div_id,
                        validate=False)
 
 
-def _layout(fig: go.Figure, height: int, left: int = 50, **kwargs: Any) -> go.Figure:
-    fig.update_layout(height=height, margin=dict(l=left, r=10, t=10, b=40), template="plotly_white", **kwargs)
-    return fig
+@functools.cache
+def _template() -> dict[str, Any]:
+    # Resolved once: Plotly's JavaScript needs the template object, not its name, when the figure
+    # dict is not run through plotly.py's validators (which copy the template per figure: ~0.1 s).
+    return pio.templates["plotly_white"].to_plotly_json()
+
+
+def _figure(traces: list[dict[str, Any]], height: int, left: int = 50, **layout: Any) -> Figure:
+    """A figure as Plotly's JSON dict (what ``go.Figure(...).to_dict()`` would give)."""
+    return dict(data=traces, layout=dict(height=height, margin=dict(l=left, r=10, t=10, b=40), template=_template(), **layout))
 
 
 # ---------------------------------------------------------------- figures
-def overview_figure(atoms: Sequence[Mapping[str, Any]]) -> go.Figure:
+def overview_figure(atoms: Sequence[Mapping[str, Any]]) -> Figure:
     """Firing density (log) against the median cosine to native writes, one point per alive atom."""
-    fig = go.Figure()
+    traces = []
     for cls, colour in CLASS_COLOURS.items():
         group = [a for a in atoms if a["cls"] == cls]
-        if not group:
-            continue
-        fig.add_trace(go.Scatter(
-            x=[a["density"] for a in group], y=[a["median_cos"] for a in group], mode="markers", name=cls,
-            marker=dict(color=colour, size=7, opacity=0.75), text=[f"atom {a['atom']}" for a in group],
-            hovertemplate="%{text}<br>density %{x:.3g}<br>cos %{y:.3f}<extra></extra>",
-        ))
-    return _layout(fig, 320, xaxis=dict(type="log", title="firing density"), yaxis=dict(title="median cos(atom, native write)"))
+        if group:
+            traces.append(dict(
+                type="scatter", x=[a["density"] for a in group], y=[a["median_cos"] for a in group], mode="markers",
+                name=cls, marker=dict(color=colour, size=7, opacity=0.75), text=[f"atom {a['atom']}" for a in group],
+                hovertemplate="%{text}<br>density %{x:.3g}<br>cos %{y:.3f}<extra></extra>",
+            ))
+    return _figure(traces, 320, xaxis=dict(type="log", title=dict(text="firing density")),
+                   yaxis=dict(title=dict(text="median cos(atom, native write)")))
 
 
-def histogram_figure(histogram: Mapping[str, Sequence[float]]) -> go.Figure:
+def histogram_figure(histogram: Mapping[str, Sequence[float]]) -> Figure:
     edges, counts = histogram["edges"], histogram["counts"]
     centres = [(lo + hi) / 2 for lo, hi in zip(edges[:-1], edges[1:])]
     widths = [hi - lo for lo, hi in zip(edges[:-1], edges[1:])]
-    fig = go.Figure(go.Bar(x=centres, y=counts, width=widths, marker_color="#e0862d",
-                           hovertemplate="act %{x:.3g}<br>%{y} firings<extra></extra>"))
-    return _layout(fig, 240, xaxis=dict(title="activation"), yaxis=dict(title="firings"), bargap=0.02)
+    bar = dict(type="bar", x=centres, y=list(counts), width=widths, marker=dict(color="#e0862d"),
+               hovertemplate="act %{x:.3g}<br>%{y} firings<extra></extra>")
+    return _figure([bar], 240, xaxis=dict(title=dict(text="activation")), yaxis=dict(title=dict(text="firings")), bargap=0.02)
 
 
-def logit_figure(atom: Mapping[str, Any], tok: Any) -> go.Figure:
+def logit_figure(atom: Mapping[str, Any], tok: Callable[[int], str]) -> Figure:
     """Horizontal bars: the top promoted and suppressed tokens (labels carry the id: strings repeat)."""
-    items = list(reversed(atom["suppressed"])) + list(reversed(atom["promoted"]))
-    items = sorted(items, key=lambda item: item["logit"])
-    labels = [f"{tok(i['token'])!r} #{i['token']}" for i in items]
-    colours = ["#2a9d5c" if i["logit"] > 0 else "#d0473a" for i in items]
-    fig = go.Figure(go.Bar(x=[i["logit"] for i in items], y=labels, orientation="h", marker_color=colours,
-                           hovertemplate="%{y}: %{x:+.4f}<extra></extra>"))
-    return _layout(fig, 40 + 16 * len(items), left=140, xaxis=dict(title="logit per unit read"))
+    items = sorted([*atom["suppressed"], *atom["promoted"]], key=lambda item: item["logit"])
+    bar = dict(type="bar", orientation="h", x=[i["logit"] for i in items],
+               y=[f"{tok(i['token'])!r} #{i['token']}" for i in items],
+               marker=dict(color=["#2a9d5c" if i["logit"] > 0 else "#d0473a" for i in items]),
+               hovertemplate="%{y}: %{x:+.4f}<extra></extra>")
+    return _figure([bar], 40 + 16 * len(items), left=140, xaxis=dict(title=dict(text="logit per unit read")))
 
 
-def substitution_figure(sub: Mapping[str, Any]) -> go.Figure:
-    fig = go.Figure()
+def substitution_figure(sub: Mapping[str, Any]) -> Figure:
     colours = {"atom": "#2b7bd0", "delete": "#9aa0a6", "random": "#d0473a"}
-    for condition, values in sub["kl"].items():
-        fig.add_trace(go.Box(y=[max(v, 1e-12) for v in values], name=condition, boxpoints="all", jitter=0.4,
-                             pointpos=0, marker=dict(size=4, color=colours.get(condition)), line=dict(width=1)))
-    return _layout(fig, 280, yaxis=dict(type="log", title="KL(patched || base)"), showlegend=False)
+    traces = [
+        dict(type="box", y=[max(v, 1e-12) for v in values], name=condition, boxpoints="all", jitter=0.4, pointpos=0,
+             marker=dict(size=4, color=colours.get(condition)), line=dict(width=1))
+        for condition, values in sub["kl"].items()
+    ]
+    return _figure(traces, 280, yaxis=dict(type="log", title=dict(text="KL(patched || base)")), showlegend=False)
 
 
 # ---------------------------------------------------------------- token rendering
@@ -190,7 +198,7 @@ def render_site(
         )
         _write(out / "atoms" / f"{atom['atom']}.html", html)
     index = env.get_template("index.html.j2").render(
-        **common, atoms=atoms, partition=_finite(data["partition"]), substitution=substitution,
+        **common, atoms=atoms, partition=_known(data["partition"]), substitution=substitution,
         substitution_n=sum(s["n"] for s in substitution.values()),
         overview_plot=Markup(_figure_html(overview_figure(atoms), "overview")),
         sort_js=Markup(_template_text("sort_table.js")), snippet=lambda a: _snippet(a, vocab),
@@ -199,8 +207,9 @@ def render_site(
     return out / "index.html"
 
 
-def _finite(summary: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in summary.items() if not (isinstance(v, float) and math.isnan(v))}
+def _known(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries that have a value (``json_safe`` turned NaN into ``None``)."""
+    return {k: v for k, v in summary.items() if v is not None}
 
 
 def _write(path: Path, text: str) -> None:

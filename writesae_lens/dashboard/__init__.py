@@ -10,7 +10,7 @@ from writesae_lens.dashboard.build import build_dashboard
 from writesae_lens.dashboard.data import DashboardConfig, DashboardData, compute_dashboard_data
 from writesae_lens.dashboard.export import export_neuronpedia
 from writesae_lens.dashboard.measured import load_substitution_rows, substitution_by_atom
-from writesae_lens.dashboard.render import render_site
+from writesae_lens.dashboard.render import context_text, render_site
 
 __all__ = [
     "build_dashboard",
@@ -18,6 +18,7 @@ __all__ = [
     "DashboardConfig",
     "DashboardData",
     "render_site",
+    "context_text",
     "export_neuronpedia",
     "load_substitution_rows",
     "substitution_by_atom",

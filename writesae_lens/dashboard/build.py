@@ -30,7 +30,9 @@ def build_dashboard(
     neuronpedia: bool = True,
     progress: bool = True,
 ) -> DashboardData:
-    """Build the atom dashboard of ``sae`` in ``out_dir`` and return its data.
+    """Build the atom dashboard of ``sae`` in ``out_dir`` and return its data: what
+    :func:`compute_dashboard_data` returns plus ``substitution`` (``{str(atom): per-atom results}``
+    of :func:`substitution_by_atom`, empty without rows).
 
     Args:
         texts: strings (streamed, cut into ``max_windows`` windows of ``context_size`` tokens) or
@@ -60,7 +62,7 @@ def build_dashboard(
     (out / "data.json").write_text(json.dumps(site_data, allow_nan=False), encoding="utf-8")
     if neuronpedia:
         export_neuronpedia(data, out / "neuronpedia")
-    return data
+    return site_data
 
 
 __all__ = ["build_dashboard"]

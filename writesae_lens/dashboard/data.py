@@ -268,7 +268,7 @@ def _compute(model: Any, sae: Any, site: Site, tokens: Tensor, config: Dashboard
         entry = dict(
             atom=atom, n_firings=int(n_fire[atom]), density=int(n_fire[atom]) / max(n_tokens, 1),
             mean_act=float(sum_act[atom]) / max(int(n_fire[atom]), 1), max_act=float(values.max()),
-            median_cos=part_rows[atom]["median_cos"], cls=part_rows[atom]["cls"], p_register=part_rows[atom]["p_register"],
+            median_cos=json_safe(part_rows[atom]["median_cos"]), cls=part_rows[atom]["cls"], p_register=part_rows[atom]["p_register"],
             histogram=histogram,
             logit_histogram=_histogram(logit[slot].numpy(), config.histogram_bins),
             top_contexts=[_context_dict(c) for c in top.contexts(atom)],
@@ -290,8 +290,9 @@ def _compute(model: Any, sae: Any, site: Site, tokens: Tensor, config: Dashboard
         sae_model=str(getattr(sae.cfg.metadata, "model_name", "")), n_windows=int(tokens.shape[0]),
         context_size=int(tokens.shape[1]), n_tokens=n_tokens, n_alive=len(alive), config=dataclasses.asdict(config),
     )
-    return json_safe(dict(version=DATA_VERSION, meta=meta, partition=part_summary,
-                          vocab={str(t): token_string(model, t) for t in sorted(shown)}, atoms=atoms_out))
+    # Only the partition summary holds numpy values or NaN; the atoms are built from Python numbers.
+    return dict(version=DATA_VERSION, meta=meta, partition=json_safe(part_summary),
+                vocab={str(t): token_string(model, t) for t in sorted(shown)}, atoms=atoms_out)
 
 
 def json_safe(obj: Any) -> Any:

@@ -147,6 +147,19 @@ def render_context(context: Mapping[str, Any], channel: str, vocab: Mapping[str,
     return Markup("".join(spans))
 
 
+def context_text(context: Mapping[str, Any], vocab: Mapping[str, str]) -> str:
+    """A context as plain text (for notebooks and terminals): the ranked token in ``[...]``, write
+    positions (as marked on the page) in ``«...»``."""
+    top_write = max(context["write"], default=0.0)
+    pieces = []
+    for i, token in enumerate(context["tokens"]):
+        text = display_token(vocab.get(str(token), f"<{token}>"))
+        if top_write > 0 and context["write"][i] >= WRITE_MARK * top_write:
+            text = f"«{text}»"
+        pieces.append(f"[{text}]" if i == context["focus"] else text)
+    return "".join(pieces)
+
+
 def _snippet(atom: Mapping[str, Any], vocab: Mapping[str, str], before: int = 8, after: int = 2) -> str:
     if not atom["top_contexts"]:
         return ""
@@ -218,5 +231,5 @@ def _write(path: Path, text: str) -> None:
     staged.replace(path)  # a reader never sees half a page
 
 
-__all__ = ["render_site", "render_context", "display_token", "overview_figure", "histogram_figure", "logit_figure",
+__all__ = ["render_site", "render_context", "context_text", "display_token", "overview_figure", "histogram_figure", "logit_figure",
            "substitution_figure"]

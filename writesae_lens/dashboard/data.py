@@ -91,19 +91,28 @@ def write_projection(
 
 
 def in_state_after_writes(
-    fires: Bool[Tensor, "batch pos atom"], decay: Float[Tensor, "batch pos"], presence: float
+    fires: Bool[Tensor, "batch pos atom"], decay: Float[Tensor, "batch pos"] | Float[Tensor, "batch pos atom"],
+    presence: float,
 ) -> Bool[Tensor, "batch pos atom"]:
     """Positions where an atom written at some ``s <= t`` still holds ``G(s -> t) >= presence``.
 
-    The latest write dominates (``G`` shrinks with distance), so only it is checked.
+    ``decay`` is the head's forget gate per position, or per position and atom. The latest write
+    dominates (``G`` shrinks with distance), so only it is checked.
     """
     length = fires.shape[1]
     steps = torch.arange(length, device=fires.device)[None, :, None]
     last = torch.where(fires, steps, -1).cummax(dim=1).values  # [batch, pos, atom]
-    log_cum = decay.double().clamp_min(1e-300).log().cumsum(dim=1)  # [batch, pos]
-    at_last = log_cum[:, :, None].expand_as(last).gather(1, last.clamp_min(0))
-    gate = (log_cum[:, :, None] - at_last).exp()
+    log_cum = decay.double().clamp_min(1e-300).log().cumsum(dim=1)
+    log_cum = (log_cum if log_cum.dim() == 3 else log_cum[:, :, None]).expand_as(last)
+    gate = (log_cum - log_cum.gather(1, last.clamp_min(0))).exp()
     return (last >= 0) & (gate >= presence)
+
+
+def atom_decay(decay: Tensor, u: Float[Tensor, "atom d_k"]) -> Tensor:
+    """The forget gate an atom sees: the head's ``[batch, pos]`` gate as is (Gated DeltaNet,
+    Mamba-2); RWKV-7's per-key-channel decay ``[batch, pos, d_k]`` averaged with weights ``u_i^2``
+    (``u^T diag(w_t) u`` for a unit ``u``), ``[batch, pos, atom]``."""
+    return decay if decay.dim() == 2 else decay.float() @ (u * u).T
 
 
 def _masked(score: Tensor, keep: Tensor) -> Tensor:
@@ -217,7 +226,7 @@ def _compute(model: Any, sae: Any, site: Site, tokens: Tensor, config: Dashboard
         if site.kind == "state":
             in_state = fires
         else:
-            in_state = in_state_after_writes(fires, seen["hook_decay"].cpu(), config.presence)
+            in_state = in_state_after_writes(fires, atom_decay(seen["hook_decay"].float().cpu(), u), config.presence)
         read = seen["hook_q"].float().cpu() @ u.T
         channels = dict(act=codes, write=write_projection(seen["hook_write_factors"].cpu(), u, w), read=read,
                         in_state=in_state.float())
@@ -229,7 +238,7 @@ def _compute(model: Any, sae: Any, site: Site, tokens: Tensor, config: Dashboard
         n_fire += counted.sum(dim=(0, 1))
         sum_act += codes[:, skip:].sum(dim=(0, 1)).double()
         where = counted.nonzero()
-        fired_atoms.append(where[:, 2].numpy())
+        fired_atoms.append(where[:, 2].to(torch.int32).numpy())
         fired_values.append(codes[:, skip:][counted].numpy())
         atoms, cos = atom_write_cosines(sae, seen["codes"][:, skip:], seen["write"][:, skip:], d_k, d_v)
         cos_atoms.append(atoms)
@@ -243,7 +252,8 @@ def _compute(model: Any, sae: Any, site: Site, tokens: Tensor, config: Dashboard
     n_tokens = tokens.shape[0] * max(tokens.shape[1] - skip, 0)
     fired_atoms_all, fired_values_all = np.concatenate(fired_atoms), np.concatenate(fired_values)
     cos_atoms_all, cos_values_all = np.concatenate(cos_atoms), np.concatenate(cos_values)
-    cosines = {int(a): cos_values_all[cos_atoms_all == a] for a in np.unique(cos_atoms_all)}
+    cosines = _group_by_atom(cos_atoms_all, cos_values_all)
+    fired_by_atom = _group_by_atom(fired_atoms_all, fired_values_all)
     part_rows, part_summary = partition_atoms(cosines, d_sae, min_firings=config.min_firings)
     alive = [i for i in range(d_sae) if int(n_fire[i]) >= config.min_firings]
 
@@ -261,7 +271,7 @@ def _compute(model: Any, sae: Any, site: Site, tokens: Tensor, config: Dashboard
     shown: set[int] = set()
     atoms_out = []
     for slot, atom in enumerate(alive):
-        values = fired_values_all[fired_atoms_all == atom]
+        values = fired_by_atom[atom]
         histogram = _histogram(values, config.histogram_bins)
         keys = [dict(token=int(t), cos=float(c), count=int(key_count[t]))
                 for c, t in zip(key_top.values[slot].tolist(), key_top.indices[slot].tolist()) if math.isfinite(c)]
@@ -309,6 +319,14 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
+def _group_by_atom(atoms: np.ndarray, values: np.ndarray) -> dict[int, np.ndarray]:
+    """``{atom: its values}`` in one sort (values keep their order within an atom)."""
+    order = np.argsort(atoms, kind="stable")
+    atoms, values = atoms[order], values[order]
+    bounds = np.flatnonzero(np.diff(atoms)) + 1
+    return {int(group[0]): vals for group, vals in zip(np.split(atoms, bounds), np.split(values, bounds)) if group.size}
+
+
 def _histogram(values: np.ndarray, bins: int) -> dict[str, list[float]]:
     counts, edges = np.histogram(values, bins=bins)
     return dict(edges=[float(e) for e in edges], counts=[int(c) for c in counts])
@@ -340,6 +358,7 @@ __all__ = [
     "cache_key",
     "write_projection",
     "in_state_after_writes",
+    "atom_decay",
     "token_string",
     "json_safe",
 ]

@@ -162,14 +162,15 @@ def test_substitution_rows_per_atom(tmp_path):
         dict(atom=3, prompt=1, position=7, layer=1, head=0, kl_atom=0.5, kl_delete=0.2, kl_random=0.4),
         dict(atom=3, prompt=2, position=2, layer=1, head=0, kl_atom=0.05, kl_delete=0.1, kl_random=0.2),
         dict(atom=3, prompt=2, position=2, layer=2, head=0, kl_atom=9.0, kl_delete=0.1, kl_random=0.2),  # other layer
-        dict(atom=8, prompt=0, position=1, kl_atom=1.0, kl_delete=0.5),
+        dict(atom=8, prompt=0, position=1, kl_atom=1.25e-9, kl_delete=0.5),
     ]
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     by_atom = substitution_by_atom(load_substitution_rows(path), layer=1, head=0)
     assert by_atom[3]["n"] == 3 and by_atom[3]["wins"] == 2 and by_atom[3]["win_ci"] == pytest.approx(wilson_interval(2, 3))
     assert by_atom[3]["median_kl"] == pytest.approx(dict(atom=0.1, delete=0.2, random=0.4))
-    assert by_atom[8]["win_rate"] == 0 and set(by_atom[8]["median_kl"]) == {"atom", "delete"}
+    assert by_atom[8]["win_rate"] == 1 and set(by_atom[8]["median_kl"]) == {"atom", "delete"}
+    assert by_atom[8]["kl"]["atom"] == [1.25e-9]  # tiny KLs survive (the toy's are ~1e-8)
     with pytest.raises(ValueError, match="kl_delete"):
         load_substitution_rows([dict(atom=1, prompt=0, position=1, kl_atom=0.1)])
 

@@ -55,7 +55,7 @@ def substitution_by_atom(
         out[atom] = dict(
             n=len(group), wins=wins, win_rate=wins / len(group), win_ci=list(wilson_interval(wins, len(group))),
             median_kl={c: float(np.median(v)) for c, v in kl.items()},
-            kl={c: [round(float(x), 6) for x in v[:max_points]] for c, v in kl.items()},
+            kl={c: [float(f"{x:.6g}") for x in v[:max_points]] for c, v in kl.items()},  # 6 significant digits
         )
     return out
 

@@ -111,7 +111,8 @@ def substitution_figure(sub: Mapping[str, Any]) -> Figure:
              marker=dict(size=4, color=colours.get(condition)), line=dict(width=1))
         for condition, values in sub["kl"].items()
     ]
-    return _figure(traces, 280, yaxis=dict(type="log", title=dict(text="KL(patched || base)")), showlegend=False)
+    return _figure(traces, 280, yaxis=dict(type="log", exponentformat="power", title=dict(text="KL(patched || base)")),
+                   showlegend=False)
 
 
 # ---------------------------------------------------------------- token rendering

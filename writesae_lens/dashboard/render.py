@@ -199,6 +199,9 @@ def render_site(
     common = dict(meta=data["meta"], css=Markup(_template_text("style.css")), tok=tok)
     atoms = data["atoms"]
     order = [a["atom"] for a in atoms]
+    for stale in (out / "atoms").glob("*.html"):  # pages of atoms no longer listed (other settings)
+        if stale.stem not in {str(a) for a in order}:
+            stale.unlink()
     page = env.get_template("atom.html.j2")
     for n, atom in enumerate(tqdm(atoms, disable=not progress, desc="dashboard pages")):
         sub = substitution.get(atom["atom"])

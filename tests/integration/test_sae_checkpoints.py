@@ -18,7 +18,8 @@ from safetensors import SafetensorError
 import writesae_lens.saes  # noqa: F401  (registers the architectures)
 from hooked_ssm import HookedSSM
 from writesae_lens.registry import checked_disk_loader
-from writesae_lens.saes import WriteTrainingSAE
+# checkpointed_runner trains a writesae on the write factors: its SAE is a WriteFactorsTrainingSAE.
+from writesae_lens.saes import WriteFactorsTrainingSAE as WriteTrainingSAE
 from writesae_lens.training import build_runner
 
 LAYER, HEAD, BATCH = 1, 2, 64

@@ -7,6 +7,13 @@
 | ``"writesae_bilinear"`` | bilinear | flat | "Bilinear-flat" |
 
 The flat baseline is SAELens's own ``"topk"`` / ``"batchtopk"`` SAE on the same site.
+
+Layout (SAELens's: one file per architecture, each with its config, ``SAE`` and ``TrainingSAE``):
+``write_sae.py``, ``matrix.py``, ``bilinear.py``; each declares its encoder / decoder in one small
+``...Weights`` class built from the plain functions of ``weights.py``. ``base.py`` holds what all
+share (config fields, SAELens plumbing, aux loss); ``factored.py`` the Gram identities that score a
+rank-1 input from its factors; ``write_factors.py`` the ``input_kind="write_factors"`` input of
+``"writesae"`` (its own classes, ``WriteFactorsSAE`` / ``WriteFactorsTrainingSAE``).
 """
 
 from sae_lens import register_sae_class, register_sae_training_class
@@ -24,8 +31,15 @@ from writesae_lens.saes.matrix import (
     MatrixWriteTrainingSAE,
     MatrixWriteTrainingSAEConfig,
 )
-from writesae_lens.saes.matrix_sae import RankBreakingFoldError
-from writesae_lens.saes.write_sae import WriteSAE, WriteSAEConfig, WriteTrainingSAE, WriteTrainingSAEConfig
+from writesae_lens.saes.base import RankBreakingFoldError
+from writesae_lens.saes.write_sae import (
+    WriteFactorsSAE,
+    WriteFactorsTrainingSAE,
+    WriteSAE,
+    WriteSAEConfig,
+    WriteTrainingSAE,
+    WriteTrainingSAEConfig,
+)
 
 ARCHITECTURES = {
     "writesae": (WriteSAE, WriteSAEConfig, WriteTrainingSAE, WriteTrainingSAEConfig),
@@ -49,7 +63,7 @@ __all__ = [
     "ARCHITECTURES",
     "RankBreakingFoldError",
     "register_architectures",
-    "WriteSAE", "WriteSAEConfig", "WriteTrainingSAE", "WriteTrainingSAEConfig",
+    "WriteSAE", "WriteSAEConfig", "WriteTrainingSAE", "WriteTrainingSAEConfig", "WriteFactorsSAE", "WriteFactorsTrainingSAE",
     "MatrixWriteSAE", "MatrixWriteSAEConfig", "MatrixWriteTrainingSAE", "MatrixWriteTrainingSAEConfig",
     "BilinearFlatSAE", "BilinearFlatSAEConfig", "BilinearFlatTrainingSAE", "BilinearFlatTrainingSAEConfig",
 ]

@@ -18,45 +18,40 @@ materialised: ``u^T (k v^T) w = (u.k)(v.w)`` for the encoder, Gram identities fo
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Self
 
 import torch
+import torch.nn as nn
 from jaxtyping import Float, Int
-from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
-from sae_lens.saes.sae import (
-    SAE,
-    SAEConfig,
-    TrainingSAE,
-    TrainingSAEConfig,
-    TrainStepInput,
-    TrainStepOutput,
-    _disable_hooks,
-)
-from safetensors import SafetensorError
+from sae_lens.saes.sae import SAE, SAEConfig, TrainingSAE, TrainingSAEConfig
 from torch import Tensor
 
+from writesae_lens.saes.base import (
+    MatrixSAEFields,
+    MatrixSAEMixin,
+    MatrixTrainingFields,
+    MatrixTrainingMixin,
+    MatrixWeights,
+)
 from writesae_lens.saes.factored import (
     atom_dot_matrix,
     cheapest_strategy,
     dense_rank1_squared_error,
     sparse_rank1_squared_error,
 )
-from writesae_lens.saes.matrix_sae import (
-    BilinearEncoder,
-    MatrixSAEFields,
-    MatrixSAEMixin,
-    MatrixTrainingFields,
-    MatrixTrainingMixin,
-    Rank1Decoder,
+from writesae_lens.saes.weights import (
+    bilinear_pre,
+    normalize_rank1_,
+    random_unit_rows,
+    rank1_decode,
+    rank1_matrices,
+    rank1_norms,
+    unit_rows,
 )
+from writesae_lens.saes.write_factors import FactorInput, FactorTraining, rows, write_hook_name
 
 ARCHITECTURE = "writesae"
-FACTORS_HOOK, WRITE_HOOK = "hook_write_factors", "hook_write"
 
 
 @dataclass(kw_only=True)
@@ -100,24 +95,71 @@ def _check_tied_scale(cfg: Any) -> None:
         )
 
 
-def write_hook_name(hook_name: str | None) -> str | None:
-    """``blocks.{l}.mixer.hook_write_factors`` -> ``blocks.{l}.mixer.hook_write`` (other names unchanged)."""
-    if hook_name and hook_name.endswith(FACTORS_HOOK):
-        return hook_name[: -len(FACTORS_HOOK)] + WRITE_HOOK
-    return hook_name
+class WriteSAEWeights(MatrixWeights):
+    """Bilinear encoder ``pre_i = a_i^T X b_i + c_i`` (``A_enc``, ``B_enc``; with ``tied`` the decoder's
+    own factors) and rank-1 atoms ``u_i w_i^T`` (``U_dec``, ``V_dec``); ``W_enc`` / ``W_dec`` are
+    derived views. Both sides factor, so a rank-1 input ``k v^T`` is scored from ``k`` and ``v``
+    (:meth:`encode_factored`, :meth:`factored_squared_error`)."""
 
+    reads_write_factors = False
 
-def _rows(x: Tensor, d: int) -> Tensor:
-    return x.reshape(-1, d)
+    def init_encoder_decoder(self, init_norm: float | None) -> None:
+        cfg, kw = self.cfg, dict(dtype=self.dtype, device=self.device)
+        factor_norm = (init_norm or 1.0) ** 0.5
+        self.U_dec = nn.Parameter(random_unit_rows(cfg.d_sae, cfg.d_k, **kw, norm=factor_norm))
+        self.V_dec = nn.Parameter(random_unit_rows(cfg.d_sae, cfg.d_v, **kw, norm=factor_norm))
+        self.b_enc = nn.Parameter(self.U_dec.new_zeros(cfg.d_sae))
+        if not cfg.tied:
+            self.A_enc = nn.Parameter(self.U_dec.detach().clone())
+            self.B_enc = nn.Parameter(self.V_dec.detach().clone())
 
-
-class _FactoredWritePath:
-    """Scoring rank-1 inputs ``k v^T`` from their factors; shared by the inference and training WriteSAE."""
+    def encoder_factors(self) -> tuple[Float[Tensor, "d_sae d_k"], Float[Tensor, "d_sae d_v"]]:
+        return (self.U_dec, self.V_dec) if self.cfg.tied else (self.A_enc, self.B_enc)
 
     @property
-    def reads_write_factors(self) -> bool:
-        """True when the SAE's input is ``[k | v]`` (``input_kind="write_factors"``)."""
-        return self.cfg.input_kind == "write_factors"
+    def W_enc(self) -> Float[Tensor, "d_in d_sae"]:
+        return rank1_matrices(*self.encoder_factors()).T
+
+    @property
+    def W_dec(self) -> Float[Tensor, "d_sae d_in"]:
+        return rank1_matrices(self.U_dec, self.V_dec)
+
+    def hidden_pre(self, sae_in: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
+        return bilinear_pre(sae_in, *self.encoder_factors(), self.cfg.d_k, self.cfg.d_v) + self.b_enc
+
+    def atom_norms(self) -> Float[Tensor, " d_sae"]:
+        """Frobenius norm of each atom: ``||u_i|| ||w_i||``."""
+        return rank1_norms(self.U_dec, self.V_dec)
+
+    def atoms(self) -> tuple[Float[Tensor, "d_sae d_k"], Float[Tensor, "d_sae d_v"]]:
+        """Unit-norm factors ``(u_i/||u_i||, w_i/||w_i||)``: atom i is ``outer(u_i, w_i)`` with norm 1."""
+        return unit_rows(self.U_dec), unit_rows(self.V_dec)
+
+    def decode_atoms(self, acts: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
+        return rank1_decode(acts, self.U_dec, self.V_dec)
+
+    def scale_encoder_(self, scale: Tensor) -> None:
+        if self.cfg.tied:
+            raise NotImplementedError("A tied encoder shares the decoder's factors; it cannot be rescaled alone.")
+        self.A_enc.data.mul_(scale[:, None] if scale.dim() else scale)
+
+    def scale_decoder_(self, scale: Tensor) -> None:
+        self.U_dec.data.mul_(scale[:, None] if scale.dim() else scale)
+
+    def normalize_decoder_(self) -> Tensor:
+        return normalize_rank1_(self.U_dec.data, self.V_dec.data)
+
+    def fold_norms_into(self, state_dict: dict[str, Tensor], norms: Tensor) -> None:
+        if self.cfg.tied:
+            raise NotImplementedError("A tied bilinear SAE cannot fold decoder norms; train it with rescale off.")
+        state_dict.update(
+            b_enc=state_dict["b_enc"] * norms, A_enc=state_dict["A_enc"] * norms[:, None],
+            U_dec=unit_rows(state_dict["U_dec"]), V_dec=unit_rows(state_dict["V_dec"]),
+        )
+
+    def to_write_site(self) -> Self:
+        """The ``hook_write`` form of this SAE: a matrix-input SAE already is it (see ``FactorInput``)."""
+        return self
 
     def write_scale(self) -> float:
         """The factor the write is multiplied by before the SAE sees it (1 for matrix inputs)."""
@@ -130,16 +172,6 @@ class _FactoredWritePath:
                 "SAELens's 'expected_average_only_in' would use on hook_write)."
             )
         return 1.0 if scale is None else float(scale)
-
-    def split_factors(self, x: Float[Tensor, "... d_in"]) -> tuple[Float[Tensor, "... d_k"], Float[Tensor, "... d_v"]]:
-        """``[k | v]`` -> ``(k, v)`` (raw units, the SAE's dtype)."""
-        if x.shape[-1] != self.cfg.d_k + self.cfg.d_v:
-            raise ValueError(
-                f"Expected write factors [k | v] with last dim d_k + d_v = {self.cfg.d_k + self.cfg.d_v}, got shape "
-                f"{list(x.shape)}."
-            )
-        x = x.to(self.dtype)
-        return x[..., : self.cfg.d_k], x[..., self.cfg.d_k :]
 
     # ---------------------------------------------------------------- encoding
     def _factor_pre(self, k: Float[Tensor, "rows d_k"], v: Float[Tensor, "rows d_v"]) -> Float[Tensor, "rows d_sae"]:
@@ -169,7 +201,7 @@ class _FactoredWritePath:
     def encode_factored(self, k: Float[Tensor, "... d_k"], v: Float[Tensor, "... d_v"]) -> Float[Tensor, "... d_sae"]:
         """Equal to ``encode(vec(k v^T))`` of the write-site SAE (``k``, ``v`` raw; ``write_scale`` applied)."""
         lead = k.shape[:-1]
-        k, v = _rows(k, self.cfg.d_k).to(self.dtype) * self.write_scale(), _rows(v, self.cfg.d_v).to(self.dtype)
+        k, v = rows(k, self.cfg.d_k).to(self.dtype) * self.write_scale(), rows(v, self.cfg.d_v).to(self.dtype)
         return self._factor_codes(k, v)[0].reshape(*lead, -1)
 
     # ---------------------------------------------------------------- squared error
@@ -208,183 +240,55 @@ class _FactoredWritePath:
         through Gram identities over each row's active atoms, never forming a d_k x d_v matrix per
         token (unless, for many active atoms, that is cheaper)."""
         lead = k.shape[:-1]
-        k, v = _rows(k, self.cfg.d_k).to(self.dtype) * self.write_scale(), _rows(v, self.cfg.d_v).to(self.dtype)
+        k, v = rows(k, self.cfg.d_k).to(self.dtype) * self.write_scale(), rows(v, self.cfg.d_v).to(self.dtype)
         adb = atom_dot_matrix(self.U_dec, self.V_dec, self.b_dec.view(self.cfg.d_k, self.cfg.d_v))
-        return self._code_squared_error(k, v, _rows(acts, self.cfg.d_sae), None, adb)[0].reshape(lead)
-
-    # ---------------------------------------------------------------- SAE interface for factor inputs
-    def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
-        if not self.reads_write_factors:
-            return super().encode(x)
-        return self.encode_factored(*self.split_factors(self.hook_sae_input(x)))
-
-    def decode(self, feature_acts: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... dk_dv"]:
-        """Factor inputs: the reconstructed write ``vec(k v^T)`` in raw units (``write_scale`` undone)."""
-        if not self.reads_write_factors:
-            return super().decode(feature_acts)
-        recon = self.hook_sae_recons(self._decode_no_bias(feature_acts) + self.b_dec)
-        return recon / self.write_scale()
-
-    def forward(self, x: Float[Tensor, "... d_in"]) -> Tensor:
-        if not self.reads_write_factors:
-            return super().forward(x)
-        sae_out = self.decode(self.encode(x))
-        if self.use_error_term:
-            with torch.no_grad():
-                with _disable_hooks(self):
-                    clean = self.decode(self.encode(x))
-                k, v = self.split_factors(x)
-                sae_out = sae_out + self.hook_sae_error((k[..., :, None] * v[..., None, :]).flatten(-2) - clean)
-        return self.hook_sae_output(sae_out)
-
-    @torch.no_grad()
-    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
-        if not self.reads_write_factors:
-            return super().fold_activation_norm_scaling_factor(scaling_factor)
-        # For factor inputs "the input was scaled by s" means the write was: it joins write_scale.
-        self.cfg.write_scale = self.write_scale() * float(scaling_factor)
-        self.cfg.normalize_activations = "none"
-
-    def to_write_site(self) -> Self:
-        """This SAE as the ordinary ``hook_write`` SAE (same class, ``input_kind="matrix"``).
-
-        It reads ``vec(k v^T)`` (``[..., d_k*d_v]``) in raw units: ``write_scale`` is folded into the
-        weights, ``metadata.hook_name`` goes from ``...hook_write_factors`` to ``...hook_write``, and
-        ``metadata.write_factors_training`` records where it was trained. Splice, evaluate and
-        intervene with that SAE. A matrix-input SAE is returned as is.
-        """
-        if not self.reads_write_factors:
-            return self
-        scale = self.write_scale()
-        metadata = copy.deepcopy(self.cfg.metadata)
-        source = metadata.hook_name
-        metadata.hook_name = write_hook_name(source)
-        metadata.write_factors_training = {"hook_name": source, "write_scale": scale}
-        cfg = dataclasses.replace(
-            self.cfg, d_in=self.cfg.d_k * self.cfg.d_v, input_kind="matrix", write_scale=None, metadata=metadata
-        )
-        site = type(self)(cfg)
-        site.load_state_dict(self.state_dict())
-        if scale != 1.0:
-            site.fold_activation_norm_scaling_factor(scale)
-        return site.train(self.training)
+        return self._code_squared_error(k, v, rows(acts, self.cfg.d_sae), None, adb)[0].reshape(lead)
 
 
-class _FactoredTraining:
-    """``training_forward_pass`` on write factors, for SAELens's trainer (which runs unchanged)."""
 
-    def encode_with_hidden_pre(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if not self.reads_write_factors:
-            return super().encode_with_hidden_pre(x)
-        lead = x.shape[:-1]
-        k, v = self.split_factors(self.hook_sae_input(x))
-        acts, pre, _ = self._factor_codes(_rows(k, self.cfg.d_k) * self.write_scale(), _rows(v, self.cfg.d_v))
-        return acts.reshape(*lead, -1), pre.reshape(*lead, -1)
+class WriteSAE(WriteSAEWeights, MatrixSAEMixin, SAE[WriteSAEConfig]):
+    """Inference WriteSAE (bilinear encoder, rank-1 decoder). Built from a config with
+    ``input_kind="write_factors"`` it is a :class:`WriteFactorsSAE`."""
 
-    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
-        """Factor inputs: MSE (and the aux loss) of ``write_scale * k v^T`` from the factors.
-
-        Equal to the materialised ``training_forward_pass`` on ``vec(write_scale * k v^T)``. The
-        materialised ``sae_in`` / ``sae_out`` (for SAELens's wandb metrics) are only built on logging
-        steps; on other steps they are empty tensors (SAELens's trainer reads them only when logging).
-        """
-        if not self.reads_write_factors:
-            return super().training_forward_pass(step_input)
-        cfg = self.cfg
-        k, v = self.split_factors(self.hook_sae_input(step_input.sae_in))
-        k, v = _rows(k, cfg.d_k) * self.write_scale(), _rows(v, cfg.d_v)
-        acts, hidden_pre, index = self._factor_codes(k, v)
-        atom_dot_bias = atom_dot_matrix(self.U_dec, self.V_dec, self.b_dec.view(cfg.d_k, cfg.d_v))
-        err, values, index = self._code_squared_error(k, v, acts, index, atom_dot_bias)
-        losses = {"mse_loss": err.mean()}
-        losses.update(self._factored_aux_loss(step_input, k, v, hidden_pre, values, index, atom_dot_bias))
-        if step_input.is_logging_step:
-            sae_in = (k[:, :, None] * v[:, None, :]).flatten(1)
-            sae_out = self._decode_no_bias(acts) + self.b_dec
-        else:
-            sae_in = sae_out = k.new_empty(0)
-        output = TrainStepOutput(
-            sae_in=sae_in, sae_out=sae_out, feature_acts=acts, hidden_pre=hidden_pre,
-            loss=sum(losses.values()), losses=losses,  # type: ignore[arg-type]
-        )
-        return self._update_topk_threshold(output)
-
-    def _factored_aux_loss(
-        self, step_input: TrainStepInput, k: Tensor, v: Tensor, hidden_pre: Tensor, values: Tensor, index: Tensor,
-        atom_dot_bias: Tensor,
-    ) -> dict[str, Tensor]:
-        """SAELens's TopK dead-latent loss ``||A - (X - R - B).detach()||^2`` from factors.
-
-        ``A - E = (R + A + B) - X``: the squared error of ``X`` against the live atoms (detached) plus the
-        ``k_aux`` chosen dead atoms, so it is the same Gram / sparse computation over ``k + k_aux`` atoms.
-        """
-        dead = step_input.dead_neuron_mask
-        if dead is None or (n_dead := int(dead.sum())) == 0:
-            return {"auxiliary_reconstruction_loss": k.new_tensor(0.0)}
-        cfg, u, w = self.cfg, self.U_dec, self.V_dec
-        aux = torch.where(dead[None], hidden_pre, -torch.inf).topk(min(cfg.aux_k, n_dead), dim=-1, sorted=False)
-        aux_values, aux_index = aux.values, aux.indices
-        if cfg.rescale_acts_by_decoder_norm:
-            aux_values = aux_values / self.atom_norms().clamp(min=1e-8)[aux_index]
-        bias = self.b_dec.detach().view(cfg.d_k, cfg.d_v)
-        n = values.shape[-1] + aux_values.shape[-1]
-        if n * (cfg.d_k + cfg.d_v) <= cfg.d_k * cfg.d_v:  # few atoms: Gram blocks over live + dead atoms
-            all_values = torch.cat([values.detach(), aux_values], dim=-1)
-            u_rows = torch.cat([u.detach()[index], u[aux_index]], dim=1)
-            w_rows = torch.cat([w.detach()[index], w[aux_index]], dim=1)
-            dot_bias = torch.cat([atom_dot_bias.detach()[index], atom_dot_bias[aux_index]], dim=-1)
-            err = sparse_rank1_squared_error(k, v, all_values, u_rows, w_rows, bias, dot_bias, "gram")
-        else:  # k_aux in the hundreds: build each row's residual and dead-atom sum (O(n d_k d_v) < O(n^2 (d_k + d_v)))
-            with torch.no_grad():
-                live = (u[index] * values[..., None]).transpose(-1, -2) @ w[index]
-                residual = k[:, :, None] * v[:, None, :] - live - bias
-            dead_sum = (u[aux_index] * aux_values[..., None]).transpose(-1, -2) @ w[aux_index]
-            err = (dead_sum - residual).pow(2).sum(dim=(-1, -2))
-        scale = min(n_dead / cfg.aux_k, 1.0)
-        return {"auxiliary_reconstruction_loss": cfg.aux_loss_coefficient * scale * err.mean()}
-
-    def save_inference_model(self, path: str | Path) -> tuple[Path, Path]:
-        """Factor inputs: save the ``hook_write`` form (:meth:`to_write_site`), usable for splicing and evals."""
-        if not self.reads_write_factors:
-            return super().save_inference_model(path)
-        return self.to_write_site().save_inference_model(path)
-
-    def load_weights_from_checkpoint(self, checkpoint_path: Path | str) -> None:
-        """Resume: also adopt the checkpoint's ``write_scale`` (the weights were trained against it)."""
-        checkpoint_path = Path(checkpoint_path)
-        cfg_path = checkpoint_path / SAE_CFG_FILENAME
-        if self.reads_write_factors and cfg_path.is_file():
-            saved = json.loads(cfg_path.read_text()).get("write_scale")
-            if saved is not None and saved != "auto":
-                self.cfg.write_scale = float(saved)
-        try:
-            super().load_weights_from_checkpoint(checkpoint_path)
-        except SafetensorError as err:
-            raise ValueError(
-                f"The checkpoint weights {checkpoint_path / SAE_WEIGHTS_FILENAME} are not a readable safetensors "
-                f"file ({err}); resume from an earlier checkpoint."
-            ) from err
+    def __new__(cls, cfg: WriteSAEConfig | None = None, *args: Any, **kwargs: Any) -> Self:
+        return super().__new__(_input_class(cls, cfg, WriteSAE, WriteFactorsSAE))
 
 
-class WriteSAE(_FactoredWritePath, MatrixSAEMixin, BilinearEncoder, Rank1Decoder, SAE[WriteSAEConfig]):
-    """Inference WriteSAE (bilinear encoder, rank-1 decoder)."""
+class WriteTrainingSAE(WriteSAEWeights, MatrixTrainingMixin, TrainingSAE[WriteTrainingSAEConfig]):
+    """Training WriteSAE, for SAELens's ``LanguageModelSAETrainingRunner``. Built from a config with
+    ``input_kind="write_factors"`` it is a :class:`WriteFactorsTrainingSAE`."""
 
-    def __init__(self, cfg: WriteSAEConfig, use_error_term: bool = False):
-        self.tied = cfg.tied
-        super().__init__(cfg, use_error_term)
-
-    def initialize_weights(self) -> None:
-        self._init_matrix_weights(init_norm=1.0)
+    def __new__(cls, cfg: WriteTrainingSAEConfig | None = None, *args: Any, **kwargs: Any) -> Self:
+        return super().__new__(_input_class(cls, cfg, WriteTrainingSAE, WriteFactorsTrainingSAE))
 
 
-class WriteTrainingSAE(
-    _FactoredTraining, _FactoredWritePath, MatrixTrainingMixin, BilinearEncoder, Rank1Decoder, TrainingSAE[WriteTrainingSAEConfig]
-):
-    """Training WriteSAE, for SAELens's ``LanguageModelSAETrainingRunner``."""
+class WriteFactorsSAE(FactorInput, WriteSAE):
+    """``WriteSAE`` reading write factors ``[k | v]`` (see ``write_factors.py``)."""
 
-    def __init__(self, cfg: WriteTrainingSAEConfig, use_error_term: bool = False):
-        self.tied = cfg.tied
-        super().__init__(cfg, use_error_term)
+    matrix_class = WriteSAE
 
-    def initialize_weights(self) -> None:
-        self._init_training_weights()
+
+class WriteFactorsTrainingSAE(FactorTraining, WriteTrainingSAE):
+    """``WriteTrainingSAE`` reading write factors ``[k | v]`` (see ``write_factors.py``)."""
+
+    matrix_class = WriteTrainingSAE
+
+
+def _input_class(cls: type, cfg: Any, matrix_class: type, factor_class: type) -> type:
+    # SAELens builds every SAE as registry_class(cfg): the config's input_kind picks the class here.
+    # (cfg is None when copy / pickle re-create an instance: keep the class they ask for.)
+    if cfg is not None and cls is matrix_class and cfg.input_kind == "write_factors":
+        return factor_class
+    return cls
+
+
+__all__ = [
+    "WriteFactorsSAE",
+    "WriteFactorsTrainingSAE",
+    "WriteSAE",
+    "WriteSAEConfig",
+    "WriteSAEWeights",
+    "WriteTrainingSAE",
+    "WriteTrainingSAEConfig",
+    "write_hook_name",
+]

@@ -1,21 +1,17 @@
-"""Shared machinery of the matrix-input SAEs: configs, encoders, decoders, sparsity, folding.
+"""What every matrix-input SAE shares: config fields, the SAELens ``SAE`` / ``TrainingSAE`` plumbing
+(encode, decode, folds, BatchTopK's threshold, the dead-latent aux loss, atomic saves).
 
-Each SAE reads a flattened ``d_k x d_v`` matrix (a cache write or a state, key-major, entry
-``i*d_v + j``) and is assembled from one encoder and one decoder mixin:
-
-- ``BilinearEncoder``: ``pre_i = a_i^T X b_i + c_i`` (factors ``A_enc [d_sae, d_k]``, ``B_enc [d_sae, d_v]``,
-  or the decoder's own factors when ``tied``); ``W_enc`` is a derived ``[d_in, d_sae]`` view.
-- ``DenseEncoder``: ``pre = vec(X) W_enc + c``.
-- ``Rank1Decoder``: atoms ``u_i w_i^T`` stored factored (``U_dec [d_sae, d_k]``, ``V_dec [d_sae, d_v]``);
-  ``W_dec`` is a derived view whose rows are exactly rank 1, and an atom's norm is ``||u_i|| ||w_i||``.
-- ``FlatDecoder``: a dense ``W_dec [d_sae, d_in]``.
+Each architecture lives in its own file (``write_sae.py``, ``matrix.py``, ``bilinear.py``) as a config,
+an ``SAE`` and a ``TrainingSAE``; its weights are declared there by one small class that implements
+:class:`MatrixWeights` from the plain functions of ``weights.py``. The classes here only call that
+interface, so none of them knows which encoder or decoder it runs.
 
 Sparsity is TopK (``k`` per token) or BatchTopK (``k`` on average over a batch; a learned global
 threshold at inference), with SAELens's dead-latent auxiliary loss. Input centring uses SAELens's
-``b_dec`` subtraction: :meth:`set_input_mean` installs the mean matrix ``M`` of the site, as the
-paper trains on ``vec(S_t - M)``.
+``b_dec`` subtraction: :meth:`MatrixSAEMixin.set_input_mean` installs the mean matrix ``M`` of the
+site, as the paper trains on ``vec(S_t - M)``.
 
-``input_kind="write_factors"`` (``"writesae"`` only, see ``write_sae.py``) makes an SAE read the
+``input_kind="write_factors"`` (``"writesae"`` only, see ``write_factors.py``) makes an SAE read the
 factors ``[k | v]`` of a rank-1 write (``blocks.{l}.mixer.hook_write_factors``) instead of the
 flattened matrix; ``b_dec`` and the atoms still live in the ``d_k x d_v`` write space.
 
@@ -26,6 +22,7 @@ truncated file under the final name.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -144,142 +141,55 @@ class ThresholdActivation(nn.Module):
         return torch.where(x > self._sae[0].threshold, x, torch.zeros_like(x))
 
 
-# ---------------------------------------------------------------- encoders
-class BilinearEncoder:
-    """``pre_i = a_i^T X b_i + c_i``; with ``tied`` the decoder's ``u_i, w_i`` serve as ``a_i, b_i``."""
-
-    tied: bool = False
-
-    def init_encoder(self) -> None:
-        cfg = self.cfg
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=self.dtype, device=self.device))
-        if not self.tied:
-            a, b = _decoder_like_factors(self)
-            self.A_enc = nn.Parameter(a)
-            self.B_enc = nn.Parameter(b)
-
-    def encoder_factors(self) -> tuple[Tensor, Tensor]:
-        return (self.U_dec, self.V_dec) if self.tied else (self.A_enc, self.B_enc)
-
-    @property
-    def W_enc(self) -> Float[Tensor, "d_in d_sae"]:
-        a, b = self.encoder_factors()
-        return (a[:, :, None] * b[:, None, :]).flatten(1).T
-
-    def hidden_pre(self, sae_in: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
-        a, b = self.encoder_factors()
-        x = sae_in.unflatten(-1, (self.cfg.d_k, self.cfg.d_v))
-        return ((x @ b.T) * a.T).sum(dim=-2) + self.b_enc
-
-    def scale_encoder_(self, scale: Tensor) -> None:
-        if self.tied:
-            raise NotImplementedError("A tied encoder shares the decoder's factors; it cannot be rescaled alone.")
-        self.A_enc.data.mul_(scale[:, None] if scale.dim() else scale)
-
-
-class DenseEncoder:
-    """``pre = vec(X) W_enc + c`` (the paper's dense-encoder 'WriteSAE' / MatrixSAE)."""
-
-    def init_encoder(self) -> None:
-        self.b_enc = nn.Parameter(torch.zeros(self.cfg.d_sae, dtype=self.dtype, device=self.device))
-        self.W_enc = nn.Parameter(self.W_dec.detach().T.clone().contiguous())
-
-    def hidden_pre(self, sae_in: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
-        return sae_in @ self.W_enc + self.b_enc
-
-    def scale_encoder_(self, scale: Tensor) -> None:
-        self.W_enc.data.mul_(scale[None, :] if scale.dim() else scale)
-
-
-# ---------------------------------------------------------------- decoders
-class Rank1Decoder:
-    """Atoms ``u_i w_i^T``, never materialised except through the derived ``W_dec`` view."""
-
-    def init_decoder(self, init_norm: float | None) -> None:
-        cfg, kw = self.cfg, dict(dtype=self.dtype, device=self.device)
-        u = torch.randn(cfg.d_sae, cfg.d_k, **kw)
-        w = torch.randn(cfg.d_sae, cfg.d_v, **kw)
-        scale = (init_norm or 1.0) ** 0.5
-        self.U_dec = nn.Parameter(u / u.norm(dim=-1, keepdim=True) * scale)
-        self.V_dec = nn.Parameter(w / w.norm(dim=-1, keepdim=True) * scale)
-
-    @property
-    def W_dec(self) -> Float[Tensor, "d_sae d_in"]:
-        return (self.U_dec[:, :, None] * self.V_dec[:, None, :]).flatten(1)
-
-    def atom_norms(self) -> Float[Tensor, "d_sae"]:
-        """Frobenius norm of each atom: ``||u_i|| ||w_i||``."""
-        return self.U_dec.norm(dim=-1) * self.V_dec.norm(dim=-1)
-
-    def decode_atoms(self, acts: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
-        # sum_i z_i u_i w_i^T = U^T diag(z) V, without building the [d_sae, d_in] matrix. Sparse codes
-        # (TopK) only touch their active atoms: O(n_active d_k d_v) per token instead of O(d_sae d_k d_v).
-        n_active = int((acts != 0).sum(-1).max()) if acts.numel() else 0
-        if 0 < n_active * 4 <= acts.shape[-1]:
-            values, index = acts.topk(n_active, dim=-1)
-            recon = (values[..., :, None] * self.U_dec[index]).transpose(-1, -2) @ self.V_dec[index]
-        else:
-            recon = (acts[..., :, None] * self.U_dec).transpose(-1, -2) @ self.V_dec
-        return recon.flatten(-2)
-
-    def scale_decoder_(self, scale: Tensor) -> None:
-        self.U_dec.data.mul_(scale[:, None] if scale.dim() else scale)
-
-    def normalize_decoder_(self) -> Tensor:
-        norms = self.atom_norms().clamp(min=1e-8)
-        self.U_dec.data.div_(self.U_dec.norm(dim=-1, keepdim=True).clamp(min=1e-8))
-        self.V_dec.data.div_(self.V_dec.norm(dim=-1, keepdim=True).clamp(min=1e-8))
-        return norms
-
-    def atoms(self) -> tuple[Float[Tensor, "d_sae d_k"], Float[Tensor, "d_sae d_v"]]:
-        """Unit-norm factors ``(u_i/||u_i||, w_i/||w_i||)``: atom i is ``outer(u_i, w_i)`` with norm 1."""
-        return (
-            self.U_dec / self.U_dec.norm(dim=-1, keepdim=True).clamp(min=1e-8),
-            self.V_dec / self.V_dec.norm(dim=-1, keepdim=True).clamp(min=1e-8),
-        )
-
-
-class FlatDecoder:
-    """Dense atoms of ``d_k * d_v`` entries (the 'bilinear-flat' control)."""
-
-    def init_decoder(self, init_norm: float | None) -> None:
-        w = torch.randn(self.cfg.d_sae, self.cfg.d_in, dtype=self.dtype, device=self.device)
-        self.W_dec = nn.Parameter(w / w.norm(dim=-1, keepdim=True) * (init_norm or 1.0))
-
-    def atom_norms(self) -> Float[Tensor, "d_sae"]:
-        return self.W_dec.norm(dim=-1)
-
-    def decode_atoms(self, acts: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
-        return acts @ self.W_dec
-
-    def scale_decoder_(self, scale: Tensor) -> None:
-        self.W_dec.data.mul_(scale[:, None] if scale.dim() else scale)
-
-    def normalize_decoder_(self) -> Tensor:
-        norms = self.atom_norms().clamp(min=1e-8)
-        self.W_dec.data.div_(norms[:, None])
-        return norms
-
-
-def _decoder_like_factors(sae: Any) -> tuple[Tensor, Tensor]:
-    if hasattr(sae, "U_dec"):
-        return sae.U_dec.detach().clone(), sae.V_dec.detach().clone()
-    a = torch.randn(sae.cfg.d_sae, sae.cfg.d_k, dtype=sae.dtype, device=sae.device)
-    b = torch.randn(sae.cfg.d_sae, sae.cfg.d_v, dtype=sae.dtype, device=sae.device)
-    return a / a.norm(dim=-1, keepdim=True), b / b.norm(dim=-1, keepdim=True)
-
-
 # ---------------------------------------------------------------- the SAE behaviour shared by all
+class MatrixWeights(ABC):
+    """An architecture's encoder and decoder: what :class:`MatrixSAEMixin` needs from it."""
+
+    @abstractmethod
+    def init_encoder_decoder(self, init_norm: float | None) -> None:
+        """Create the encoder / decoder parameters and ``b_enc`` (atoms of norm ``init_norm``)."""
+
+    @abstractmethod
+    def hidden_pre(self, sae_in: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
+        """Encoder pre-activations of a (centred) input, before sparsity."""
+
+    @abstractmethod
+    def atom_norms(self) -> Float[Tensor, " d_sae"]:
+        """Frobenius norm of each decoder atom."""
+
+    @abstractmethod
+    def decode_atoms(self, acts: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... dk_dv"]:
+        """``sum_i acts_i atom_i`` (no bias)."""
+
+    @abstractmethod
+    def scale_encoder_(self, scale: Tensor) -> None:
+        """Multiply the encoder's output for atom ``i`` by ``scale[i]`` (or all by a scalar), in place."""
+
+    @abstractmethod
+    def scale_decoder_(self, scale: Tensor) -> None:
+        """Multiply atom ``i`` by ``scale[i]`` (or all by a scalar), in place."""
+
+    @abstractmethod
+    def normalize_decoder_(self) -> Float[Tensor, " d_sae"]:
+        """Make every atom unit-norm in place; returns the former norms."""
+
+    @abstractmethod
+    def fold_norms_into(self, state_dict: dict[str, Tensor], norms: Float[Tensor, " d_sae"]) -> None:
+        """Rewrite a saved state dict so its atoms are unit norm and ``norms`` sit in the encoder."""
+
+
 class MatrixSAEMixin:
     """Encode/decode, folds and helpers; used by both the inference and the training classes."""
 
     def _init_matrix_weights(self, init_norm: float | None, threshold_name: str = "threshold") -> None:
         # b_dec lives in the d_k x d_v write/state space whatever the input (d_in is d_k + d_v for factors).
         self.b_dec = nn.Parameter(torch.zeros(self.cfg.d_k * self.cfg.d_v, dtype=self.dtype, device=self.device))
-        self.init_decoder(init_norm)
-        self.init_encoder()
+        self.init_encoder_decoder(init_norm)
         if self.cfg.sparsity == "batchtopk":
             self.register_buffer(threshold_name, torch.zeros((), dtype=torch.double, device=self.device))
+
+    def initialize_weights(self) -> None:
+        self._init_matrix_weights(init_norm=1.0)
 
     def get_activation_fn(self):
         if self.cfg.sparsity == "topk":
@@ -378,7 +288,7 @@ class MatrixTrainingMixin(MatrixSAEMixin):
             return TopK(int(self.cfg.k))
         return BatchTopK(self.cfg.k)
 
-    def _init_training_weights(self) -> None:
+    def initialize_weights(self) -> None:
         self._init_matrix_weights(self.cfg.decoder_init_norm, threshold_name="topk_threshold")
         self.b_dec.requires_grad_(self.cfg.learn_b_dec)
 
@@ -429,24 +339,6 @@ class MatrixTrainingMixin(MatrixSAEMixin):
         """Save unit-norm atoms (norms folded into the encoder) and BatchTopK's threshold as ``threshold``."""
         if self.cfg.rescale_acts_by_decoder_norm:
             norms = self.atom_norms().detach().clamp(min=1e-8)
-            for name, value in _folded_norm_tensors(self, state_dict, norms).items():
-                state_dict[name] = value
+            self.fold_norms_into(state_dict, norms)
         if self.cfg.sparsity == "batchtopk":
             state_dict["threshold"] = state_dict.pop("topk_threshold")
-
-
-def _folded_norm_tensors(sae: Any, state_dict: dict[str, Any], norms: Tensor) -> dict[str, Tensor]:
-    out = {"b_enc": state_dict["b_enc"] * norms}
-    if "U_dec" in state_dict:
-        out["U_dec"] = state_dict["U_dec"] / state_dict["U_dec"].norm(dim=-1, keepdim=True).clamp(min=1e-8)
-        out["V_dec"] = state_dict["V_dec"] / state_dict["V_dec"].norm(dim=-1, keepdim=True).clamp(min=1e-8)
-    else:
-        out["W_dec"] = state_dict["W_dec"] / norms[:, None]
-    if "A_enc" in state_dict:
-        out["A_enc"] = state_dict["A_enc"] * norms[:, None]
-    elif "W_enc" in state_dict:
-        out["W_enc"] = state_dict["W_enc"] * norms[None, :]
-    else:
-        raise NotImplementedError("A tied bilinear SAE cannot fold decoder norms; train it with rescale off.")
-    return out
-

@@ -24,29 +24,32 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
+from jaxtyping import Float
 from sae_lens import LanguageModelSAETrainingRunner
 from sae_lens.constants import SAE_CFG_FILENAME
 from sae_lens.training.activations_store import ActivationsStore
+from torch import Tensor
 
 from writesae_lens.atomic_io import publish_directory, publish_files
 from writesae_lens.evals import install_head_aware_evaluator
+from writesae_lens.recipe import RecipeSchedule, SiteCache, TrainingRecipe
 
 STAGING_PREFIX = ".incomplete-"
 
 
 @torch.no_grad()
-def estimate_site_statistics(
-    store: ActivationsStore, n_batches: int = 8, factors: tuple[int, int] | None = None
-) -> tuple[torch.Tensor, float]:
-    """Mean matrix (the paper's ``M``, flattened) and mean Frobenius norm of the hooked site over
-    ``n_batches`` prompt batches. ``factors=(d_k, d_v)``: the store holds ``[k | v]`` and the
-    statistics are those of the writes ``k v^T`` (``sum_t k_t v_t^T = K^T V``, ``||k v^T|| = |k||v|``)."""
+def site_statistics(
+    batches: Iterable[Float[Tensor, "... d_in"]], factors: tuple[int, int] | None = None, hook: str = "the site"
+) -> tuple[Float[Tensor, " dk_dv"], float]:
+    """Mean matrix (the paper's ``M``, flattened) and mean Frobenius norm of a site's activations.
+    ``factors=(d_k, d_v)``: the batches hold ``[k | v]`` and the statistics are those of the writes
+    ``k v^T`` (``sum_t k_t v_t^T = K^T V``, ``||k v^T|| = |k||v|``)."""
     total, norm_total, count = None, 0.0, 0
-    for _ in range(n_batches):
-        acts = store.get_activations(store.get_batch_tokens()).flatten(0, -2).double()
+    for batch in batches:
+        acts = batch.flatten(0, -2).double()
         if factors is None:
             batch_sum, norms = acts.sum(0), acts.norm(dim=-1)
         else:
@@ -57,10 +60,18 @@ def estimate_site_statistics(
         count += acts.shape[0]
     if not count or norm_total == 0:
         raise ValueError(
-            f"The site {store.hook_name} (head {store.hook_head_index}) is zero on every sampled token: there is "
-            f"nothing to normalise or train on. Check the layer, head and dataset."
+            f"{hook} is zero on every sampled token: there is nothing to normalise or train on. Check the layer, "
+            f"head and dataset."
         )
     return (total / count).float(), norm_total / count
+
+
+def estimate_site_statistics(
+    store: ActivationsStore, n_batches: int = 8, factors: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, float]:
+    """:func:`site_statistics` over ``n_batches`` prompt batches of the store's model and dataset."""
+    batches = (store.get_activations(store.get_batch_tokens()) for _ in range(n_batches))
+    return site_statistics(batches, factors, f"The site {store.hook_name} (head {store.hook_head_index})")
 
 
 class WriteSAETrainingRunner(LanguageModelSAETrainingRunner):
@@ -69,7 +80,10 @@ class WriteSAETrainingRunner(LanguageModelSAETrainingRunner):
     Args (beyond SAELens's ``cfg, override_dataset, override_model, override_sae``):
         center: install the site's mean matrix as ``b_dec`` (inputs centred on ``M``), in the units the
             SAE trains in.
-        n_statistics_batches: prompt batches for the mean / ``write_scale`` estimate.
+        n_statistics_batches: prompt batches for the mean / ``write_scale`` estimate (without ``site_cache``).
+        recipe: the paper's maintenance (decoder re-norm, dead-atom resampling) after SAELens's steps.
+        site_cache: the fixed training set ``cfg.cached_activations_path`` belongs to; the site statistics
+            are computed on it exactly.
     """
 
     def __init__(
@@ -80,8 +94,12 @@ class WriteSAETrainingRunner(LanguageModelSAETrainingRunner):
         override_sae: Any = None,
         center: bool = False,
         n_statistics_batches: int = 8,
+        recipe: TrainingRecipe | None = None,
+        site_cache: SiteCache | None = None,
     ):
         super().__init__(cfg, override_dataset=override_dataset, override_model=override_model, override_sae=override_sae)
+        self.recipe, self.site_cache = recipe, site_cache
+        self.schedule = RecipeSchedule(recipe, seed=cfg.seed) if recipe is not None else None
         install_head_aware_evaluator(self)
         self._trainer: Any = None
         self._staging: Path | None = None
@@ -99,7 +117,10 @@ class WriteSAETrainingRunner(LanguageModelSAETrainingRunner):
         if not (auto_scale or center):
             return
         factors = (sae.cfg.d_k, sae.cfg.d_v) if self.reads_write_factors else None
-        mean, mean_norm = estimate_site_statistics(self.activations_store, n_batches, factors)
+        if self.site_cache is not None:  # the fixed training set itself, exactly
+            mean, mean_norm = site_statistics([self.site_cache.load("train")], factors, self.site_cache.hook_name)
+        else:
+            mean, mean_norm = estimate_site_statistics(self.activations_store, n_batches, factors)
         if self.reads_write_factors:
             if auto_scale:
                 sae.cfg.write_scale = (sae.cfg.d_k * sae.cfg.d_v) ** 0.5 / mean_norm
@@ -136,6 +157,8 @@ class WriteSAETrainingRunner(LanguageModelSAETrainingRunner):
             # The trainer writes every checkpoint (periodic, final, interrupted) into the staging folder;
             # save_checkpoint below publishes it once complete.
             trainer.cfg = dataclasses.replace(trainer.cfg, checkpoint_path=str(self._staging))
+        if self.schedule is not None:
+            trainer.step = _after_each_step(trainer, self.schedule)
         try:
             return super().run_trainer_with_interruption_handling(trainer)
         finally:
@@ -161,4 +184,15 @@ class WriteSAETrainingRunner(LanguageModelSAETrainingRunner):
             super().save_checkpoint(path)
 
 
-__all__ = ["WriteSAETrainingRunner", "estimate_site_statistics"]
+def _after_each_step(trainer: Any, schedule: RecipeSchedule) -> Callable[[Tensor], Any]:
+    step = trainer.step
+
+    def step_then_maintain(batch: Tensor) -> Any:
+        output = step(batch)
+        schedule.after_step(trainer, batch)
+        return output
+
+    return step_then_maintain
+
+
+__all__ = ["WriteSAETrainingRunner", "estimate_site_statistics", "site_statistics"]

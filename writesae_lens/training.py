@@ -22,13 +22,18 @@ materialised path.
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
+from pathlib import Path
 from typing import Any, Literal
 
 from datasets import Dataset
 from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
 from sae_lens.saes.sae import TrainingSAE
+from sae_lens.training.activations_store import ActivationsStore
 
 from hooked_ssm import HookedSSM
+from writesae_lens.recipe import PAPER_RECIPE, SiteCache, TrainingRecipe, cache_site, epochs_to_tokens
 from writesae_lens.runner import WriteSAETrainingRunner, estimate_site_statistics
 from writesae_lens.saes import ARCHITECTURES
 
@@ -155,6 +160,10 @@ def build_runner(
     site: Site = "state",
     center: bool = True,
     config: LanguageModelSAERunnerConfig | None = None,
+    recipe: TrainingRecipe | None = PAPER_RECIPE,
+    site_cache: SiteCache | str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    n_sequences: int | None = None,
     **config_kwargs: Any,
 ) -> WriteSAETrainingRunner:
     """SAELens's runner (as :class:`WriteSAETrainingRunner`) with ``override_model=model`` and
@@ -163,9 +172,51 @@ def build_runner(
     ``dataset`` is a ``datasets.Dataset`` with a ``tokens`` or ``input_ids`` column (pre-tokenized)
     or a ``text`` column. ``center`` installs the site's mean matrix as the SAE's ``b_dec`` first
     (in the units the SAE trains in: SAELens's scale, or ``write_scale`` for factor inputs).
+
+    ``recipe`` (default: the paper's, :data:`~writesae_lens.recipe.PAPER_RECIPE`): the head's inputs are
+    sampled once (``n_sequences`` context windows of ``dataset``, default all) into ``site_cache``
+    (a :class:`~writesae_lens.recipe.SiteCache` or its folder, reused when it exists; default: a new one
+    under ``cache_dir`` or a temporary folder), cast to bf16, split 80/20 by sequence with seed 42, and
+    SAELens trains on the training 80% through its cached-activation store for ``recipe.epochs`` epochs
+    (or ``training_tokens`` if given), re-normalising atoms and resampling dead ones on the recipe's
+    schedule; the held-out 20% is ``runner.site_cache.load("heldout")``. ``recipe=None``: SAELens's plain
+    streaming store for ``training_tokens`` tokens.
     """
-    cfg = config or write_sae_runner_config(model, layer, head, site, **config_kwargs)
-    return WriteSAETrainingRunner(cfg, override_dataset=dataset, override_model=model, center=center)
+    if recipe is None:
+        cfg = config or write_sae_runner_config(model, layer, head, site, **config_kwargs)
+        return WriteSAETrainingRunner(cfg, override_dataset=dataset, override_model=model, center=center)
+    base = config or write_sae_runner_config(model, layer, head, site, **config_kwargs)
+    cache = _site_cache(model, dataset, base, recipe, site_cache, cache_dir, n_sequences)
+    cached = dict(
+        use_cached_activations=True, cached_activations_path=str(cache.split_path("train")),
+        dead_feature_window=recipe.dead_after,
+    )
+    if config is not None:
+        cfg = dataclasses.replace(config, **cached)
+    else:
+        tokens = config_kwargs.pop("training_tokens", None) or epochs_to_tokens(recipe.epochs, cache.n_tokens("train"))
+        cfg = write_sae_runner_config(model, layer, head, site, training_tokens=tokens, **{**config_kwargs, **cached})
+    return WriteSAETrainingRunner(
+        cfg, override_dataset=dataset, override_model=model, center=center, recipe=recipe, site_cache=cache
+    )
+
+
+def _site_cache(
+    model: HookedSSM, dataset: Dataset, cfg: LanguageModelSAERunnerConfig, recipe: TrainingRecipe,
+    site_cache: SiteCache | str | Path | None, cache_dir: str | Path | None, n_sequences: int | None,
+) -> SiteCache:
+    if isinstance(site_cache, SiteCache):
+        cache = site_cache
+    else:
+        path = site_cache or Path(cache_dir or tempfile.mkdtemp(prefix="writesae-cache-")) / f"{cfg.hook_name}.h{cfg.hook_head_index}"
+        store = ActivationsStore.from_config(model, dataclasses.replace(cfg, use_cached_activations=False), override_dataset=dataset)
+        cache = cache_site(store, path, recipe, n_sequences)
+    if cache.hook_name != cfg.hook_name or cache.d_in != cfg.sae.d_in:
+        raise ValueError(
+            f"The site cache {cache.path} holds {cache.hook_name} (d_in {cache.d_in}), but this SAE trains on "
+            f"{cfg.hook_name} (d_in {cfg.sae.d_in}): pass the cache of the same site, or none to build one."
+        )
+    return cache
 
 
 def train_write_sae(model: HookedSSM, dataset: Dataset, layer: int, head: int, site: Site = "state", **kwargs: Any) -> TrainingSAE:
@@ -176,6 +227,9 @@ def train_write_sae(model: HookedSSM, dataset: Dataset, layer: int, head: int, s
 
 
 __all__ = [
+    "PAPER_RECIPE",
+    "SiteCache",
+    "TrainingRecipe",
     "WriteSAETrainingRunner",
     "build_runner",
     "estimate_site_statistics",

@@ -309,6 +309,8 @@ register_subcommand("partition", "register / bundle partition of the atoms (2- v
 register_subcommand("demo", "toy GDN + its bundled SAE: the paper's headline checks side by side", _demo_args, _demo)
 register_dashboard(register_subcommand)  # writesae dashboard (writesae_lens/dashboard/cli.py)
 
+from writesae_lens import compare, downstream  # noqa: E402,F401  (they register their subcommands)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="writesae", description="WriteSAE experiments on recurrent cache writes.")

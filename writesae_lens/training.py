@@ -107,12 +107,12 @@ def write_sae_runner_config(
     if factored:
         sae_kwargs.update(d_in=d_k + d_v, normalize_activations="none", input_kind="write_factors", write_scale="auto")
     if architecture in ARCHITECTURES:
-        sae_cfg = ARCHITECTURES[architecture][3](d_k=d_k, d_v=d_v, sparsity=sparsity, **sae_kwargs, **(sae_overrides or {}))
+        sae_cfg = ARCHITECTURES[architecture][3](d_k=d_k, d_v=d_v, sparsity=sparsity, **{**sae_kwargs, **(sae_overrides or {})})
     elif architecture in ("topk", "batchtopk"):
         from sae_lens import BatchTopKTrainingSAEConfig, TopKTrainingSAEConfig
 
         flat_cls = TopKTrainingSAEConfig if architecture == "topk" else BatchTopKTrainingSAEConfig
-        sae_cfg = flat_cls(**sae_kwargs, **(sae_overrides or {}))
+        sae_cfg = flat_cls(**{**sae_kwargs, **(sae_overrides or {})})
     else:
         raise ValueError(f"Unknown architecture {architecture!r}; choose from {[*ARCHITECTURES, 'topk', 'batchtopk']}.")
     # The mixing buffer holds n_batches_in_buffer * context_size tokens and must fit a batch.

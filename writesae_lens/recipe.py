@@ -197,7 +197,11 @@ def resample_dead_atoms_(
     if "U_dec" in params:  # rank-1 decoder: the leading singular pair of each residual
         left, _, right = torch.linalg.svd(direction.view(-1, sae.cfg.d_k, sae.cfg.d_v))
         u, w = left[:, :, 0], right[:, 0, :]
-        params["U_dec"][index], params["V_dec"][index] = u, w
+        if params["U_dec"].dim() == 3:  # rank-r atoms: the pair as the first component, the others 0
+            params["U_dec"][index] = 0
+            params["U_dec"][index, 0], params["V_dec"][index, 0] = u, w
+        else:
+            params["U_dec"][index], params["V_dec"][index] = u, w
         enc_u, enc_w = u, w
     else:
         params["W_dec"][index] = direction

@@ -39,7 +39,7 @@ def training_sae(architecture, **overrides):
     return ARCHITECTURES[architecture][2](cfg_cls(d_in=D_K * D_V, d_sae=D_SAE, d_k=D_K, d_v=D_V, k=3, **overrides))
 
 
-ALL = ["writesae", "writesae_matrix", "writesae_bilinear", "topk"]
+ALL = ["writesae", "writesae_matrix", "writesae_bilinear", "writesae_rank_r", "topk"]
 
 
 @pytest.mark.parametrize("architecture", ALL)
@@ -85,7 +85,7 @@ def test_resampling_puts_dead_atoms_on_the_residual_and_clears_their_adam_state(
     n = resample_dead_atoms_(sae, dead, batch, optimizer)
     assert n == 2
     atoms = sae.W_dec.detach()
-    if architecture in ("writesae", "writesae_matrix"):  # rank-1 atoms: the leading singular pair
+    if architecture in ("writesae", "writesae_matrix", "writesae_rank_r"):  # the leading singular pair: the leading singular pair
         u, _, vt = np.linalg.svd(residual.reshape(D_K, D_V))
         expected = np.outer(u[:, 0], vt[0])
         for i in (2, 7):

@@ -5,6 +5,7 @@
 | ``"writesae"`` | bilinear (``tied`` option) | rank-1 ``u_i w_i^T`` | BilinearSAE / WriteSAE (primary) |
 | ``"writesae_matrix"`` | dense on ``vec(X)`` | rank-1 | MatrixSAE / "Rank-1" |
 | ``"writesae_bilinear"`` | bilinear | flat | "Bilinear-flat" |
+| ``"writesae_rank_r"`` | bilinear | rank-``r`` ``sum_j u_ij w_ij^T`` (``rank``, default 2) | rank-2 decoder control |
 
 The flat baseline is SAELens's own ``"topk"`` / ``"batchtopk"`` SAE on the same site.
 
@@ -32,6 +33,7 @@ from writesae_lens.saes.matrix import (
     MatrixWriteTrainingSAEConfig,
 )
 from writesae_lens.saes.base import RankBreakingFoldError
+from writesae_lens.saes.rank_r import RankRSAE, RankRSAEConfig, RankRTrainingSAE, RankRTrainingSAEConfig
 from writesae_lens.saes.write_sae import (
     WriteFactorsSAE,
     WriteFactorsTrainingSAE,
@@ -45,6 +47,7 @@ ARCHITECTURES = {
     "writesae": (WriteSAE, WriteSAEConfig, WriteTrainingSAE, WriteTrainingSAEConfig),
     "writesae_matrix": (MatrixWriteSAE, MatrixWriteSAEConfig, MatrixWriteTrainingSAE, MatrixWriteTrainingSAEConfig),
     "writesae_bilinear": (BilinearFlatSAE, BilinearFlatSAEConfig, BilinearFlatTrainingSAE, BilinearFlatTrainingSAEConfig),
+    "writesae_rank_r": (RankRSAE, RankRSAEConfig, RankRTrainingSAE, RankRTrainingSAEConfig),
 }
 
 
@@ -66,4 +69,5 @@ __all__ = [
     "WriteSAE", "WriteSAEConfig", "WriteTrainingSAE", "WriteTrainingSAEConfig", "WriteFactorsSAE", "WriteFactorsTrainingSAE",
     "MatrixWriteSAE", "MatrixWriteSAEConfig", "MatrixWriteTrainingSAE", "MatrixWriteTrainingSAEConfig",
     "BilinearFlatSAE", "BilinearFlatSAEConfig", "BilinearFlatTrainingSAE", "BilinearFlatTrainingSAEConfig",
+    "RankRSAE", "RankRSAEConfig", "RankRTrainingSAE", "RankRTrainingSAEConfig",
 ]

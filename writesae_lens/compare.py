@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from hooked_ssm import HookedSSM
 from writesae_lens.downstream import HeadReplacement, downstream_costs
 from writesae_lens.recipe import PAPER_RECIPE, SiteCache, TrainingRecipe
-from writesae_lens.training import Site, build_runner, site_hook_name
+from writesae_lens.training import Site, build_runner, sample_site, site_hook_name
 
 # method -> (architecture, SAE config overrides)
 SAE_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -63,6 +63,10 @@ SAE_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 BASELINES = ("svd", "pca")
 METHODS = (*SAE_METHODS, *BASELINES)
+# Not in the paper's comparison table, on request (--methods): the rank-2 decoder control (App. F.3).
+EXTRA_SAE_METHODS: dict[str, tuple[str, dict[str, Any]]] = {"writesae_rank2": ("writesae_rank_r", {"rank": 2})}
+SAE_METHODS.update(EXTRA_SAE_METHODS)
+ALL_METHODS = (*METHODS, *EXTRA_SAE_METHODS)
 
 # The paper's numbers for Qwen3.5-0.8B: validation MSE x1e-5 at layer 9 (Table 7, 16-head average) and
 # downstream perplexity change at L9 H4 (released checkpoints, METHOD.md section 8).
@@ -86,7 +90,7 @@ class ComparisonSettings:
     k: int = 16  # active atoms per token (and the SVD / PCA rank unless svd_rank)
     svd_rank: int | None = None
     epochs: float = PAPER_RECIPE.epochs
-    n_sequences: int | None = None
+    n_sequences: int | None = 48  # context windows sampled once (None: every window of the dataset)
     context_size: int = 128
     lr: float = 3e-4
     train_batch_size_tokens: int = 256
@@ -95,9 +99,9 @@ class ComparisonSettings:
     methods: Sequence[str] = METHODS
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in ALL_METHODS]
         if unknown:
-            raise ValueError(f"Unknown method(s) {unknown}; choose from {list(METHODS)}.")
+            raise ValueError(f"Unknown method(s) {unknown}; choose from {list(ALL_METHODS)}.")
         self.methods = list(self.methods)
 
     @property
@@ -225,22 +229,22 @@ class Comparison:
         return rows
 
     # ------------------------------------------------------------ data
-    def _runner(self, method: str, cache: SiteCache | Path) -> Any:
+    def _runner(self, method: str, cache: SiteCache) -> Any:
         s = self.settings
         architecture, overrides = SAE_METHODS[method]
         return build_runner(
             self.model, self.dataset, s.layer, s.head, s.site, recipe=self.recipe, site_cache=cache,
-            n_sequences=s.n_sequences, architecture=architecture, sae_overrides=overrides or None, factored=False,
+            architecture=architecture, sae_overrides=overrides or None, factored=False,
             d_sae=s.budget, k=s.k, context_size=s.context_size, lr=s.lr, train_batch_size_tokens=s.train_batch_size_tokens,
             output_path=str(self.out_dir / "saes" / method), seed=s.seed,
         )
 
     def _cache(self) -> SiteCache:
-        path = self.out_dir / "inputs"
-        if (path / "heldout").is_dir():
-            return SiteCache.open(path)
-        torch.manual_seed(self.settings.seed)
-        return self._runner("writesae", path).site_cache  # builds the cache; the runner is discarded
+        s = self.settings
+        return sample_site(
+            self.model, self.dataset, s.layer, s.head, s.site, self.out_dir / "inputs", self.recipe, s.n_sequences,
+            factored=False, context_size=s.context_size, train_batch_size_tokens=s.train_batch_size_tokens,
+        )
 
     @torch.no_grad()
     def _heldout(self, cache: SiteCache) -> HeldOut:
@@ -365,10 +369,9 @@ def plot_fvu_vs_parameters(rows: Sequence[dict[str, Any]], path: str | Path) -> 
 # ---------------------------------------------------------------- CLI: writesae compare
 def toy_training_dataset(model: HookedSSM, context_size: int) -> Dataset:
     """The bundled toy corpus's train split as ``context_size``-token windows (documents joined with BOS)."""
-    from hooked_ssm.pretrained.toy.corpus import iter_documents
-    from writesae_lens.interventions.firings import token_windows
+    from writesae_lens.demo import corpus_windows
 
-    return Dataset.from_dict({"input_ids": token_windows(model, iter_documents("train"), context_size).tolist()})
+    return Dataset.from_dict({"input_ids": corpus_windows(model, "train", context_size).tolist()})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -385,7 +388,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (paper: 3e-4 on 5M states)")
     p.add_argument("--batch-size", type=int, default=256, help="training batch in tokens (paper: 256)")
     p.add_argument("--substitution-firings", type=int, default=60, help="firings for the substitution test (0: skip)")
-    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(ALL_METHODS),
+                   help="default: the paper's seven; writesae_rank2 on request")
     p.add_argument("--out-dir", default="writesae-compare", help="resumable working folder")
     p.add_argument("--json", default=None, help="write one row per method to this JSON file")
     p.add_argument("--plot", default=None, help="save FVU vs parameters to this image (matplotlib)")
@@ -425,6 +429,6 @@ def _register() -> None:
 _register()
 
 __all__ = [
-    "BASELINES", "METHODS", "PAPER_COLUMNS", "SAE_METHODS", "Comparison", "ComparisonSettings", "Projection",
+    "ALL_METHODS", "BASELINES", "METHODS", "PAPER_COLUMNS", "SAE_METHODS", "Comparison", "ComparisonSettings", "Projection",
     "compare_dictionaries", "fit_projection", "format_table", "fvu", "plot_fvu_vs_parameters",
 ]

@@ -144,10 +144,9 @@ def downstream_cost(model: HookedSSM, sae: Replacement, tokens: Int[Tensor, "win
 # ---------------------------------------------------------------- CLI: writesae downstream
 def toy_windows(model: HookedSSM, context_size: int, n_windows: int, split: str = "validation") -> Tensor:
     """``n_windows`` windows of the bundled toy corpus's ``split`` (documents joined with BOS)."""
-    from writesae_lens.interventions.firings import token_windows
-    from hooked_ssm.pretrained.toy.corpus import iter_documents
+    from writesae_lens.demo import corpus_windows
 
-    windows = token_windows(model, iter_documents(split), context_size, n_windows)
+    windows = corpus_windows(model, split, context_size, n_windows)
     if windows.shape[0] < n_windows:
         raise ValueError(f"The toy corpus's {split} split holds only {windows.shape[0]} windows of {context_size} tokens.")
     return windows

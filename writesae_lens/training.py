@@ -23,6 +23,7 @@ materialised path.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -174,7 +175,8 @@ def build_runner(
     (in the units the SAE trains in: SAELens's scale, or ``write_scale`` for factor inputs).
 
     ``recipe`` (default: the paper's, :data:`~writesae_lens.recipe.PAPER_RECIPE`): the head's inputs are
-    sampled once (``n_sequences`` context windows of ``dataset``, default all) into ``site_cache``
+    sampled once (``n_sequences`` context windows of ``dataset``; default: all of them, or, with
+    ``training_tokens``, as many as one epoch of that many tokens needs) into ``site_cache``
     (a :class:`~writesae_lens.recipe.SiteCache` or its folder, reused when it exists; default: a new one
     under ``cache_dir`` or a temporary folder), cast to bf16, split 80/20 by sequence with seed 42, and
     SAELens trains on the training 80% through its cached-activation store for ``recipe.epochs`` epochs
@@ -186,6 +188,8 @@ def build_runner(
         cfg = config or write_sae_runner_config(model, layer, head, site, **config_kwargs)
         return WriteSAETrainingRunner(cfg, override_dataset=dataset, override_model=model, center=center)
     base = config or write_sae_runner_config(model, layer, head, site, **config_kwargs)
+    if n_sequences is None and "training_tokens" in config_kwargs:  # sample no more than one epoch needs
+        n_sequences = math.ceil(config_kwargs["training_tokens"] / (base.context_size * (1 - recipe.heldout_fraction))) + 1
     cache = _site_cache(model, dataset, base, recipe, site_cache, cache_dir, n_sequences)
     cached = dict(
         use_cached_activations=True, cached_activations_path=str(cache.split_path("train")),
@@ -199,6 +203,16 @@ def build_runner(
     return WriteSAETrainingRunner(
         cfg, override_dataset=dataset, override_model=model, center=center, recipe=recipe, site_cache=cache
     )
+
+
+def sample_site(
+    model: HookedSSM, dataset: Dataset, layer: int, head: int, site: Site, path: str | Path,
+    recipe: TrainingRecipe = PAPER_RECIPE, n_sequences: int | None = None, **config_kwargs: Any,
+) -> SiteCache:
+    """The fixed input set :func:`build_runner` would train on (``config_kwargs`` as there), written to
+    ``path`` (reused when it exists): one set shared by several runs through ``site_cache=``."""
+    cfg = write_sae_runner_config(model, layer, head, site, **config_kwargs)
+    return _site_cache(model, dataset, cfg, recipe, path, None, n_sequences)
 
 
 def _site_cache(
@@ -233,6 +247,7 @@ __all__ = [
     "WriteSAETrainingRunner",
     "build_runner",
     "estimate_site_statistics",
+    "sample_site",
     "site_hook_name",
     "train_write_sae",
     "write_sae_runner_config",

@@ -8,6 +8,8 @@ logging and checkpoint contents unchanged) with what matrix SAEs on HookedSSM si
 - **the SAE you get back**: ``run()`` returns (and the output folder holds) the ``hook_write`` form of
   an SAE trained on ``hook_write_factors`` (``sae.to_write_site()``); in-training evals (wandb on)
   evaluate that form, head-aware;
+- **the paper's recipe** (``recipe=``, :mod:`writesae_lens.recipe`): decoder re-normalisation and
+  dead-atom resampling run after each of SAELens's trainer steps on their schedule;
 - **crash-safe checkpoints**: SAELens writes a checkpoint's files one by one into its final folder,
   so a crash mid-save leaves a folder that looks like a checkpoint but holds a truncated weights file
   or no trainer state. Here the trainer writes each checkpoint into a hidden staging folder
@@ -98,7 +100,7 @@ class WriteSAETrainingRunner(LanguageModelSAETrainingRunner):
         site_cache: SiteCache | None = None,
     ):
         super().__init__(cfg, override_dataset=override_dataset, override_model=override_model, override_sae=override_sae)
-        self.recipe, self.site_cache = recipe, site_cache
+        self.site_cache = site_cache
         self.schedule = RecipeSchedule(recipe, seed=cfg.seed) if recipe is not None else None
         install_head_aware_evaluator(self)
         self._trainer: Any = None

@@ -5,6 +5,8 @@ the paper's defaults (App. D); ``build_runner`` / ``train_write_sae`` run it thr
 :class:`~writesae_lens.runner.WriteSAETrainingRunner` (SAELens's ``LanguageModelSAETrainingRunner``
 plus site statistics, crash-safe checkpoints and the factored write path) with
 ``override_model=<HookedSSM>`` and an in-memory dataset, offline, wandb off by default.
+``build_runner`` follows the paper's recipe by default (a fixed input set, 80/20 split, epochs,
+re-normalisation, resampling: :mod:`writesae_lens.recipe`).
 
 **Factored write-site training** (``factored=True``, the default for ``architecture="writesae"``
 on ``site="write"``): SAELens's activation store caches ``blocks.{l}.mixer.hook_write_factors``
@@ -176,12 +178,13 @@ def build_runner(
 
     ``recipe`` (default: the paper's, :data:`~writesae_lens.recipe.PAPER_RECIPE`): the head's inputs are
     sampled once (``n_sequences`` context windows of ``dataset``; default: all of them, or, with
-    ``training_tokens``, as many as one epoch of that many tokens needs) into ``site_cache``
-    (a :class:`~writesae_lens.recipe.SiteCache` or its folder, reused when it exists; default: a new one
-    under ``cache_dir`` or a temporary folder), cast to bf16, split 80/20 by sequence with seed 42, and
-    SAELens trains on the training 80% through its cached-activation store for ``recipe.epochs`` epochs
-    (or ``training_tokens`` if given), re-normalising atoms and resampling dead ones on the recipe's
-    schedule; the held-out 20% is ``runner.site_cache.load("heldout")``. ``recipe=None``: SAELens's plain
+    ``training_tokens``, as many as one epoch of that many tokens needs) into ``site_cache`` (a
+    :class:`~writesae_lens.recipe.SiteCache` or its folder, reused when it exists; default: a new one
+    under ``cache_dir`` or a new temporary folder, left for you to delete), cast to bf16, split 80/20
+    by sequence with seed 42, and SAELens trains on the training 80% through its cached-activation
+    store for ``recipe.epochs`` epochs (or ``training_tokens`` if given), re-normalising atoms and
+    resampling dead ones on the recipe's schedule; the held-out 20% is
+    ``runner.site_cache.load("heldout")``. ``recipe=None``: SAELens's plain
     streaming store for ``training_tokens`` tokens.
     """
     if recipe is None:

@@ -7,10 +7,6 @@ from typing import Any, Literal
 
 import torch
 
-LayerType = Literal["gated_deltanet", "mamba2", "rwkv7", "full_attention"]
-SUPPORTED_LAYER_TYPES: tuple[str, ...] = ("gated_deltanet", "mamba2", "rwkv7", "full_attention")
-# Recurrent mixer kinds that use grouped keys (n_key_heads key groups serve n_heads heads).
-_GROUPED_KEY_MIXERS = ("gated_deltanet", "mamba2")
 Execution = Literal["chunked", "recurrent"]
 
 
@@ -95,12 +91,10 @@ class HookedSSMConfig:
     def __post_init__(self) -> None:
         if len(self.layer_types) != self.n_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries but n_layers is {self.n_layers}.")
-        unknown = sorted(set(self.layer_types) - set(SUPPORTED_LAYER_TYPES))
-        if unknown:
-            raise ValueError(f"Unsupported layer types {unknown}; supported: {list(SUPPORTED_LAYER_TYPES)}.")
-        if any(kind in self.layer_types for kind in _GROUPED_KEY_MIXERS) and (
-            self.n_key_heads <= 0 or self.n_heads % self.n_key_heads
-        ):
+        from hooked_ssm.families import layer_kind  # the table imports the components, which import this
+
+        kinds = [layer_kind(name) for name in self.layer_types]
+        if any(kind.grouped_keys for kind in kinds) and (self.n_key_heads <= 0 or self.n_heads % self.n_key_heads):
             raise ValueError(
                 f"n_heads ({self.n_heads}) must be a positive multiple of n_key_heads ({self.n_key_heads})."
             )

@@ -71,5 +71,6 @@ class RecurrentState:
 
     @classmethod
     def empty(cls, layer_types: list[str]) -> "RecurrentState":
-        caches = {"full_attention": AttentionCache, "rwkv7": RWKV7Cache}
-        return cls([caches.get(kind, MixerCache)() for kind in layer_types])
+        from hooked_ssm.families import layer_kind  # the table imports the cache classes from here
+
+        return cls([layer_kind(kind).cache() for kind in layer_types])

@@ -40,6 +40,7 @@ from hooked_ssm.components.recurrent_mixer import (
     write_edits,
 )
 from hooked_ssm.config import HookedSSMConfig
+from hooked_ssm.hook_names import MATRIX_STATE_HOOK_DIMS, HookDims
 from hooked_ssm.ops.causal_conv import causal_depthwise_conv
 from hooked_ssm.ops.gated_delta_rule import (
     chunked_gated_delta_rule,
@@ -51,6 +52,8 @@ from hooked_ssm.state import MixerCache
 
 
 class GatedDeltaNetMixer(nn.Module):
+    HOOK_DIMS: HookDims = {**MATRIX_STATE_HOOK_DIMS, "hook_delta_v": ("d_v",), "hook_gate": ("d_v",)}
+
     def __init__(self, cfg: HookedSSMConfig):
         super().__init__()
         self.n_heads, self.n_key_heads, self.d_k, self.d_v = cfg.n_heads, cfg.n_key_heads, cfg.d_k, cfg.d_v

@@ -53,6 +53,7 @@ from hooked_ssm.components.recurrent_mixer import (
     write_edits,
 )
 from hooked_ssm.config import HookedSSMConfig
+from hooked_ssm.hook_names import MATRIX_STATE_HOOK_DIMS, HookDims
 from hooked_ssm.ops.causal_conv import causal_depthwise_conv
 from hooked_ssm.ops.ssd import chunked_ssd, recurrent_ssd, ssd_with_edits
 from hooked_ssm.state import MixerCache
@@ -76,6 +77,8 @@ class GroupedGatedRMSNorm(nn.Module):
 
 
 class Mamba2Mixer(nn.Module):
+    HOOK_DIMS: HookDims = {**MATRIX_STATE_HOOK_DIMS, "hook_x": ("d_v",), "hook_gate": ("d_v",)}
+
     def __init__(self, cfg: HookedSSMConfig):
         super().__init__()
         self.n_heads, self.n_groups = cfg.n_heads, cfg.n_key_heads

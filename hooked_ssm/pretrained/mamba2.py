@@ -5,15 +5,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from hooked_ssm.config import HookedSSMConfig
 from hooked_ssm.pretrained.checkpoint import CheckpointError, take
+from hooked_ssm.pretrained.torch_files import read_weights
 
-ARCHITECTURES = ("Mamba2ForCausalLM",)
 MAMBA_SSM = "mamba_ssm"  # pseudo-architecture of the original layout
 
 # mamba_ssm.modules.mamba2.Mamba2 defaults (what an ssm_cfg of {"layer": "Mamba2"} means).
@@ -26,6 +27,20 @@ MAMBA_SSM_DEFAULTS: dict[str, Any] = {
 
 def is_mamba_ssm_config(raw: dict) -> bool:
     return "ssm_cfg" in raw or ("d_model" in raw and "n_layer" in raw)
+
+
+def architecture_of(raw: dict) -> str | None:
+    """The original mamba_ssm config.json names no architecture and no model_type."""
+    return MAMBA_SSM if is_mamba_ssm_config(raw) else None
+
+
+def read_checkpoint(
+    source: Path, raw_config: dict, architecture: str, defaults: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    state = read_weights(source)
+    if architecture == MAMBA_SSM:
+        return config_from_mamba_ssm(raw_config, state, defaults), state
+    return config_from_hf(AutoConfig.from_pretrained(source)), state
 
 
 def _common(n_layers: int) -> dict[str, Any]:

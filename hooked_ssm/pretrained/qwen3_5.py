@@ -7,17 +7,23 @@ and uses mixture-of-experts MLPs. Both are converted to one canonical layout her
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from hooked_ssm.config import HookedSSMConfig
-from hooked_ssm.pretrained.checkpoint import CheckpointError, take
+from hooked_ssm.pretrained.checkpoint import CheckpointError, read_safetensors, take
 
-ARCHITECTURES = ("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration", "Qwen3NextForCausalLM")
 _LAYER_TYPES = {"linear_attention": "gated_deltanet", "full_attention": "full_attention"}
+
+
+def read_checkpoint(
+    source: Path, raw_config: dict, architecture: str, defaults: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    return config_from_hf(AutoConfig.from_pretrained(source), architecture), read_safetensors(source)
 
 
 def config_from_hf(hf_config: PretrainedConfig, architecture: str) -> dict[str, Any]:

@@ -59,9 +59,12 @@ class HookedSSMConfig:
     rotary_dim: int = 0
     rope_theta: float = 10_000.0
     attn_output_gate: bool = True
+    attn_qk_norm: bool = True  # per-head RMSNorms on q and k (Qwen3.5); the Mamba-2 hybrids have none
+    attn_bias: bool = False  # biases on q/k/v/o projections
     # MLP, dense (SwiGLU) or sparse mixture of experts with a gated shared expert.
     d_mlp: int = 0
     act_fn: str = "silu"
+    mlp_bias: bool = False
     n_experts: int = 0
     n_experts_per_tok: int = 0
     d_expert: int = 0

@@ -1,5 +1,6 @@
-"""Full softmax attention of the Qwen3.5 / Qwen3-Next hybrids: grouped-query attention with per-head
-q/k RMS norms, partial rotary embeddings and a sigmoid output gate folded into ``q_proj``."""
+"""Full softmax attention of the hybrids: grouped-query attention with partial rotary embeddings,
+and, as the family needs, per-head q/k RMS norms and a sigmoid output gate folded into ``q_proj``
+(Qwen3.5 / Qwen3-Next: both; the Mamba-2 hybrids: neither, optionally projection biases)."""
 
 from __future__ import annotations
 
@@ -51,16 +52,18 @@ class GatedAttention(nn.Module):
         self.n_heads, self.n_kv_heads, self.d_head = cfg.n_attn_heads, cfg.n_kv_heads, cfg.d_head
         self.output_gate = cfg.attn_output_gate
         q_out = self.n_heads * self.d_head * (2 if self.output_gate else 1)
-        self.q_proj = nn.Linear(cfg.d_model, q_out, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.d_head, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.d_head, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.d_head, cfg.d_model, bias=False)
-        self.q_norm = RMSNorm(self.d_head, cfg.eps, cfg.norm_zero_centered)
-        self.k_norm = RMSNorm(self.d_head, cfg.eps, cfg.norm_zero_centered)
+        self.q_proj = nn.Linear(cfg.d_model, q_out, bias=cfg.attn_bias)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.d_head, bias=cfg.attn_bias)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.d_head, bias=cfg.attn_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.d_head, cfg.d_model, bias=cfg.attn_bias)
+        self.qk_norm = cfg.attn_qk_norm
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.d_head, cfg.eps, cfg.norm_zero_centered)
+            self.k_norm = RMSNorm(self.d_head, cfg.eps, cfg.norm_zero_centered)
         self.rotary = PartialRotary(cfg.rotary_dim, cfg.rope_theta)
 
-        self.hook_q = HookPoint()  # [batch, pos, head, d_head], after q_norm, before RoPE
-        self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head], after k_norm, before RoPE
+        self.hook_q = HookPoint()  # [batch, pos, head, d_head], after q_norm (if any), before RoPE
+        self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head], after k_norm (if any), before RoPE
         self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]
         self.hook_rot_q = HookPoint()  # [batch, pos, head, d_head]
         self.hook_rot_k = HookPoint()  # [batch, pos, kv_head, d_head]
@@ -84,8 +87,10 @@ class GatedAttention(nn.Module):
         if self.output_gate:
             q, gate = q.chunk(2, dim=-1)
             gate = self.hook_gate(gate)
-        q = self.hook_q(self.q_norm(q))
-        k = self.hook_k(self.k_norm(self.k_proj(x).view(batch, length, self.n_kv_heads, self.d_head)))
+        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.d_head)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.hook_q(q), self.hook_k(k)
         v = self.hook_v(self.v_proj(x).view(batch, length, self.n_kv_heads, self.d_head))
 
         offset = 0 if cache is None else cache.length

@@ -46,7 +46,7 @@ class Block(nn.Module):
                     cfg.d_shared_expert, cfg.act_fn, cfg.norm_topk_prob,
                 )
             else:
-                self.mlp = GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn)
+                self.mlp = GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, bias=cfg.mlp_bias)
             self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
             self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]

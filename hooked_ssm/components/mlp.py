@@ -13,11 +13,11 @@ from transformers.activations import ACT2FN
 class GatedMLP(nn.Module):
     """``down(act(gate(x)) * up(x))``."""
 
-    def __init__(self, d_model: int, d_mlp: int, act_fn: str, with_hooks: bool = True):
+    def __init__(self, d_model: int, d_mlp: int, act_fn: str, with_hooks: bool = True, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(d_model, d_mlp, bias=False)
-        self.up_proj = nn.Linear(d_model, d_mlp, bias=False)
-        self.down_proj = nn.Linear(d_mlp, d_model, bias=False)
+        self.gate_proj = nn.Linear(d_model, d_mlp, bias=bias)
+        self.up_proj = nn.Linear(d_model, d_mlp, bias=bias)
+        self.down_proj = nn.Linear(d_mlp, d_model, bias=bias)
         self.act = ACT2FN[act_fn]
         if with_hooks:
             self.hook_pre = HookPoint()  # [batch, pos, d_mlp]: gate pre-activation

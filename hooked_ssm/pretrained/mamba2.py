@@ -160,6 +160,20 @@ def config_from_mamba_ssm(raw: dict, state: dict[str, Tensor], defaults: dict[st
     )
 
 
+def mixer_weights(state: dict[str, Tensor], prefix: str, cfg: HookedSSMConfig) -> dict[str, Tensor]:
+    """Take one Mamba-2 mixer's tensors (transformers / mamba_ssm names under ``prefix``), named as
+    ``Mamba2Mixer``'s parameters. Shared by every family that runs this mixer."""
+    out = {"conv_weight": take(state, f"{prefix}conv1d.weight").squeeze(1)}
+    names = ["in_proj.weight", "out_proj.weight", "dt_bias", "A_log", "D"]
+    names += ["in_proj.bias", "out_proj.bias"] if cfg.proj_bias else []
+    for name in names:
+        out[name] = take(state, f"{prefix}{name}")
+    if cfg.conv_bias:
+        out["conv_bias"] = take(state, f"{prefix}conv1d.bias")
+    out["norm.w"] = take(state, f"{prefix}norm.weight")
+    return out
+
+
 def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[str, Tensor]:
     """Map a transformers or mamba_ssm Mamba-2 state dict to HookedSSM's parameter names.
 
@@ -177,15 +191,7 @@ def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[s
     for layer in range(cfg.n_layers):
         src, dst = f"backbone.layers.{layer}.", f"blocks.{layer}."
         out[f"{dst}ln1.w"] = take(state, f"{src}norm.weight")
-        mixer = f"{src}mixer."
-        out[f"{dst}mixer.conv_weight"] = take(state, f"{mixer}conv1d.weight").squeeze(1)
-        names = ["in_proj.weight", "out_proj.weight", "dt_bias", "A_log", "D"]
-        names += ["in_proj.bias", "out_proj.bias"] if cfg.proj_bias else []
-        for name in names:
-            out[f"{dst}mixer.{name}"] = take(state, f"{mixer}{name}")
-        if cfg.conv_bias:
-            out[f"{dst}mixer.conv_bias"] = take(state, f"{mixer}conv1d.bias")
-        out[f"{dst}mixer.norm.w"] = take(state, f"{mixer}norm.weight")
+        out.update({f"{dst}mixer.{k}": v for k, v in mixer_weights(state, f"{src}mixer.", cfg).items()})
     if state:
         raise CheckpointError(f"Checkpoint has tensors the config does not account for: {sorted(state)[:8]}")
     return out

@@ -1,0 +1,154 @@
+"""The Mamba-2 hybrids of transformers (Mamba-2 layers beside attention and MLPs), loaded from tiny
+random ``save_pretrained`` checkpoints: parity with transformers (chunked and recurrent), write
+edits against a brute-force recurrence run inside the transformers model, exact causality of an
+edit, the state hook, and generation with the recurrent cache.
+
+One row of ``HYBRIDS`` per family: how to build its tiny model, and where its Mamba-2 mixers live.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import randomize_
+from test_mamba2_parity import explicit_mixer
+from transformers import BambaConfig, BambaForCausalLM, PreTrainedModel
+
+from hooked_ssm import HookedSSM, RecurrentState
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB, TOL = 300, 1e-4
+MAMBA_LAYER = 2  # a Mamba-2 layer after an attention layer in every row
+
+
+@dataclass(frozen=True)
+class Hybrid:
+    build: Callable[[], PreTrainedModel]  # a tiny random transformers model
+    mixer: Callable[[PreTrainedModel, int], torch.nn.Module]  # its Mamba-2 mixer at a layer
+
+
+def _bamba() -> PreTrainedModel:
+    # Two groups, a dt clamp, an attention layer at index 1, chunks of 16 (lengths below cross them).
+    cfg = BambaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2,
+        mamba_d_state=16, mamba_chunk_size=16, time_step_limit=(0.0, 0.5), pad_token_id=0, bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    return randomize_(BambaForCausalLM(cfg))
+
+
+HYBRIDS = {
+    "bamba": Hybrid(_bamba, lambda hf, layer: hf.model.layers[layer].mamba),
+}
+
+
+@pytest.fixture(scope="module", params=list(HYBRIDS))
+def hybrid(request, tmp_path_factory):
+    row = HYBRIDS[request.param]
+    hf_model = row.build()
+    directory = tmp_path_factory.mktemp(request.param)
+    hf_model.save_pretrained(directory)
+    return request.param, directory, hf_model, row
+
+
+def _tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _hf_logits(hf_model, tokens):
+    with torch.no_grad():
+        return hf_model(input_ids=tokens, use_cache=False).logits
+
+
+def brute_force_logits(hf_model, row, tokens, layer, write_override=None, states=None):
+    """transformers' model with its Mamba-2 mixer at ``layer`` recomputed token by token."""
+    mixer = row.mixer(hf_model, layer)
+    mixer.forward = lambda hidden_states, *args, **kwargs: explicit_mixer(mixer, hidden_states, write_override, states)
+    try:
+        return _hf_logits(hf_model, tokens)
+    finally:
+        del mixer.forward
+
+
+@pytest.mark.parametrize("execution", ["chunked", "recurrent"])
+def test_logits_match_transformers(hybrid, execution):
+    name, directory, hf_model, _ = hybrid
+    model = HookedSSM.from_pretrained(directory, execution=execution)
+    assert "full_attention" in model.cfg.layer_types and "mamba2" in model.cfg.layer_types
+    for length in (37, 70):
+        tokens = _tokens(2, length, seed=length)
+        with torch.no_grad():
+            diff = (model(tokens) - _hf_logits(hf_model, tokens)).abs().max().item()
+        assert diff <= TOL, f"{name}/{execution}/T={length}: max |logit diff| {diff:.2e}"
+
+
+def test_brute_force_reference_matches_transformers(hybrid):
+    _, _, hf_model, row = hybrid
+    tokens = _tokens(2, 37)
+    diff = (brute_force_logits(hf_model, row, tokens, MAMBA_LAYER) - _hf_logits(hf_model, tokens)).abs().max().item()
+    assert diff <= TOL
+
+
+@pytest.mark.parametrize("execution", ["chunked", "recurrent"])
+def test_write_edit_is_exact_and_causal(hybrid, execution):
+    name, directory, hf_model, row = hybrid
+    model = HookedSSM.from_pretrained(directory, execution=execution)
+    tokens, edits_at = _tokens(2, 70, seed=3), (21, 45)
+    gen = torch.Generator().manual_seed(7)
+    heads, d_k, d_v = model.cfg.n_heads, model.cfg.d_k, model.cfg.d_v
+    replacement = {t: torch.randn(2, heads, d_k, d_v, generator=gen) * 0.5 for t in edits_at}
+
+    def replace_write(write, hook):
+        write = write.clone()
+        for t, matrix in replacement.items():
+            write[:, t] = matrix.flatten(-2)
+        return write
+
+    with torch.no_grad():
+        clean = model(tokens)
+        edited = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{MAMBA_LAYER}.mixer.hook_write", replace_write)])
+    # transformers' state is [headdim, d_state]: the transpose of ours.
+    expected = brute_force_logits(
+        hf_model, row, tokens, MAMBA_LAYER, {t: m.transpose(-1, -2) for t, m in replacement.items()}
+    )
+    diff = (edited - expected).abs().max().item()
+    assert diff <= TOL, f"{name}/{execution}: edited logits vs brute force {diff:.2e}"
+    first = min(edits_at)
+    assert torch.equal(edited[:, :first], clean[:, :first])  # nothing before the edit moves, bit for bit
+    assert (edited[:, first] - clean[:, first]).abs().max() > 1e-3  # the edited position does
+
+
+def test_state_hook_equals_brute_force_states(hybrid):
+    _, directory, hf_model, row = hybrid
+    model = HookedSSM.from_pretrained(directory)
+    tokens, states = _tokens(2, 40, seed=5), {}
+    brute_force_logits(hf_model, row, tokens, MAMBA_LAYER, states=states)
+    expected = torch.stack([states[t] for t in range(40)], dim=1).transpose(-1, -2).flatten(-2)  # key-major
+    name = f"blocks.{MAMBA_LAYER}.mixer.hook_state"
+    _, cache = model.run_with_cache(tokens, names_filter=name)
+    torch.testing.assert_close(cache[name], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("execution", ["chunked", "recurrent"])
+def test_generation_with_the_recurrent_cache(hybrid, execution):
+    _, directory, hf_model, _ = hybrid
+    model = HookedSSM.from_pretrained(directory, execution=execution)
+    tokens = _tokens(2, 20, seed=11)
+    kwargs = dict(max_new_tokens=6, do_sample=False, stop_at_eos=False, verbose=False)
+    cached = model.generate(tokens, use_past_kv_cache=True, **kwargs)
+    assert torch.equal(cached, model.generate(tokens, use_past_kv_cache=False, **kwargs))
+    with torch.no_grad():  # and transformers' own greedy decoding with its cache
+        reference = hf_model.generate(tokens, max_new_tokens=6, do_sample=False, use_cache=True)
+    assert torch.equal(cached, reference)
+    state = RecurrentState.empty(model.cfg.layer_types)
+    with torch.no_grad():
+        full = model(tokens)
+        steps = [model(tokens[:, :14], past_state=state)] + [model(tokens[:, t : t + 1], past_state=state)
+                                                             for t in range(14, 20)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=TOL, rtol=TOL)

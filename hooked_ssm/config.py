@@ -61,6 +61,7 @@ class HookedSSMConfig:
     attn_output_gate: bool = True
     attn_qk_norm: bool = True  # per-head RMSNorms on q and k (Qwen3.5); the Mamba-2 hybrids have none
     attn_bias: bool = False  # biases on q/k/v/o projections
+    attn_scale: float | None = None  # the scores' scale; None: d_head ** -0.5 (muP models set their own)
     # MLP, dense (SwiGLU) or sparse mixture of experts with a gated shared expert.
     d_mlp: int = 0
     act_fn: str = "silu"
@@ -70,6 +71,7 @@ class HookedSSMConfig:
     d_expert: int = 0
     d_shared_expert: int = 0
     norm_topk_prob: bool = True
+    shared_expert_gated: bool = True  # a sigmoid gate on the shared expert (Qwen3-Next; not Granite 4.0-H)
     moe_layers: list[bool] = field(default_factory=list)
     # Norms: Qwen3.5 / Qwen3-Next RMSNorms scale by (1 + w); Mamba-2 uses plain RMSNorms,
     # RWKV-7 LayerNorms with bias (norm_type="layernorm").
@@ -77,6 +79,11 @@ class HookedSSMConfig:
     norm_zero_centered: bool = True
     norm_type: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     tie_word_embeddings: bool = True
+    # muP multipliers (Granite 4.0-H): embeddings times embedding_multiplier, every block output
+    # (mixer, MLP) times residual_multiplier before it joins the residual stream, logits / logits_divisor.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_divisor: float = 1.0
     # Bookkeeping, as in HookedTransformerConfig.
     model_name: str = "custom"
     original_architecture: str = "custom"

@@ -79,6 +79,7 @@ CHECKPOINT_FAMILIES: tuple[CheckpointFamily, ...] = (
     CheckpointFamily("Mamba-2", "mamba2", ("Mamba2ForCausalLM", "mamba_ssm"), ("mamba2",)),
     CheckpointFamily("RWKV-7", "rwkv7", ("RWKV7ForCausalLM", "rwkv7_blinkdl"), ("rwkv7", "rwkv7_fla")),
     CheckpointFamily("Bamba", "bamba", ("BambaForCausalLM",), ("bamba",)),
+    CheckpointFamily("Granite 4.0-H", "granitemoehybrid", ("GraniteMoeHybridForCausalLM",), ("granitemoehybrid",)),
 )
 
 

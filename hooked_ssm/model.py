@@ -49,11 +49,11 @@ class HookedSSM(HookedRootModule):
     ):
         super().__init__()
         self.cfg = cfg
-        self.embed = Embed(cfg.d_vocab, cfg.d_model)
+        self.embed = Embed(cfg.d_vocab, cfg.d_model, cfg.embedding_multiplier)
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
         self.blocks = nn.ModuleList(build_blocks(cfg))
         self.ln_final = build_final_norm(cfg)
-        self.unembed = Unembed(cfg.d_vocab, cfg.d_model)
+        self.unembed = Unembed(cfg.d_vocab, cfg.d_model, cfg.logits_divisor)
         if cfg.tie_word_embeddings:
             self.unembed.weight = self.embed.W_E
         self.tokenizer: PreTrainedTokenizerBase | None = None

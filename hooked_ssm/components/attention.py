@@ -51,6 +51,7 @@ class GatedAttention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.d_head = cfg.n_attn_heads, cfg.n_kv_heads, cfg.d_head
         self.output_gate = cfg.attn_output_gate
+        self.scale = cfg.d_head**-0.5 if cfg.attn_scale is None else cfg.attn_scale
         q_out = self.n_heads * self.d_head * (2 if self.output_gate else 1)
         self.q_proj = nn.Linear(cfg.d_model, q_out, bias=cfg.attn_bias)
         self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.d_head, bias=cfg.attn_bias)
@@ -116,12 +117,12 @@ class GatedAttention(nn.Module):
         if not (self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks()):
             try:  # nothing reads the pattern: PyTorch's fused attention, as transformers uses
                 z = F.scaled_dot_product_attention(
-                    q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=allowed
+                    q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=allowed, scale=self.scale
                 ).transpose(1, 2)
             except NotImplementedError:  # e.g. forward-mode AD (jvp) has no fused-attention rule on CPU
                 z = None
         if z is None:
-            scores = torch.einsum("bqhd,bkhd->bhqk", q, keys) * self.d_head**-0.5
+            scores = torch.einsum("bqhd,bkhd->bhqk", q, keys) * self.scale
             scores = self.hook_attn_scores(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min))
             pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
             z = torch.einsum("bhqk,bkhd->bqhd", pattern, values)

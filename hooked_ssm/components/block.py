@@ -33,6 +33,7 @@ class Block(nn.Module):
         kind = layer_kind(self.layer_type)
         self.slot = kind.slot
         self.residual_in_fp32 = cfg.residual_in_fp32
+        self.residual_multiplier = cfg.residual_multiplier
         self.ln1 = RMSNorm(cfg.d_model, cfg.eps, cfg.norm_zero_centered)
         setattr(self, self.slot, kind.mixer(cfg))
         setattr(self, f"hook_{self.slot}_out", HookPoint())  # [batch, pos, d_model]
@@ -43,7 +44,7 @@ class Block(nn.Module):
             if cfg.moe_layers[layer]:
                 self.mlp = SparseMoE(
                     cfg.d_model, cfg.n_experts, cfg.n_experts_per_tok, cfg.d_expert,
-                    cfg.d_shared_expert, cfg.act_fn, cfg.norm_topk_prob,
+                    cfg.d_shared_expert, cfg.act_fn, cfg.norm_topk_prob, cfg.shared_expert_gated,
                 )
             else:
                 self.mlp = GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, bias=cfg.mlp_bias)
@@ -66,11 +67,14 @@ class Block(nn.Module):
             mixed = self.hook_mixer_out(self.mixer(normed, cache, attention_mask, state_positions))
         if self.residual_in_fp32:
             resid = resid.float()
-        resid = resid + mixed
+        resid = resid + self._scaled(mixed)
         if self.has_mlp:
             resid = self.hook_resid_mid(resid)
-            resid = resid + self.hook_mlp_out(self.mlp(self.ln2(resid.to(self.ln2.w.dtype))))
+            resid = resid + self._scaled(self.hook_mlp_out(self.mlp(self.ln2(resid.to(self.ln2.w.dtype)))))
         return self.hook_resid_post(resid)
+
+    def _scaled(self, out: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        return out if self.residual_multiplier == 1.0 else out * self.residual_multiplier
 
 
 class _FinalRMSNorm(RMSNorm):

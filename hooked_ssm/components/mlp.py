@@ -34,7 +34,8 @@ class GatedMLP(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """Top-k routed experts (softmax router, optional renormalisation) plus a sigmoid-gated shared expert."""
+    """Top-k routed experts (softmax router, optional renormalisation) plus a shared expert, sigmoid-gated
+    (Qwen3-Next) or not (Granite 4.0-H, whose softmax over the top-k logits is the renormalised top-k)."""
 
     def __init__(
         self,
@@ -45,6 +46,7 @@ class SparseMoE(nn.Module):
         d_shared_expert: int,
         act_fn: str,
         norm_topk_prob: bool,
+        shared_expert_gated: bool = True,
     ):
         super().__init__()
         self.top_k = n_experts_per_tok
@@ -54,7 +56,8 @@ class SparseMoE(nn.Module):
             GatedMLP(d_model, d_expert, act_fn, with_hooks=False) for _ in range(n_experts)
         )
         self.shared_expert = GatedMLP(d_model, d_shared_expert, act_fn, with_hooks=False)
-        self.shared_expert_gate = nn.Linear(d_model, 1, bias=False)
+        if shared_expert_gated:
+            self.shared_expert_gate = nn.Linear(d_model, 1, bias=False)
         self.hook_expert_weights = HookPoint()  # [batch, pos, top_k]
         self.hook_expert_indices = HookPoint()  # [batch, pos, top_k]
 
@@ -72,5 +75,7 @@ class SparseMoE(nn.Module):
         for e in flat_idx.unique().tolist():
             token, slot = torch.where(flat_idx == e)
             routed.index_add_(0, token, self.experts[e](flat_x[token]) * flat_w[token, slot, None])
-        shared = torch.sigmoid(self.shared_expert_gate(flat_x)) * self.shared_expert(flat_x)
+        shared = self.shared_expert(flat_x)
+        if hasattr(self, "shared_expert_gate"):
+            shared = torch.sigmoid(self.shared_expert_gate(flat_x)) * shared
         return (routed + shared).reshape(x.shape)

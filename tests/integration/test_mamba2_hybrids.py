@@ -15,7 +15,13 @@ import pytest
 import torch
 from conftest import randomize_
 from test_mamba2_parity import explicit_mixer
-from transformers import BambaConfig, BambaForCausalLM, PreTrainedModel
+from transformers import (
+    BambaConfig,
+    BambaForCausalLM,
+    GraniteMoeHybridConfig,
+    GraniteMoeHybridForCausalLM,
+    PreTrainedModel,
+)
 
 from hooked_ssm import HookedSSM, RecurrentState
 
@@ -43,8 +49,28 @@ def _bamba() -> PreTrainedModel:
     return randomize_(BambaForCausalLM(cfg))
 
 
+def _granite(**overrides) -> PreTrainedModel:
+    # muP multipliers far from 1; four experts, two per token, and an ungated shared expert.
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=32, shared_intermediate_size=48, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, layer_types=["mamba", "attention", "mamba", "mamba"],
+        mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=16, mamba_chunk_size=16,
+        num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=3.0, residual_multiplier=0.5,
+        attention_multiplier=0.1, logits_scaling=2.0, position_embedding_type="rope", pad_token_id=0,
+        bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    return randomize_(GraniteMoeHybridForCausalLM(GraniteMoeHybridConfig(**{**kwargs, **overrides})))
+
+
 HYBRIDS = {
     "bamba": Hybrid(_bamba, lambda hf, layer: hf.model.layers[layer].mamba),
+    "granitemoehybrid": Hybrid(_granite, lambda hf, layer: hf.model.layers[layer].mamba),
+    # the dense variant (no experts: the shared MLP alone) without RoPE
+    "granitemoehybrid_dense_nope": Hybrid(
+        lambda: _granite(num_local_experts=0, position_embedding_type="nope"),
+        lambda hf, layer: hf.model.layers[layer].mamba,
+    ),
 }
 
 

@@ -66,12 +66,22 @@ class HookedSSMConfig:
     d_mlp: int = 0
     act_fn: str = "silu"
     mlp_bias: bool = False
+    mlp_gated: bool = True  # down(act(gate) * up); False: down(act(up)) (NemotronH)
+    # True: each mixer block ends with its own MLP; False: MLPs are layers of their own
+    # (layer type "mlp", NemotronH), and mixer blocks have none.
+    block_mlp: bool = True
     n_experts: int = 0
     n_experts_per_tok: int = 0
     d_expert: int = 0
     d_shared_expert: int = 0
     norm_topk_prob: bool = True
     shared_expert_gated: bool = True  # a sigmoid gate on the shared expert (Qwen3-Next; not Granite 4.0-H)
+    # "softmax" (Qwen3-Next, Granite 4.0-H) or "sigmoid_group" (NemotronH: DeepSeek-V3 routing with
+    # moe_n_group groups, the best moe_topk_group of them eligible, weights times moe_routed_scale).
+    moe_router: Literal["softmax", "sigmoid_group"] = "softmax"
+    moe_n_group: int = 1
+    moe_topk_group: int = 1
+    moe_routed_scale: float = 1.0
     moe_layers: list[bool] = field(default_factory=list)
     # Norms: Qwen3.5 / Qwen3-Next RMSNorms scale by (1 + w); Mamba-2 uses plain RMSNorms,
     # RWKV-7 LayerNorms with bias (norm_type="layernorm").

@@ -36,10 +36,12 @@ from hooked_ssm.state import AttentionCache, MixerCache, RWKV7Cache
 class LayerKind:
     """A kind of token mixer (``cfg.layer_types`` entry)."""
 
-    mixer: type[nn.Module]  # built as ``mixer(cfg)`` by the default ``Block``
-    cache: type  # the per-layer decoding cache (``RecurrentState.layers[l]``)
+    # Built as ``mixer(cfg)`` by the default ``Block``; None: the layer is an MLP (``build_mlp``).
+    mixer: type[nn.Module] | None
+    cache: type | None  # the per-layer decoding cache (``RecurrentState.layers[l]``); None: no state
     # Where the block holds the mixer and the name of its output hook: recurrent mixers at
-    # ``.mixer`` / ``hook_mixer_out``, softmax attention at ``.attn`` / ``hook_attn_out`` (TransformerLens).
+    # ``.mixer`` / ``hook_mixer_out``, softmax attention at ``.attn`` / ``hook_attn_out`` (TransformerLens),
+    # MLP layers at ``.mlp`` / ``hook_mlp_out``.
     slot: str = "mixer"
     grouped_keys: bool = False  # n_key_heads key groups serve n_heads heads (cfg checks the ratio)
     block: type[nn.Module] | None = None  # a block of its own; None: the pre-norm ``Block``
@@ -50,6 +52,7 @@ LAYER_KINDS: dict[str, LayerKind] = {
     "mamba2": LayerKind(Mamba2Mixer, MixerCache, grouped_keys=True),
     "rwkv7": LayerKind(RWKV7Mixer, RWKV7Cache, block=RWKV7Block),
     "full_attention": LayerKind(GatedAttention, AttentionCache, slot="attn"),
+    "mlp": LayerKind(None, None, slot="mlp"),  # NemotronH's MLP / MoE layers
 }
 
 
@@ -80,6 +83,7 @@ CHECKPOINT_FAMILIES: tuple[CheckpointFamily, ...] = (
     CheckpointFamily("RWKV-7", "rwkv7", ("RWKV7ForCausalLM", "rwkv7_blinkdl"), ("rwkv7", "rwkv7_fla")),
     CheckpointFamily("Bamba", "bamba", ("BambaForCausalLM",), ("bamba",)),
     CheckpointFamily("Granite 4.0-H", "granitemoehybrid", ("GraniteMoeHybridForCausalLM",), ("granitemoehybrid",)),
+    CheckpointFamily("NemotronH", "nemotron_h", ("NemotronHForCausalLM",), ("nemotron_h",)),
 )
 
 

@@ -66,11 +66,12 @@ class AttentionCache:
 class RecurrentState:
     """Per-layer caches plus the number of tokens already consumed."""
 
-    layers: list[MixerCache | RWKV7Cache | AttentionCache] = field(default_factory=list)
+    layers: list[MixerCache | RWKV7Cache | AttentionCache | None] = field(default_factory=list)  # None: an MLP layer
     n_tokens: int = 0
 
     @classmethod
     def empty(cls, layer_types: list[str]) -> "RecurrentState":
         from hooked_ssm.families import layer_kind  # the table imports the cache classes from here
 
-        return cls([layer_kind(kind).cache() for kind in layer_types])
+        caches = [layer_kind(kind).cache for kind in layer_types]
+        return cls([None if cache is None else cache() for cache in caches])

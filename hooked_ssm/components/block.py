@@ -1,7 +1,9 @@
 """The residual block, and ``build_blocks``, which builds one per layer from the family table.
 
 ``Block``: pre-norm token mixer, then pre-norm MLP (Qwen3.5 / Qwen3-Next, the Mamba-2 hybrids);
-without an MLP (``d_mlp == 0``, no experts) just ``resid + mixer(norm(resid))`` (``Mamba2ForCausalLM``).
+without an MLP (``d_mlp == 0`` and no experts, or ``block_mlp=False``) just
+``resid + mixer(norm(resid))`` (``Mamba2ForCausalLM``, NemotronH); a layer of kind ``"mlp"`` is
+``resid + mlp(norm(resid))`` (NemotronH's MLP and MoE layers).
 A layer kind with a block of its own names it in ``hooked_ssm.families.LAYER_KINDS`` (RWKV-7).
 """
 
@@ -14,7 +16,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
-from hooked_ssm.components.mlp import GatedMLP, SparseMoE
+from hooked_ssm.components.mlp import build_mlp
 from hooked_ssm.components.norms import LayerNorm, RMSNorm
 from hooked_ssm.config import HookedSSMConfig
 from hooked_ssm.families import layer_kind
@@ -35,19 +37,13 @@ class Block(nn.Module):
         self.residual_in_fp32 = cfg.residual_in_fp32
         self.residual_multiplier = cfg.residual_multiplier
         self.ln1 = RMSNorm(cfg.d_model, cfg.eps, cfg.norm_zero_centered)
-        setattr(self, self.slot, kind.mixer(cfg))
+        setattr(self, self.slot, kind.mixer(cfg) if kind.mixer is not None else build_mlp(cfg, layer))
         setattr(self, f"hook_{self.slot}_out", HookPoint())  # [batch, pos, d_model]
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
-        self.has_mlp = cfg.moe_layers[layer] or cfg.d_mlp > 0
+        self.has_mlp = self.slot != "mlp" and cfg.block_mlp and (cfg.moe_layers[layer] or cfg.d_mlp > 0)
         if self.has_mlp:
             self.ln2 = RMSNorm(cfg.d_model, cfg.eps, cfg.norm_zero_centered)
-            if cfg.moe_layers[layer]:
-                self.mlp = SparseMoE(
-                    cfg.d_model, cfg.n_experts, cfg.n_experts_per_tok, cfg.d_expert,
-                    cfg.d_shared_expert, cfg.act_fn, cfg.norm_topk_prob, cfg.shared_expert_gated,
-                )
-            else:
-                self.mlp = GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, bias=cfg.mlp_bias)
+            self.mlp = build_mlp(cfg, layer)
             self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
             self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
@@ -63,6 +59,8 @@ class Block(nn.Module):
         normed = self.ln1(resid.to(self.ln1.w.dtype))
         if self.slot == "attn":  # attention has no state to materialise
             mixed = self.hook_attn_out(self.attn(normed, cache, attention_mask))
+        elif self.slot == "mlp":
+            mixed = self.hook_mlp_out(self.mlp(normed))
         else:
             mixed = self.hook_mixer_out(self.mixer(normed, cache, attention_mask, state_positions))
         if self.residual_in_fp32:

@@ -20,6 +20,8 @@ from transformers import (
     BambaForCausalLM,
     GraniteMoeHybridConfig,
     GraniteMoeHybridForCausalLM,
+    NemotronHConfig,
+    NemotronHForCausalLM,
     PreTrainedModel,
 )
 
@@ -63,6 +65,22 @@ def _granite(**overrides) -> PreTrainedModel:
     return randomize_(GraniteMoeHybridForCausalLM(GraniteMoeHybridConfig(**{**kwargs, **overrides})))
 
 
+def _nemotron_h() -> PreTrainedModel:
+    # Every layer kind: Mamba-2, attention (no RoPE), relu2 MLP, group-routed MoE (2 groups, 1 eligible).
+    cfg = NemotronHConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, layers_block_type=["mamba", "attention", "mamba", "mlp", "moe", "mamba"],
+        mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16, chunk_size=16, n_routed_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, moe_shared_expert_intermediate_size=48, n_group=2,
+        topk_group=1, routed_scaling_factor=1.5, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = randomize_(NemotronHForCausalLM(cfg))
+    with torch.no_grad():  # a buffer, so randomize_ leaves it at zero
+        model.model.layers[4].mixer.gate.e_score_correction_bias.normal_(0, 0.3)
+    return model
+
+
 HYBRIDS = {
     "bamba": Hybrid(_bamba, lambda hf, layer: hf.model.layers[layer].mamba),
     "granitemoehybrid": Hybrid(_granite, lambda hf, layer: hf.model.layers[layer].mamba),
@@ -71,6 +89,7 @@ HYBRIDS = {
         lambda: _granite(num_local_experts=0, position_embedding_type="nope"),
         lambda hf, layer: hf.model.layers[layer].mamba,
     ),
+    "nemotron_h": Hybrid(_nemotron_h, lambda hf, layer: hf.model.layers[layer].mixer),
 }
 
 

@@ -45,6 +45,9 @@ class HookedSSMConfig:
     proj_bias: bool = False
     time_step_limit: tuple[float, float] = (0.0, float("inf"))
     residual_in_fp32: bool = False
+    # Mamba-2's gated norm: "gate_then_norm" (Mamba-2, Bamba, Granite, NemotronH),
+    # "norm_then_gate" or "none" (y * silu(gate); Falcon-H1's mamba_rms_norm=False).
+    ssm_norm: Literal["gate_then_norm", "norm_then_gate", "none"] = "gate_then_norm"
     # RWKV-7: LoRA ranks of the decay, in-context learning rate, value-residual and gate LoRAs;
     # eps of the per-head GroupNorm on the read.
     rwkv_decay_lora: int = 0

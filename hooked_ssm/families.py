@@ -28,8 +28,9 @@ import torch.nn as nn
 from hooked_ssm.components.attention import GatedAttention
 from hooked_ssm.components.gated_deltanet import GatedDeltaNetMixer
 from hooked_ssm.components.mamba2 import Mamba2Mixer
+from hooked_ssm.components.parallel_hybrid import ParallelHybridBlock
 from hooked_ssm.components.rwkv7 import RWKV7Block, RWKV7Mixer
-from hooked_ssm.state import AttentionCache, MixerCache, RWKV7Cache
+from hooked_ssm.state import AttentionCache, MixerCache, ParallelCache, RWKV7Cache
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ LAYER_KINDS: dict[str, LayerKind] = {
     "rwkv7": LayerKind(RWKV7Mixer, RWKV7Cache, block=RWKV7Block),
     "full_attention": LayerKind(GatedAttention, AttentionCache, slot="attn"),
     "mlp": LayerKind(None, None, slot="mlp"),  # NemotronH's MLP / MoE layers
+    # Falcon-H1: Mamba-2 and attention side by side in one block
+    "mamba2_parallel_attention": LayerKind(Mamba2Mixer, ParallelCache, grouped_keys=True, block=ParallelHybridBlock),
 }
 
 
@@ -84,6 +87,7 @@ CHECKPOINT_FAMILIES: tuple[CheckpointFamily, ...] = (
     CheckpointFamily("Bamba", "bamba", ("BambaForCausalLM",), ("bamba",)),
     CheckpointFamily("Granite 4.0-H", "granitemoehybrid", ("GraniteMoeHybridForCausalLM",), ("granitemoehybrid",)),
     CheckpointFamily("NemotronH", "nemotron_h", ("NemotronHForCausalLM",), ("nemotron_h",)),
+    CheckpointFamily("Falcon-H1", "falcon_h1", ("FalconH1ForCausalLM",), ("falcon_h1",)),
 )
 
 

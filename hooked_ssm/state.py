@@ -63,10 +63,20 @@ class AttentionCache:
 
 
 @dataclass
+class ParallelCache:
+    """A layer that runs a Mamba-2 mixer and attention side by side (Falcon-H1) carries both caches."""
+
+    mixer: MixerCache = field(default_factory=MixerCache)
+    attn: AttentionCache = field(default_factory=AttentionCache)
+
+
+@dataclass
 class RecurrentState:
     """Per-layer caches plus the number of tokens already consumed."""
 
-    layers: list[MixerCache | RWKV7Cache | AttentionCache | None] = field(default_factory=list)  # None: an MLP layer
+    layers: list[MixerCache | RWKV7Cache | AttentionCache | ParallelCache | None] = field(
+        default_factory=list
+    )  # None: an MLP layer
     n_tokens: int = 0
 
     @classmethod

@@ -170,7 +170,8 @@ def mixer_weights(state: dict[str, Tensor], prefix: str, cfg: HookedSSMConfig) -
         out[name] = take(state, f"{prefix}{name}")
     if cfg.conv_bias:
         out["conv_bias"] = take(state, f"{prefix}conv1d.bias")
-    out["norm.w"] = take(state, f"{prefix}norm.weight")
+    if cfg.ssm_norm != "none":
+        out["norm.w"] = take(state, f"{prefix}norm.weight")
     return out
 
 

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import randomize_
 from test_mamba2_parity import explicit_mixer
 from transformers import (
     BambaConfig,
     BambaForCausalLM,
+    FalconH1Config,
+    FalconH1ForCausalLM,
     GraniteMoeHybridConfig,
     GraniteMoeHybridForCausalLM,
     NemotronHConfig,
@@ -26,6 +30,7 @@ from transformers import (
 )
 
 from hooked_ssm import HookedSSM, RecurrentState
+from hooked_ssm.components.mamba2 import Mamba2Mixer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,6 +42,20 @@ MAMBA_LAYER = 2  # a Mamba-2 layer after an attention layer in every row
 class Hybrid:
     build: Callable[[], PreTrainedModel]  # a tiny random transformers model
     mixer: Callable[[PreTrainedModel, int], torch.nn.Module]  # its Mamba-2 mixer at a layer
+    # What the brute-force recurrence reads of that mixer (in_proj, norm, ...): the mixer itself,
+    # or a view that applies the family's extra multipliers the way its transformers mixer does.
+    as_mamba2: Callable[[torch.nn.Module], object] = lambda mixer: mixer
+
+
+def _falcon_as_mamba2(mixer: torch.nn.Module) -> object:
+    """Falcon-H1's mixer seen as a plain Mamba-2 mixer: input times ssm_in_multiplier, in_proj rows
+    times the muP vector, and its gated norm (or none), exactly as FalconH1Mixer.forward applies them."""
+    view = SimpleNamespace(**{name: getattr(mixer, name) for name in (
+        "num_heads", "head_dim", "ssm_state_size", "n_groups", "intermediate_size", "conv_dim", "conv1d",
+        "dt_bias", "time_step_limit", "A_log", "D", "out_proj")})
+    view.in_proj = lambda hidden: mixer.in_proj(hidden * mixer.ssm_in_multiplier) * mixer.mup_vector
+    view.norm = mixer.norm if mixer.mamba_rms_norm else (lambda y, gate: y * F.silu(gate))
+    return view
 
 
 def _bamba() -> PreTrainedModel:
@@ -81,6 +100,20 @@ def _nemotron_h() -> PreTrainedModel:
     return model
 
 
+def _falcon_h1(**overrides) -> PreTrainedModel:
+    # Every muP multiplier away from 1 (each folded into a weight by the converter, or kept).
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, mamba_d_ssm=128, mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2,
+        mamba_d_state=16, mamba_chunk_size=16, embedding_multiplier=2.0, lm_head_multiplier=0.5,
+        mlp_multipliers=[1.5, 0.7], key_multiplier=0.8, attention_in_multiplier=1.3, attention_out_multiplier=0.6,
+        ssm_multipliers=[0.9, 1.1, 0.8, 1.2, 0.7], ssm_in_multiplier=1.4, ssm_out_multiplier=0.5,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    return randomize_(FalconH1ForCausalLM(FalconH1Config(**{**kwargs, **overrides})))
+
+
 HYBRIDS = {
     "bamba": Hybrid(_bamba, lambda hf, layer: hf.model.layers[layer].mamba),
     "granitemoehybrid": Hybrid(_granite, lambda hf, layer: hf.model.layers[layer].mamba),
@@ -90,6 +123,11 @@ HYBRIDS = {
         lambda hf, layer: hf.model.layers[layer].mamba,
     ),
     "nemotron_h": Hybrid(_nemotron_h, lambda hf, layer: hf.model.layers[layer].mixer),
+    "falcon_h1": Hybrid(_falcon_h1, lambda hf, layer: hf.model.layers[layer].mamba, _falcon_as_mamba2),
+    # the gated RMSNorm variant (norm, then gate)
+    "falcon_h1_rmsnorm": Hybrid(
+        lambda: _falcon_h1(mamba_rms_norm=True), lambda hf, layer: hf.model.layers[layer].mamba, _falcon_as_mamba2
+    ),
 }
 
 
@@ -114,7 +152,8 @@ def _hf_logits(hf_model, tokens):
 def brute_force_logits(hf_model, row, tokens, layer, write_override=None, states=None):
     """transformers' model with its Mamba-2 mixer at ``layer`` recomputed token by token."""
     mixer = row.mixer(hf_model, layer)
-    mixer.forward = lambda hidden_states, *args, **kwargs: explicit_mixer(mixer, hidden_states, write_override, states)
+    view = row.as_mamba2(mixer)
+    mixer.forward = lambda hidden_states, *args, **kwargs: explicit_mixer(view, hidden_states, write_override, states)
     try:
         return _hf_logits(hf_model, tokens)
     finally:
@@ -125,7 +164,8 @@ def brute_force_logits(hf_model, row, tokens, layer, write_override=None, states
 def test_logits_match_transformers(hybrid, execution):
     name, directory, hf_model, _ = hybrid
     model = HookedSSM.from_pretrained(directory, execution=execution)
-    assert "full_attention" in model.cfg.layer_types and "mamba2" in model.cfg.layer_types
+    assert any(hasattr(block, "attn") for block in model.blocks)
+    assert isinstance(model.blocks[MAMBA_LAYER].mixer, Mamba2Mixer)
     for length in (37, 70):
         tokens = _tokens(2, length, seed=length)
         with torch.no_grad():

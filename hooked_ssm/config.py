@@ -38,6 +38,10 @@ class HookedSSMConfig:
     d_k: int = 0
     d_v: int = 0
     conv_kernel: int = 4
+    # Gated DeltaNet variants: beta = gdn_beta_scale * sigmoid(b) (2.0 lets the erase overshoot,
+    # beta in (0, 2): OLMo-Hybrid's allow_neg_eigval); eps of the gated output norm (None: eps).
+    gdn_beta_scale: float = 1.0
+    gdn_norm_eps: float | None = None
     chunk_size: int = 64
     execution: Execution = "chunked"
     # Mamba-2: conv bias, in/out projection bias, dt clamp, fp32 residual stream.
@@ -62,7 +66,9 @@ class HookedSSMConfig:
     rotary_dim: int = 0
     rope_theta: float = 10_000.0
     attn_output_gate: bool = True
-    attn_qk_norm: bool = True  # per-head RMSNorms on q and k (Qwen3.5); the Mamba-2 hybrids have none
+    # RMSNorms on q and k: "per_head" (Qwen3.5), "all_heads" (one norm over all heads: OLMo-Hybrid),
+    # "none" (the Mamba-2 hybrids).
+    attn_qk_norm: Literal["per_head", "all_heads", "none"] = "per_head"
     attn_bias: bool = False  # biases on q/k/v/o projections
     attn_scale: float | None = None  # the scores' scale; None: d_head ** -0.5 (muP models set their own)
     # MLP, dense (SwiGLU) or sparse mixture of experts with a gated shared expert.

@@ -46,6 +46,8 @@ class LayerKind:
     slot: str = "mixer"
     grouped_keys: bool = False  # n_key_heads key groups serve n_heads heads (cfg checks the ratio)
     block: type[nn.Module] | None = None  # a block of its own; None: the pre-norm ``Block``
+    # ``Block`` norms the sublayers' outputs instead of their inputs (OLMo-Hybrid's attention layers).
+    post_norm: bool = False
 
 
 LAYER_KINDS: dict[str, LayerKind] = {
@@ -53,6 +55,7 @@ LAYER_KINDS: dict[str, LayerKind] = {
     "mamba2": LayerKind(Mamba2Mixer, MixerCache, grouped_keys=True),
     "rwkv7": LayerKind(RWKV7Mixer, RWKV7Cache, block=RWKV7Block),
     "full_attention": LayerKind(GatedAttention, AttentionCache, slot="attn"),
+    "full_attention_post_norm": LayerKind(GatedAttention, AttentionCache, slot="attn", post_norm=True),
     "mlp": LayerKind(None, None, slot="mlp"),  # NemotronH's MLP / MoE layers
     # Falcon-H1: Mamba-2 and attention side by side in one block
     "mamba2_parallel_attention": LayerKind(Mamba2Mixer, ParallelCache, grouped_keys=True, block=ParallelHybridBlock),
@@ -88,6 +91,7 @@ CHECKPOINT_FAMILIES: tuple[CheckpointFamily, ...] = (
     CheckpointFamily("Granite 4.0-H", "granitemoehybrid", ("GraniteMoeHybridForCausalLM",), ("granitemoehybrid",)),
     CheckpointFamily("NemotronH", "nemotron_h", ("NemotronHForCausalLM",), ("nemotron_h",)),
     CheckpointFamily("Falcon-H1", "falcon_h1", ("FalconH1ForCausalLM",), ("falcon_h1",)),
+    CheckpointFamily("OLMo-Hybrid", "olmo_hybrid", ("OlmoHybridForCausalLM",), ("olmo_hybrid",)),
 )
 
 

@@ -58,9 +58,10 @@ class GatedAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.d_head, bias=cfg.attn_bias)
         self.o_proj = nn.Linear(self.n_heads * self.d_head, cfg.d_model, bias=cfg.attn_bias)
         self.qk_norm = cfg.attn_qk_norm
-        if self.qk_norm:
-            self.q_norm = RMSNorm(self.d_head, cfg.eps, cfg.norm_zero_centered)
-            self.k_norm = RMSNorm(self.d_head, cfg.eps, cfg.norm_zero_centered)
+        if self.qk_norm != "none":
+            heads = (self.n_heads, self.n_kv_heads) if self.qk_norm == "all_heads" else (1, 1)
+            self.q_norm = RMSNorm(heads[0] * self.d_head, cfg.eps, cfg.norm_zero_centered)
+            self.k_norm = RMSNorm(heads[1] * self.d_head, cfg.eps, cfg.norm_zero_centered)
         self.rotary = PartialRotary(cfg.rotary_dim, cfg.rope_theta)
 
         self.hook_q = HookPoint()  # [batch, pos, head, d_head], after q_norm (if any), before RoPE
@@ -89,8 +90,10 @@ class GatedAttention(nn.Module):
             q, gate = q.chunk(2, dim=-1)
             gate = self.hook_gate(gate)
         k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.d_head)
-        if self.qk_norm:
+        if self.qk_norm == "per_head":
             q, k = self.q_norm(q), self.k_norm(k)
+        elif self.qk_norm == "all_heads":
+            q, k = self.q_norm(q.flatten(-2)).view_as(q), self.k_norm(k.flatten(-2)).view_as(k)
         q, k = self.hook_q(q), self.hook_k(k)
         v = self.hook_v(self.v_proj(x).view(batch, length, self.n_kv_heads, self.d_head))
 

@@ -3,7 +3,9 @@
 ``Block``: pre-norm token mixer, then pre-norm MLP (Qwen3.5 / Qwen3-Next, the Mamba-2 hybrids);
 without an MLP (``d_mlp == 0`` and no experts, or ``block_mlp=False``) just
 ``resid + mixer(norm(resid))`` (``Mamba2ForCausalLM``, NemotronH); a layer of kind ``"mlp"`` is
-``resid + mlp(norm(resid))`` (NemotronH's MLP and MoE layers).
+``resid + mlp(norm(resid))`` (NemotronH's MLP and MoE layers). A post-norm kind norms outputs
+instead: ``resid + norm(attn(resid))``, ``resid + norm(mlp(resid))`` (OLMo-Hybrid's attention).
+``hook_{attn,mixer,mlp}_out`` is always what joins the residual stream.
 A layer kind with a block of its own names it in ``hooked_ssm.families.LAYER_KINDS`` (RWKV-7).
 """
 
@@ -33,7 +35,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer_type = cfg.layer_types[layer]
         kind = layer_kind(self.layer_type)
-        self.slot = kind.slot
+        self.slot, self.post_norm = kind.slot, kind.post_norm
         self.residual_in_fp32 = cfg.residual_in_fp32
         self.residual_multiplier = cfg.residual_multiplier
         self.ln1 = RMSNorm(cfg.d_model, cfg.eps, cfg.norm_zero_centered)
@@ -56,19 +58,22 @@ class Block(nn.Module):
         state_positions: Sequence[int] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         resid = self.hook_resid_pre(resid)
-        normed = self.ln1(resid.to(self.ln1.w.dtype))
+        x = resid if self.post_norm else self.ln1(resid.to(self.ln1.w.dtype))
         if self.slot == "attn":  # attention has no state to materialise
-            mixed = self.hook_attn_out(self.attn(normed, cache, attention_mask))
+            out = self.attn(x, cache, attention_mask)
         elif self.slot == "mlp":
-            mixed = self.hook_mlp_out(self.mlp(normed))
+            out = self.mlp(x)
         else:
-            mixed = self.hook_mixer_out(self.mixer(normed, cache, attention_mask, state_positions))
+            out = self.mixer(x, cache, attention_mask, state_positions)
+        out = getattr(self, f"hook_{self.slot}_out")(self.ln1(out) if self.post_norm else out)
         if self.residual_in_fp32:
             resid = resid.float()
-        resid = resid + self._scaled(mixed)
+        resid = resid + self._scaled(out)
         if self.has_mlp:
             resid = self.hook_resid_mid(resid)
-            resid = resid + self._scaled(self.hook_mlp_out(self.mlp(self.ln2(resid.to(self.ln2.w.dtype)))))
+            x = resid if self.post_norm else self.ln2(resid.to(self.ln2.w.dtype))
+            out = self.ln2(self.mlp(x)) if self.post_norm else self.mlp(x)
+            resid = resid + self._scaled(self.hook_mlp_out(out))
         return self.hook_resid_post(resid)
 
     def _scaled(self, out: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:

@@ -67,13 +67,14 @@ class GatedDeltaNetMixer(nn.Module):
         nn.init.normal_(self.conv_weight, std=cfg.conv_kernel**-0.5)
         self.A_log = nn.Parameter(torch.zeros(self.n_heads))
         self.dt_bias = nn.Parameter(torch.ones(self.n_heads))
-        self.norm = GatedRMSNorm(self.d_v, cfg.eps)
+        self.norm = GatedRMSNorm(self.d_v, cfg.eps if cfg.gdn_norm_eps is None else cfg.gdn_norm_eps)
+        self.beta_scale = cfg.gdn_beta_scale
         self.out_proj = nn.Linear(value_dim, cfg.d_model, bias=False)
 
         self.hook_q = HookPoint()  # [batch, pos, head, d_k]: L2-normalised, scaled by d_k**-0.5
         self.hook_k = HookPoint()  # [batch, pos, head, d_k]: L2-normalised write/erase key
         self.hook_v = HookPoint()  # [batch, pos, head, d_v]
-        self.hook_beta = HookPoint()  # [batch, pos, head]: write strength b_t in (0, 1)
+        self.hook_beta = HookPoint()  # [batch, pos, head]: write strength b_t in (0, beta_scale): (0, 1) or (0, 2)
         self.hook_decay = HookPoint()  # [batch, pos, head]: forget gate a_t = exp(g_t) in (0, 1]
         self.hook_gate = HookPoint()  # [batch, pos, head, d_v]: output gate logits z_t
         self.hook_write = HookPoint()  # [batch, pos, head, d_k*d_v]: b_t k_t v_t^T, key-major
@@ -109,7 +110,8 @@ class GatedDeltaNetMixer(nn.Module):
         q = self.hook_q(q * self.d_k**-0.5)
         k = self.hook_k(k)
         v = self.hook_v(v.float().view(batch, length, self.n_heads, self.d_v))
-        beta = self.hook_beta(torch.sigmoid(self.in_proj_b(x)).float())
+        beta = torch.sigmoid(self.in_proj_b(x)).float()
+        beta = self.hook_beta(beta if self.beta_scale == 1.0 else beta * self.beta_scale)
         g = self._log_decay(x)
         z = self.hook_gate(self.in_proj_z(x).view(batch, length, self.n_heads, self.d_v))
 

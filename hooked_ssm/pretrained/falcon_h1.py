@@ -65,7 +65,7 @@ def config_from_hf(hf: PretrainedConfig) -> dict[str, Any]:
         d_head=head_dim,
         **rope_fields(hf, head_dim),
         attn_output_gate=False,
-        attn_qk_norm=False,
+        attn_qk_norm="none",
         attn_bias=bool(hf.attention_bias),
         d_mlp=hf.intermediate_size,
         act_fn=hf.hidden_act,

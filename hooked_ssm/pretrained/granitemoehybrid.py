@@ -57,7 +57,7 @@ def config_from_hf(hf: PretrainedConfig) -> dict[str, Any]:
         d_head=head_dim,
         **rope,
         attn_output_gate=False,
-        attn_qk_norm=False,
+        attn_qk_norm="none",
         attn_bias=bool(hf.attention_bias),
         attn_scale=float(hf.attention_multiplier),
         d_mlp=hf.shared_intermediate_size,  # the dense MLP when there are no experts

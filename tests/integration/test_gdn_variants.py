@@ -1,0 +1,131 @@
+"""Gated DeltaNet variants of transformers beyond Qwen3.5 / Qwen3-Next, loaded from tiny random
+``save_pretrained`` checkpoints: parity (chunked and recurrent), write edits against the brute-force
+per-token rule of test_gdn_hooks run inside the transformers model, exact causality of an edit, and
+generation with the recurrent cache.
+
+One row of ``VARIANTS`` per family: its tiny model, and the transformers module whose
+``torch_chunk_gated_delta_rule`` the brute-force rule replaces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+
+import pytest
+import torch
+from conftest import randomize_
+from test_gdn_hooks import brute_force_rule
+from transformers import OlmoHybridConfig, OlmoHybridForCausalLM, PreTrainedModel
+from transformers.models.olmo_hybrid import modeling_olmo_hybrid
+
+from hooked_ssm import HookedSSM, RecurrentState, as_flat
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB, TOL = 300, 1e-4
+LAYER, LINEAR_INDEX = 2, 1  # model layer 2 is the second Gated DeltaNet layer of every row
+
+
+@dataclass(frozen=True)
+class Variant:
+    build: Callable[[], PreTrainedModel]
+    modeling: ModuleType  # where transformers looks up torch_chunk_gated_delta_rule
+
+
+def _olmo_hybrid(**overrides) -> PreTrainedModel:
+    # Grouped keys (2 key heads, 4 value heads), beta in (0, 2), attention between the GDN layers.
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    return randomize_(OlmoHybridForCausalLM(OlmoHybridConfig(**{**kwargs, **overrides})))
+
+
+VARIANTS = {
+    "olmo_hybrid": Variant(_olmo_hybrid, modeling_olmo_hybrid),
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request, tmp_path_factory):
+    row = VARIANTS[request.param]
+    hf_model = row.build()
+    directory = tmp_path_factory.mktemp(request.param)
+    hf_model.save_pretrained(directory)
+    return request.param, directory, hf_model, row
+
+
+def _tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _hf_logits(hf_model, tokens):
+    with torch.no_grad():
+        return hf_model(input_ids=tokens, use_cache=False).logits
+
+
+@pytest.mark.parametrize("execution", ["chunked", "recurrent"])
+def test_logits_match_transformers(variant, execution):
+    name, directory, hf_model, _ = variant
+    model = HookedSSM.from_pretrained(directory, execution=execution)
+    for length in (37, 90):  # one chunk, and two (chunks of 64)
+        tokens = _tokens(2, length, seed=length)
+        with torch.no_grad():
+            diff = (model(tokens) - _hf_logits(hf_model, tokens)).abs().max().item()
+        assert diff <= TOL, f"{name}/{execution}/T={length}: max |logit diff| {diff:.2e}"
+
+
+def test_beta_reaches_past_one(variant):
+    """OLMo-Hybrid's allow_neg_eigval: beta = 2 sigmoid(b) in (0, 2), seen as such by hook_beta."""
+    _, directory, hf_model, _ = variant
+    model = HookedSSM.from_pretrained(directory)
+    _, cache = model.run_with_cache(_tokens(2, 40), names_filter=f"blocks.{LAYER}.mixer.hook_beta")
+    beta = cache[f"blocks.{LAYER}.mixer.hook_beta"]
+    assert hf_model.config.linear_allow_neg_eigval and 1.0 < beta.max() < 2.0 and beta.min() > 0
+
+
+@pytest.mark.parametrize("execution", ["chunked", "recurrent"])
+def test_write_edit_is_exact_and_causal(variant, execution, monkeypatch):
+    name, directory, hf_model, row = variant
+    model = HookedSSM.from_pretrained(directory, execution=execution)
+    tokens, t, head = _tokens(2, 90, seed=3), 70, 1
+    replacement = torch.randn(model.cfg.d_k, model.cfg.d_v, generator=torch.Generator().manual_seed(0))
+
+    def replace_write(write, hook):
+        write = write.clone()
+        write[:, t, head] = as_flat(replacement)
+        return write
+
+    with torch.no_grad():
+        clean = model(tokens)
+        edited = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{LAYER}.mixer.hook_write", replace_write)])
+    monkeypatch.setattr(row.modeling, "torch_chunk_gated_delta_rule",
+                        brute_force_rule({LINEAR_INDEX: {"write": (t, head, replacement)}}))
+    diff = (edited - _hf_logits(hf_model, tokens)).abs().max().item()
+    assert diff <= TOL, f"{name}/{execution}: edited logits vs brute force {diff:.2e}"
+    assert torch.equal(edited[:, :t], clean[:, :t])  # nothing before the edit moves, bit for bit
+    assert (edited[:, t:] - clean[:, t:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("execution", ["chunked", "recurrent"])
+def test_generation_with_the_recurrent_cache(variant, execution):
+    _, directory, hf_model, _ = variant
+    model = HookedSSM.from_pretrained(directory, execution=execution)
+    tokens = _tokens(2, 20, seed=11)
+    kwargs = dict(max_new_tokens=6, do_sample=False, stop_at_eos=False, verbose=False)
+    cached = model.generate(tokens, use_past_kv_cache=True, **kwargs)
+    assert torch.equal(cached, model.generate(tokens, use_past_kv_cache=False, **kwargs))
+    with torch.no_grad():
+        reference = hf_model.generate(tokens, max_new_tokens=6, do_sample=False, use_cache=True)
+    assert torch.equal(cached, reference)
+    state = RecurrentState.empty(model.cfg.layer_types)
+    with torch.no_grad():
+        full = model(tokens)
+        steps = [model(tokens[:, :14], past_state=state)] + [model(tokens[:, s : s + 1], past_state=state)
+                                                             for s in range(14, 20)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=TOL, rtol=TOL)

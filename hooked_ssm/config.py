@@ -70,6 +70,7 @@ class HookedSSMConfig:
     # "none" (the Mamba-2 hybrids).
     attn_qk_norm: Literal["per_head", "all_heads", "none"] = "per_head"
     attn_bias: bool = False  # biases on q/k/v/o projections
+    attn_sliding_window: int = 0  # tokens a "sliding_attention" layer sees (LaraMini)
     attn_scale: float | None = None  # the scores' scale; None: d_head ** -0.5 (muP models set their own)
     # MLP, dense (SwiGLU) or sparse mixture of experts with a gated shared expert.
     d_mlp: int = 0

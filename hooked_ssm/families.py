@@ -48,6 +48,7 @@ class LayerKind:
     block: type[nn.Module] | None = None  # a block of its own; None: the pre-norm ``Block``
     # ``Block`` norms the sublayers' outputs instead of their inputs (OLMo-Hybrid's attention layers).
     post_norm: bool = False
+    options: dict[str, bool] = field(default_factory=dict)  # keyword arguments of ``mixer(cfg, **options)``
 
 
 LAYER_KINDS: dict[str, LayerKind] = {
@@ -56,6 +57,8 @@ LAYER_KINDS: dict[str, LayerKind] = {
     "rwkv7": LayerKind(RWKV7Mixer, RWKV7Cache, block=RWKV7Block),
     "full_attention": LayerKind(GatedAttention, AttentionCache, slot="attn"),
     "full_attention_post_norm": LayerKind(GatedAttention, AttentionCache, slot="attn", post_norm=True),
+    "full_attention_nope": LayerKind(GatedAttention, AttentionCache, slot="attn", options={"rotary": False}),
+    "sliding_attention": LayerKind(GatedAttention, AttentionCache, slot="attn", options={"sliding": True}),
     "mlp": LayerKind(None, None, slot="mlp"),  # NemotronH's MLP / MoE layers
     # Falcon-H1: Mamba-2 and attention side by side in one block
     "mamba2_parallel_attention": LayerKind(Mamba2Mixer, ParallelCache, grouped_keys=True, block=ParallelHybridBlock),
@@ -92,6 +95,7 @@ CHECKPOINT_FAMILIES: tuple[CheckpointFamily, ...] = (
     CheckpointFamily("NemotronH", "nemotron_h", ("NemotronHForCausalLM",), ("nemotron_h",)),
     CheckpointFamily("Falcon-H1", "falcon_h1", ("FalconH1ForCausalLM",), ("falcon_h1",)),
     CheckpointFamily("OLMo-Hybrid", "olmo_hybrid", ("OlmoHybridForCausalLM",), ("olmo_hybrid",)),
+    CheckpointFamily("LaraMini", "lara_mini", ("LaraMiniForCausalLM",), ("lara_mini",)),
 )
 
 

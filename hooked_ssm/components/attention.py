@@ -47,7 +47,10 @@ class PartialRotary(nn.Module):
 
 
 class GatedAttention(nn.Module):
-    def __init__(self, cfg: HookedSSMConfig):
+    """``sliding=True``: each query sees its last ``cfg.attn_sliding_window`` tokens only;
+    ``rotary=False``: no RoPE in this layer (LaraMini's global layers). Set per layer kind."""
+
+    def __init__(self, cfg: HookedSSMConfig, sliding: bool = False, rotary: bool = True):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.d_head = cfg.n_attn_heads, cfg.n_kv_heads, cfg.d_head
         self.output_gate = cfg.attn_output_gate
@@ -62,7 +65,10 @@ class GatedAttention(nn.Module):
             heads = (self.n_heads, self.n_kv_heads) if self.qk_norm == "all_heads" else (1, 1)
             self.q_norm = RMSNorm(heads[0] * self.d_head, cfg.eps, cfg.norm_zero_centered)
             self.k_norm = RMSNorm(heads[1] * self.d_head, cfg.eps, cfg.norm_zero_centered)
-        self.rotary = PartialRotary(cfg.rotary_dim, cfg.rope_theta)
+        self.rotary = PartialRotary(cfg.rotary_dim if rotary else 0, cfg.rope_theta)
+        self.window = cfg.attn_sliding_window if sliding else None
+        if sliding and not cfg.attn_sliding_window:
+            raise ValueError("A sliding-attention layer needs cfg.attn_sliding_window > 0.")
 
         self.hook_q = HookPoint()  # [batch, pos, head, d_head], after q_norm (if any), before RoPE
         self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head], after k_norm (if any), before RoPE
@@ -112,6 +118,10 @@ class GatedAttention(nn.Module):
         values = v.repeat_interleave(group, dim=2)
         key_positions = torch.arange(keys.shape[1], device=x.device)
         allowed = key_positions[None, :] <= slots[:, None]  # [query, key]: causal in slot order
+        if self.window is not None:
+            if ragged:
+                raise ValueError("Sliding-window attention does not support ragged caches (rows of different lengths).")
+            allowed = allowed & (key_positions[None, :] > slots[:, None] - self.window)
         if ragged:  # the padding slots between a row's prefix and this call's tokens hold nothing
             allowed = allowed[None, None] & cache.key_mask[:, None, None, :]
         if attention_mask is not None:  # [batch, key_pos] with 1 for real tokens

@@ -39,7 +39,7 @@ class Block(nn.Module):
         self.residual_in_fp32 = cfg.residual_in_fp32
         self.residual_multiplier = cfg.residual_multiplier
         self.ln1 = RMSNorm(cfg.d_model, cfg.eps, cfg.norm_zero_centered)
-        setattr(self, self.slot, kind.mixer(cfg) if kind.mixer is not None else build_mlp(cfg, layer))
+        setattr(self, self.slot, kind.mixer(cfg, **kind.options) if kind.mixer is not None else build_mlp(cfg, layer))
         setattr(self, f"hook_{self.slot}_out", HookPoint())  # [batch, pos, d_model]
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
         self.has_mlp = self.slot != "mlp" and cfg.block_mlp and (cfg.moe_layers[layer] or cfg.d_mlp > 0)

@@ -30,7 +30,7 @@ from hooked_ssm.components.gated_deltanet import GatedDeltaNetMixer
 from hooked_ssm.components.mamba2 import Mamba2Mixer
 from hooked_ssm.components.parallel_hybrid import ParallelHybridBlock
 from hooked_ssm.components.rwkv7 import RWKV7Block, RWKV7Mixer
-from hooked_ssm.state import AttentionCache, MixerCache, ParallelCache, RWKV7Cache
+from hooked_ssm.state import AttentionCache, MixerCache, NoCache, ParallelCache, RWKV7Cache
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class LayerKind:
 
     # Built as ``mixer(cfg)`` by the default ``Block``; None: the layer is an MLP (``build_mlp``).
     mixer: type[nn.Module] | None
-    cache: type | None  # the per-layer decoding cache (``RecurrentState.layers[l]``); None: no state
+    cache: type  # the per-layer decoding cache (``RecurrentState.layers[l]``)
     # Where the block holds the mixer and the name of its output hook: recurrent mixers at
     # ``.mixer`` / ``hook_mixer_out``, softmax attention at ``.attn`` / ``hook_attn_out`` (TransformerLens),
     # MLP layers at ``.mlp`` / ``hook_mlp_out``.
@@ -59,7 +59,7 @@ LAYER_KINDS: dict[str, LayerKind] = {
     "full_attention_post_norm": LayerKind(GatedAttention, AttentionCache, slot="attn", post_norm=True),
     "full_attention_nope": LayerKind(GatedAttention, AttentionCache, slot="attn", options={"rotary": False}),
     "sliding_attention": LayerKind(GatedAttention, AttentionCache, slot="attn", options={"sliding": True}),
-    "mlp": LayerKind(None, None, slot="mlp"),  # NemotronH's MLP / MoE layers
+    "mlp": LayerKind(None, NoCache, slot="mlp"),  # NemotronH's MLP / MoE layers
     # Falcon-H1: Mamba-2 and attention side by side in one block
     "mamba2_parallel_attention": LayerKind(Mamba2Mixer, ParallelCache, grouped_keys=True, block=ParallelHybridBlock),
 }

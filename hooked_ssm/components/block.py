@@ -22,7 +22,7 @@ from hooked_ssm.components.mlp import build_mlp
 from hooked_ssm.components.norms import LayerNorm, RMSNorm
 from hooked_ssm.config import HookedSSMConfig
 from hooked_ssm.families import layer_kind
-from hooked_ssm.state import AttentionCache, MixerCache
+from hooked_ssm.state import AttentionCache, MixerCache, NoCache
 
 
 class Block(nn.Module):
@@ -53,7 +53,7 @@ class Block(nn.Module):
     def forward(
         self,
         resid: Float[Tensor, "batch pos d_model"],
-        cache: MixerCache | AttentionCache | None = None,
+        cache: MixerCache | AttentionCache | NoCache | None = None,
         attention_mask: Tensor | None = None,
         state_positions: Sequence[int] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:

@@ -6,7 +6,7 @@ and adds their outputs (Falcon-H1), then a pre-norm MLP::
     resid = resid + mlp(ln2(resid))             hook_mlp_out
 
 The mixer at ``.mixer`` and the attention at ``.attn`` keep the hook vocabulary of their own kinds;
-the layer's decoding cache holds both (``ParallelCache``).
+the layer's decoding cache serves both (``ParallelCache``).
 """
 
 from __future__ import annotations
@@ -51,9 +51,8 @@ class ParallelHybridBlock(nn.Module):
     ) -> Float[Tensor, "batch pos d_model"]:
         resid = self.hook_resid_pre(resid)
         normed = self.ln1(resid)
-        mixer_cache, attn_cache = (None, None) if cache is None else (cache.mixer, cache.attn)
-        mixed = self.hook_mixer_out(self.mixer(normed, mixer_cache, attention_mask, state_positions))
-        attended = self.hook_attn_out(self.attn(normed, attn_cache, attention_mask))
+        mixed = self.hook_mixer_out(self.mixer(normed, cache, attention_mask, state_positions))
+        attended = self.hook_attn_out(self.attn(normed, cache, attention_mask))
         resid = self.hook_resid_mid(resid + (mixed + attended))
         resid = resid + self.hook_mlp_out(self.mlp(self.ln2(resid)))
         return self.hook_resid_post(resid)

@@ -166,6 +166,7 @@ def test_logits_match_transformers(hybrid, execution):
     model = HookedSSM.from_pretrained(directory, execution=execution)
     assert any(hasattr(block, "attn") for block in model.blocks)
     assert isinstance(model.blocks[MAMBA_LAYER].mixer, Mamba2Mixer)
+    assert len(model.W_O) == model.cfg.n_layers  # None only for MLP-only layers
     for length in (37, 70):
         tokens = _tokens(2, length, seed=length)
         with torch.no_grad():

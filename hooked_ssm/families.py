@@ -85,8 +85,9 @@ class CheckpointFamily:
 
 CHECKPOINT_FAMILIES: tuple[CheckpointFamily, ...] = (
     CheckpointFamily(
-        "Gated DeltaNet hybrids: Qwen3.5, Qwen3-Next", "qwen3_5",
-        ("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration", "Qwen3NextForCausalLM"),
+        "Gated DeltaNet hybrids: Qwen3.5 (dense and MoE), Qwen3-Next", "qwen3_5",
+        ("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration", "Qwen3NextForCausalLM",
+         "Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration"),
     ),
     CheckpointFamily("Mamba-2", "mamba2", ("Mamba2ForCausalLM", "mamba_ssm"), ("mamba2",)),
     CheckpointFamily("RWKV-7", "rwkv7", ("RWKV7ForCausalLM", "rwkv7_blinkdl"), ("rwkv7", "rwkv7_fla")),

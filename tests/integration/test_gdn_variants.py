@@ -17,9 +17,18 @@ import pytest
 import torch
 from conftest import randomize_
 from test_gdn_hooks import brute_force_rule
-from transformers import LaraMiniConfig, LaraMiniForCausalLM, OlmoHybridConfig, OlmoHybridForCausalLM, PreTrainedModel
+from transformers import (
+    LaraMiniConfig,
+    LaraMiniForCausalLM,
+    OlmoHybridConfig,
+    OlmoHybridForCausalLM,
+    PreTrainedModel,
+    Qwen3_5MoeForCausalLM,
+    Qwen3_5MoeTextConfig,
+)
 from transformers.models.lara_mini import modeling_lara_mini
 from transformers.models.olmo_hybrid import modeling_olmo_hybrid
+from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe
 
 from hooked_ssm import HookedSSM, RecurrentState, as_flat
 
@@ -61,9 +70,26 @@ def _lara_mini() -> PreTrainedModel:
     return randomize_(LaraMiniForCausalLM(cfg))
 
 
+def _qwen3_5_moe() -> PreTrainedModel:
+    # Qwen3.5's hybrid layers with experts in every layer (layer 2 is the second GDN layer, as in every row).
+    cfg = Qwen3_5MoeTextConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention",
+                                  "full_attention"],
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
+        moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
+                         "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    return randomize_(Qwen3_5MoeForCausalLM(cfg))
+
+
 VARIANTS = {
     "olmo_hybrid": Variant(_olmo_hybrid, modeling_olmo_hybrid),
     "lara_mini": Variant(_lara_mini, modeling_lara_mini),
+    "qwen3_5_moe": Variant(_qwen3_5_moe, modeling_qwen3_5_moe),
 }
 
 

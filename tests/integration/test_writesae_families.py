@@ -28,7 +28,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 LAYER, HEAD = 2, 1
 FAMILIES = {"bamba": HYBRIDS["bamba"].build, "granitemoehybrid": HYBRIDS["granitemoehybrid"].build,
             "nemotron_h": HYBRIDS["nemotron_h"].build, "falcon_h1": HYBRIDS["falcon_h1"].build,
-            "olmo_hybrid": VARIANTS["olmo_hybrid"].build, "lara_mini": VARIANTS["lara_mini"].build}
+            "olmo_hybrid": VARIANTS["olmo_hybrid"].build, "lara_mini": VARIANTS["lara_mini"].build,
+            "qwen3_5_moe": VARIANTS["qwen3_5_moe"].build}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Literal
 
 import torch.nn as nn
 
@@ -43,7 +44,7 @@ class LayerKind:
     # Where the block holds the mixer and the name of its output hook: recurrent mixers at
     # ``.mixer`` / ``hook_mixer_out``, softmax attention at ``.attn`` / ``hook_attn_out`` (TransformerLens),
     # MLP layers at ``.mlp`` / ``hook_mlp_out``.
-    slot: str = "mixer"
+    slot: Literal["mixer", "attn", "mlp"] = "mixer"
     grouped_keys: bool = False  # n_key_heads key groups serve n_heads heads (cfg checks the ratio)
     block: type[nn.Module] | None = None  # a block of its own; None: the pre-norm ``Block``
     # ``Block`` norms the sublayers' outputs instead of their inputs (OLMo-Hybrid's attention layers).

@@ -15,7 +15,7 @@ from torch import Tensor
 from transformers import AutoConfig, PretrainedConfig
 
 from hooked_ssm.config import HookedSSMConfig
-from hooked_ssm.pretrained.checkpoint import CheckpointError, take
+from hooked_ssm.pretrained.checkpoint import CheckpointError, ensure_consumed, take, take_embeddings, transformers_fields
 from hooked_ssm.pretrained.mamba2 import mixer_weights
 from hooked_ssm.pretrained.torch_files import read_weights
 
@@ -37,15 +37,9 @@ def rope_fields(hf: PretrainedConfig, head_dim: int) -> dict[str, Any]:
     return dict(rotary_dim=int(head_dim * partial), rope_theta=float(rope.get("rope_theta", 10_000.0)))
 
 
-def config_from_hf(hf: PretrainedConfig) -> dict[str, Any]:
-    if hf.hidden_act != "silu":  # also the mixer's conv activation
-        raise CheckpointError(f"Bamba with hidden_act={hf.hidden_act!r} is not supported (only 'silu').")
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+def mamba_fields(hf: PretrainedConfig) -> dict[str, Any]:
+    """The Mamba-2 mixer's fields, from configs that name them ``mamba_*`` (Bamba, Granite 4.0-H, Falcon-H1)."""
     return dict(
-        d_model=hf.hidden_size,
-        n_layers=hf.num_hidden_layers,
-        d_vocab=hf.vocab_size,
-        layer_types=[_LAYER_TYPES[kind] for kind in hf.layers_block_type],
         n_heads=hf.mamba_n_heads,
         n_key_heads=hf.mamba_n_groups,
         d_k=hf.mamba_d_state,
@@ -55,6 +49,17 @@ def config_from_hf(hf: PretrainedConfig) -> dict[str, Any]:
         conv_bias=bool(hf.mamba_conv_bias),
         proj_bias=bool(hf.mamba_proj_bias),
         time_step_limit=tuple(hf.time_step_limit),
+    )
+
+
+def config_from_hf(hf: PretrainedConfig) -> dict[str, Any]:
+    if hf.hidden_act != "silu":  # also the mixer's conv activation
+        raise CheckpointError(f"Bamba with hidden_act={hf.hidden_act!r} is not supported (only 'silu').")
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    return dict(
+        **transformers_fields(hf, "BambaForCausalLM"),
+        layer_types=[_LAYER_TYPES[kind] for kind in hf.layers_block_type],
+        **mamba_fields(hf),
         n_attn_heads=hf.num_attention_heads,
         n_kv_heads=hf.num_key_value_heads,
         d_head=head_dim,
@@ -67,12 +72,6 @@ def config_from_hf(hf: PretrainedConfig) -> dict[str, Any]:
         mlp_bias=bool(hf.mlp_bias),
         eps=hf.rms_norm_eps,
         norm_zero_centered=False,
-        tie_word_embeddings=bool(hf.tie_word_embeddings),
-        n_ctx=hf.max_position_embeddings,
-        original_architecture="BambaForCausalLM",
-        bos_token_id=hf.bos_token_id,
-        eos_token_id=hf.eos_token_id,
-        pad_token_id=hf.pad_token_id,
     )
 
 
@@ -90,12 +89,7 @@ def mlp_weights(state: dict[str, Tensor], prefix: str, cfg: HookedSSMConfig) -> 
 def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[str, Tensor]:
     """Map a ``BambaForCausalLM`` state dict to HookedSSM's names, consuming every tensor."""
     state = dict(state)
-    out = {"embed.W_E": take(state, "model.embed_tokens.weight"), "ln_final.w": take(state, "model.final_layernorm.weight")}
-    lm_head = state.pop("lm_head.weight", None)
-    if not cfg.tie_word_embeddings:
-        if lm_head is None:
-            raise CheckpointError("Checkpoint has no lm_head.weight but its config says the embeddings are untied.")
-        out["unembed.weight"] = lm_head
+    out = take_embeddings(state, cfg.tie_word_embeddings, "model.embed_tokens.weight", "model.final_layernorm.weight")
     for layer, kind in enumerate(cfg.layer_types):
         src, dst = f"model.layers.{layer}.", f"blocks.{layer}."
         out[f"{dst}ln1.w"] = take(state, f"{src}input_layernorm.weight")
@@ -106,6 +100,5 @@ def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[s
             mixed = {f"mixer.{k}": v for k, v in mixer_weights(state, f"{src}mamba.", cfg).items()}
         out.update({f"{dst}{k}": v for k, v in mixed.items()})
         out.update({f"{dst}mlp.{k}": v for k, v in mlp_weights(state, f"{src}feed_forward.", cfg).items()})
-    if state:
-        raise CheckpointError(f"Checkpoint has tensors the config does not account for: {sorted(state)[:8]}")
+    ensure_consumed(state)
     return out

@@ -21,8 +21,8 @@ from torch import Tensor
 from transformers import AutoConfig, PretrainedConfig
 
 from hooked_ssm.config import HookedSSMConfig
-from hooked_ssm.pretrained.bamba import attention_weights, mlp_weights, rope_fields
-from hooked_ssm.pretrained.checkpoint import CheckpointError, take
+from hooked_ssm.pretrained.bamba import attention_weights, mamba_fields, mlp_weights, rope_fields
+from hooked_ssm.pretrained.checkpoint import CheckpointError, ensure_consumed, take, take_embeddings, transformers_fields
 from hooked_ssm.pretrained.mamba2 import mixer_weights
 from hooked_ssm.pretrained.torch_files import read_weights
 
@@ -46,19 +46,9 @@ def config_from_hf(hf: PretrainedConfig) -> dict[str, Any]:
     else:
         ssm_norm = "none"
     return dict(
-        d_model=hf.hidden_size,
-        n_layers=hf.num_hidden_layers,
-        d_vocab=hf.vocab_size,
+        **transformers_fields(hf, "FalconH1ForCausalLM"),
         layer_types=["mamba2_parallel_attention"] * hf.num_hidden_layers,
-        n_heads=hf.mamba_n_heads,
-        n_key_heads=hf.mamba_n_groups,
-        d_k=hf.mamba_d_state,
-        d_v=hf.mamba_d_head,
-        conv_kernel=hf.mamba_d_conv,
-        chunk_size=hf.mamba_chunk_size,
-        conv_bias=bool(hf.mamba_conv_bias),
-        proj_bias=bool(hf.mamba_proj_bias),
-        time_step_limit=tuple(hf.time_step_limit),
+        **mamba_fields(hf),
         ssm_norm=ssm_norm,
         n_attn_heads=hf.num_attention_heads,
         n_kv_heads=hf.num_key_value_heads,
@@ -74,12 +64,6 @@ def config_from_hf(hf: PretrainedConfig) -> dict[str, Any]:
         norm_zero_centered=False,
         embedding_multiplier=float(hf.embedding_multiplier),
         logits_divisor=1.0 / float(hf.lm_head_multiplier),
-        tie_word_embeddings=bool(hf.tie_word_embeddings),
-        n_ctx=hf.max_position_embeddings,
-        original_architecture="FalconH1ForCausalLM",
-        bos_token_id=hf.bos_token_id,
-        eos_token_id=hf.eos_token_id,
-        pad_token_id=hf.pad_token_id,
     )
 
 
@@ -128,12 +112,7 @@ def _fold_multipliers(state: dict[str, Tensor], hf: PretrainedConfig) -> dict[st
 def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[str, Tensor]:
     """Map a (multiplier-folded) ``FalconH1ForCausalLM`` state dict to HookedSSM's names, consuming every tensor."""
     state = dict(state)
-    out = {"embed.W_E": take(state, "model.embed_tokens.weight"), "ln_final.w": take(state, "model.final_layernorm.weight")}
-    lm_head = state.pop("lm_head.weight", None)
-    if not cfg.tie_word_embeddings:
-        if lm_head is None:
-            raise CheckpointError("Checkpoint has no lm_head.weight but its config says the embeddings are untied.")
-        out["unembed.weight"] = lm_head
+    out = take_embeddings(state, cfg.tie_word_embeddings, "model.embed_tokens.weight", "model.final_layernorm.weight")
     for layer in range(cfg.n_layers):
         src, dst = f"model.layers.{layer}.", f"blocks.{layer}."
         out[f"{dst}ln1.w"] = take(state, f"{src}input_layernorm.weight")
@@ -141,6 +120,5 @@ def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[s
         out.update({f"{dst}mixer.{k}": v for k, v in mixer_weights(state, f"{src}mamba.", cfg).items()})
         out.update({f"{dst}attn.{k}": v for k, v in attention_weights(state, f"{src}self_attn.", cfg).items()})
         out.update({f"{dst}mlp.{k}": v for k, v in mlp_weights(state, f"{src}feed_forward.", cfg).items()})
-    if state:
-        raise CheckpointError(f"Checkpoint has tensors the config does not account for: {sorted(state)[:8]}")
+    ensure_consumed(state)
     return out

@@ -18,8 +18,8 @@ from torch import Tensor
 from transformers import AutoConfig, PretrainedConfig
 
 from hooked_ssm.config import HookedSSMConfig
-from hooked_ssm.pretrained.bamba import attention_weights, rope_fields
-from hooked_ssm.pretrained.checkpoint import CheckpointError, take
+from hooked_ssm.pretrained.bamba import attention_weights, mamba_fields, rope_fields
+from hooked_ssm.pretrained.checkpoint import CheckpointError, ensure_consumed, take, take_embeddings, transformers_fields
 from hooked_ssm.pretrained.mamba2 import mixer_weights
 from hooked_ssm.pretrained.torch_files import read_weights
 
@@ -39,19 +39,9 @@ def config_from_hf(hf: PretrainedConfig) -> dict[str, Any]:
     rope = rope_fields(hf, head_dim) if hf.position_embedding_type == "rope" else dict(rotary_dim=0)
     n_experts = hf.num_local_experts or 0
     return dict(
-        d_model=hf.hidden_size,
-        n_layers=hf.num_hidden_layers,
-        d_vocab=hf.vocab_size,
+        **transformers_fields(hf, "GraniteMoeHybridForCausalLM"),
         layer_types=[_LAYER_TYPES[kind] for kind in hf.layers_block_type],
-        n_heads=hf.mamba_n_heads,
-        n_key_heads=hf.mamba_n_groups,
-        d_k=hf.mamba_d_state,
-        d_v=hf.mamba_d_head,
-        conv_kernel=hf.mamba_d_conv,
-        chunk_size=hf.mamba_chunk_size,
-        conv_bias=bool(hf.mamba_conv_bias),
-        proj_bias=bool(hf.mamba_proj_bias),
-        time_step_limit=tuple(hf.time_step_limit),
+        **mamba_fields(hf),
         n_attn_heads=hf.num_attention_heads,
         n_kv_heads=hf.num_key_value_heads,
         d_head=head_dim,
@@ -73,12 +63,6 @@ def config_from_hf(hf: PretrainedConfig) -> dict[str, Any]:
         embedding_multiplier=float(hf.embedding_multiplier),
         residual_multiplier=float(hf.residual_multiplier),
         logits_divisor=float(hf.logits_scaling),
-        tie_word_embeddings=bool(hf.tie_word_embeddings),
-        n_ctx=hf.max_position_embeddings,
-        original_architecture="GraniteMoeHybridForCausalLM",
-        bos_token_id=hf.bos_token_id,
-        eos_token_id=hf.eos_token_id,
-        pad_token_id=hf.pad_token_id,
     )
 
 
@@ -103,12 +87,7 @@ def _mlp_weights(state: dict[str, Tensor], src: str, cfg: HookedSSMConfig) -> di
 def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[str, Tensor]:
     """Map a ``GraniteMoeHybridForCausalLM`` state dict to HookedSSM's names, consuming every tensor."""
     state = dict(state)
-    out = {"embed.W_E": take(state, "model.embed_tokens.weight"), "ln_final.w": take(state, "model.norm.weight")}
-    lm_head = state.pop("lm_head.weight", None)
-    if not cfg.tie_word_embeddings:
-        if lm_head is None:
-            raise CheckpointError("Checkpoint has no lm_head.weight but its config says the embeddings are untied.")
-        out["unembed.weight"] = lm_head
+    out = take_embeddings(state, cfg.tie_word_embeddings, "model.embed_tokens.weight", "model.norm.weight")
     for layer, kind in enumerate(cfg.layer_types):
         src, dst = f"model.layers.{layer}.", f"blocks.{layer}."
         out[f"{dst}ln1.w"] = take(state, f"{src}input_layernorm.weight")
@@ -119,6 +98,5 @@ def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[s
             mixed = {f"mixer.{k}": v for k, v in mixer_weights(state, f"{src}mamba.", cfg).items()}
         out.update({f"{dst}{k}": v for k, v in mixed.items()})
         out.update({f"{dst}mlp.{k}": v for k, v in _mlp_weights(state, src, cfg).items()})
-    if state:
-        raise CheckpointError(f"Checkpoint has tensors the config does not account for: {sorted(state)[:8]}")
+    ensure_consumed(state)
     return out

@@ -19,7 +19,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from hooked_ssm.config import HookedSSMConfig
 from hooked_ssm.pretrained.bamba import attention_weights, rope_fields
-from hooked_ssm.pretrained.checkpoint import CheckpointError, take
+from hooked_ssm.pretrained.checkpoint import CheckpointError, ensure_consumed, take, take_embeddings, transformers_fields
 from hooked_ssm.pretrained.torch_files import read_weights
 
 _LAYER_TYPES = {"linear_attention": "gated_deltanet", "sliding_attention": "sliding_attention",
@@ -38,9 +38,7 @@ def config_from_hf(hf: PretrainedConfig) -> dict[str, Any]:
         raise CheckpointError(f"LaraMini with hidden_act={hf.hidden_act!r} is not supported (only 'silu').")
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     return dict(
-        d_model=hf.hidden_size,
-        n_layers=hf.num_hidden_layers,
-        d_vocab=hf.vocab_size,
+        **transformers_fields(hf, "LaraMiniForCausalLM"),
         layer_types=[_LAYER_TYPES[kind] for kind in hf.layer_types],
         n_heads=hf.linear_num_value_heads,
         n_key_heads=hf.linear_num_key_heads,
@@ -63,12 +61,6 @@ def config_from_hf(hf: PretrainedConfig) -> dict[str, Any]:
         shared_expert_gated=False,
         eps=hf.rms_norm_eps,
         norm_zero_centered=False,
-        tie_word_embeddings=bool(hf.tie_word_embeddings),
-        n_ctx=hf.max_position_embeddings,
-        original_architecture="LaraMiniForCausalLM",
-        bos_token_id=hf.bos_token_id,
-        eos_token_id=hf.eos_token_id,
-        pad_token_id=hf.pad_token_id,
     )
 
 
@@ -102,12 +94,7 @@ def _moe(state: dict[str, Tensor], src: str, cfg: HookedSSMConfig) -> dict[str, 
 def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[str, Tensor]:
     """Map a ``LaraMiniForCausalLM`` state dict to HookedSSM's names, consuming every tensor."""
     state = dict(state)
-    out = {"embed.W_E": take(state, "model.embed_tokens.weight"), "ln_final.w": take(state, "model.norm.weight")}
-    lm_head = state.pop("lm_head.weight", None)
-    if not cfg.tie_word_embeddings:
-        if lm_head is None:
-            raise CheckpointError("Checkpoint has no lm_head.weight but its config says the embeddings are untied.")
-        out["unembed.weight"] = lm_head
+    out = take_embeddings(state, cfg.tie_word_embeddings, "model.embed_tokens.weight", "model.norm.weight")
     for layer, kind in enumerate(cfg.layer_types):
         src, dst = f"model.layers.{layer}.", f"blocks.{layer}."
         out[f"{dst}ln1.w"] = take(state, f"{src}input_layernorm.weight")
@@ -120,6 +107,5 @@ def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[s
             out[f"{dst}attn.q_norm.w"] = take(state, f"{attn}q_norm.weight")
             out[f"{dst}attn.k_norm.w"] = take(state, f"{attn}k_norm.weight")
         out.update({f"{dst}mlp.{k}": v for k, v in _moe(state, f"{src}mlp.", cfg).items()})
-    if state:
-        raise CheckpointError(f"Checkpoint has tensors the config does not account for: {sorted(state)[:8]}")
+    ensure_consumed(state)
     return out

@@ -17,7 +17,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from hooked_ssm.config import HookedSSMConfig
 from hooked_ssm.pretrained.bamba import attention_weights
-from hooked_ssm.pretrained.checkpoint import CheckpointError, take
+from hooked_ssm.pretrained.checkpoint import CheckpointError, ensure_consumed, take, take_embeddings, transformers_fields
 from hooked_ssm.pretrained.mamba2 import mixer_weights
 from hooked_ssm.pretrained.torch_files import read_weights
 
@@ -41,9 +41,7 @@ def config_from_hf(hf: PretrainedConfig) -> dict[str, Any]:
     has_moe = "moe" in kinds
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     return dict(
-        d_model=hf.hidden_size,
-        n_layers=hf.num_hidden_layers,
-        d_vocab=hf.vocab_size,
+        **transformers_fields(hf, "NemotronHForCausalLM"),
         layer_types=[_LAYER_TYPES[kind] for kind in kinds],
         n_heads=hf.mamba_num_heads,
         n_key_heads=hf.n_groups,
@@ -79,12 +77,6 @@ def config_from_hf(hf: PretrainedConfig) -> dict[str, Any]:
         moe_routed_scale=float(hf.routed_scaling_factor),
         eps=hf.layer_norm_epsilon,
         norm_zero_centered=False,
-        tie_word_embeddings=bool(hf.tie_word_embeddings),
-        n_ctx=hf.max_position_embeddings,
-        original_architecture="NemotronHForCausalLM",
-        bos_token_id=hf.bos_token_id,
-        eos_token_id=hf.eos_token_id,
-        pad_token_id=hf.pad_token_id,
     )
 
 
@@ -105,12 +97,7 @@ def _moe(state: dict[str, Tensor], prefix: str, cfg: HookedSSMConfig) -> dict[st
 def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[str, Tensor]:
     """Map a ``NemotronHForCausalLM`` state dict to HookedSSM's names, consuming every tensor."""
     state = dict(state)
-    out = {"embed.W_E": take(state, "backbone.embeddings.weight"), "ln_final.w": take(state, "backbone.norm_f.weight")}
-    lm_head = state.pop("lm_head.weight", None)
-    if not cfg.tie_word_embeddings:
-        if lm_head is None:
-            raise CheckpointError("Checkpoint has no lm_head.weight but its config says the embeddings are untied.")
-        out["unembed.weight"] = lm_head
+    out = take_embeddings(state, cfg.tie_word_embeddings, "backbone.embeddings.weight", "backbone.norm_f.weight")
     for layer, kind in enumerate(cfg.layer_types):
         src, dst = f"backbone.layers.{layer}.", f"blocks.{layer}."
         out[f"{dst}ln1.w"] = take(state, f"{src}norm.weight")
@@ -122,6 +109,5 @@ def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[s
             weights = _moe(state, f"{src}mixer.", cfg) if cfg.moe_layers[layer] else _mlp(state, f"{src}mixer.", cfg)
             sub = {f"mlp.{k}": v for k, v in weights.items()}
         out.update({f"{dst}{k}": v for k, v in sub.items()})
-    if state:
-        raise CheckpointError(f"Checkpoint has tensors the config does not account for: {sorted(state)[:8]}")
+    ensure_consumed(state)
     return out

@@ -86,6 +86,14 @@ def mlp_weights(state: dict[str, Tensor], prefix: str, cfg: HookedSSMConfig) -> 
     return {f"{p}.{s}": take(state, f"{prefix}{p}.{s}") for p in ("gate_proj", "up_proj", "down_proj") for s in suffixes}
 
 
+def mamba2_or_attention(state: dict[str, Tensor], src: str, kind: str, cfg: HookedSSMConfig) -> dict[str, Tensor]:
+    """The token mixer of a layer of the Bamba layout (``mamba.*`` or ``self_attn.*`` under ``src``),
+    named as the block's ``mixer.*`` / ``attn.*`` parameters."""
+    if kind == "full_attention":
+        return {f"attn.{k}": v for k, v in attention_weights(state, f"{src}self_attn.", cfg).items()}
+    return {f"mixer.{k}": v for k, v in mixer_weights(state, f"{src}mamba.", cfg).items()}
+
+
 def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[str, Tensor]:
     """Map a ``BambaForCausalLM`` state dict to HookedSSM's names, consuming every tensor."""
     state = dict(state)
@@ -94,11 +102,7 @@ def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[s
         src, dst = f"model.layers.{layer}.", f"blocks.{layer}."
         out[f"{dst}ln1.w"] = take(state, f"{src}input_layernorm.weight")
         out[f"{dst}ln2.w"] = take(state, f"{src}pre_ff_layernorm.weight")
-        if kind == "full_attention":
-            mixed = {f"attn.{k}": v for k, v in attention_weights(state, f"{src}self_attn.", cfg).items()}
-        else:
-            mixed = {f"mixer.{k}": v for k, v in mixer_weights(state, f"{src}mamba.", cfg).items()}
-        out.update({f"{dst}{k}": v for k, v in mixed.items()})
+        out.update({f"{dst}{k}": v for k, v in mamba2_or_attention(state, src, kind, cfg).items()})
         out.update({f"{dst}mlp.{k}": v for k, v in mlp_weights(state, f"{src}feed_forward.", cfg).items()})
     ensure_consumed(state)
     return out

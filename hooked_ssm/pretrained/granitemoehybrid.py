@@ -18,9 +18,8 @@ from torch import Tensor
 from transformers import AutoConfig, PretrainedConfig
 
 from hooked_ssm.config import HookedSSMConfig
-from hooked_ssm.pretrained.bamba import attention_weights, mamba_fields, rope_fields
+from hooked_ssm.pretrained.bamba import mamba2_or_attention, mamba_fields, rope_fields
 from hooked_ssm.pretrained.checkpoint import CheckpointError, ensure_consumed, take, take_embeddings, transformers_fields
-from hooked_ssm.pretrained.mamba2 import mixer_weights
 from hooked_ssm.pretrained.torch_files import read_weights
 
 _LAYER_TYPES = {"linear_attention": "mamba2", "full_attention": "full_attention"}
@@ -92,11 +91,7 @@ def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[s
         src, dst = f"model.layers.{layer}.", f"blocks.{layer}."
         out[f"{dst}ln1.w"] = take(state, f"{src}input_layernorm.weight")
         out[f"{dst}ln2.w"] = take(state, f"{src}post_attention_layernorm.weight")
-        if kind == "full_attention":
-            mixed = {f"attn.{k}": v for k, v in attention_weights(state, f"{src}self_attn.", cfg).items()}
-        else:
-            mixed = {f"mixer.{k}": v for k, v in mixer_weights(state, f"{src}mamba.", cfg).items()}
-        out.update({f"{dst}{k}": v for k, v in mixed.items()})
+        out.update({f"{dst}{k}": v for k, v in mamba2_or_attention(state, src, kind, cfg).items()})
         out.update({f"{dst}mlp.{k}": v for k, v in _mlp_weights(state, src, cfg).items()})
     ensure_consumed(state)
     return out

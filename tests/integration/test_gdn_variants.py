@@ -1,7 +1,7 @@
 """Gated DeltaNet variants of transformers beyond Qwen3.5 / Qwen3-Next, loaded from tiny random
 ``save_pretrained`` checkpoints: parity (chunked and recurrent), write edits against the brute-force
 per-token rule of test_gdn_hooks run inside the transformers model, exact causality of an edit, and
-generation with the recurrent cache.
+generation with the recurrent cache (test_mamba2_hybrids' check).
 
 One row of ``VARIANTS`` per family: its tiny model, and the transformers module whose
 ``torch_chunk_gated_delta_rule`` the brute-force rule replaces.
@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import randomize_
 from test_gdn_hooks import brute_force_rule
+from test_mamba2_hybrids import check_generation
 from transformers import (
     LaraMiniConfig,
     LaraMiniForCausalLM,
@@ -30,7 +31,7 @@ from transformers.models.lara_mini import modeling_lara_mini
 from transformers.models.olmo_hybrid import modeling_olmo_hybrid
 from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe
 
-from hooked_ssm import HookedSSM, RecurrentState, as_flat
+from hooked_ssm import HookedSSM, as_flat
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -159,17 +160,4 @@ def test_write_edit_is_exact_and_causal(variant, execution, monkeypatch):
 @pytest.mark.parametrize("execution", ["chunked", "recurrent"])
 def test_generation_with_the_recurrent_cache(variant, execution):
     _, directory, hf_model, _ = variant
-    model = HookedSSM.from_pretrained(directory, execution=execution)
-    tokens = _tokens(2, 20, seed=11)
-    kwargs = dict(max_new_tokens=6, do_sample=False, stop_at_eos=False, verbose=False)
-    cached = model.generate(tokens, use_past_kv_cache=True, **kwargs)
-    assert torch.equal(cached, model.generate(tokens, use_past_kv_cache=False, **kwargs))
-    with torch.no_grad():
-        reference = hf_model.generate(tokens, max_new_tokens=6, do_sample=False, use_cache=True)
-    assert torch.equal(cached, reference)
-    state = RecurrentState.empty(model.cfg.layer_types)
-    with torch.no_grad():
-        full = model(tokens)
-        steps = [model(tokens[:, :14], past_state=state)] + [model(tokens[:, s : s + 1], past_state=state)
-                                                             for s in range(14, 20)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=TOL, rtol=TOL)
+    check_generation(HookedSSM.from_pretrained(directory, execution=execution), hf_model)

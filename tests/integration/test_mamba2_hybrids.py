@@ -221,15 +221,14 @@ def test_state_hook_equals_brute_force_states(hybrid):
     torch.testing.assert_close(cache[name], expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("execution", ["chunked", "recurrent"])
-def test_generation_with_the_recurrent_cache(hybrid, execution):
-    _, directory, hf_model, _ = hybrid
-    model = HookedSSM.from_pretrained(directory, execution=execution)
+def check_generation(model: HookedSSM, hf_model: PreTrainedModel) -> None:
+    """Greedy generation with the recurrent cache equals generation without it and transformers'
+    own cached ``generate``; a prefill plus single-token steps equals one full forward."""
     tokens = _tokens(2, 20, seed=11)
     kwargs = dict(max_new_tokens=6, do_sample=False, stop_at_eos=False, verbose=False)
     cached = model.generate(tokens, use_past_kv_cache=True, **kwargs)
     assert torch.equal(cached, model.generate(tokens, use_past_kv_cache=False, **kwargs))
-    with torch.no_grad():  # and transformers' own greedy decoding with its cache
+    with torch.no_grad():
         reference = hf_model.generate(tokens, max_new_tokens=6, do_sample=False, use_cache=True)
     assert torch.equal(cached, reference)
     state = RecurrentState.empty(model.cfg.layer_types)
@@ -238,3 +237,9 @@ def test_generation_with_the_recurrent_cache(hybrid, execution):
         steps = [model(tokens[:, :14], past_state=state)] + [model(tokens[:, t : t + 1], past_state=state)
                                                              for t in range(14, 20)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("execution", ["chunked", "recurrent"])
+def test_generation_with_the_recurrent_cache(hybrid, execution):
+    _, directory, hf_model, _ = hybrid
+    check_generation(HookedSSM.from_pretrained(directory, execution=execution), hf_model)

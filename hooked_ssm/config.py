@@ -72,7 +72,7 @@ class HookedSSMConfig:
     attn_bias: bool = False  # biases on q/k/v/o projections
     attn_sliding_window: int = 0  # tokens a "sliding_attention" layer sees (LaraMini)
     attn_scale: float | None = None  # the scores' scale; None: d_head ** -0.5 (muP models set their own)
-    # MLP, dense (SwiGLU) or sparse mixture of experts with a gated shared expert.
+    # MLP: dense (SwiGLU, or plain with mlp_gated=False) or a sparse mixture of experts with a shared expert.
     d_mlp: int = 0
     act_fn: str = "silu"
     mlp_bias: bool = False
@@ -99,8 +99,9 @@ class HookedSSMConfig:
     norm_zero_centered: bool = True
     norm_type: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     tie_word_embeddings: bool = True
-    # muP multipliers (Granite 4.0-H): embeddings times embedding_multiplier, every block output
-    # (mixer, MLP) times residual_multiplier before it joins the residual stream, logits / logits_divisor.
+    # muP multipliers: embeddings times embedding_multiplier, logits / logits_divisor (Granite 4.0-H,
+    # Falcon-H1); every block output (mixer, MLP) times residual_multiplier before it joins the
+    # residual stream (Granite 4.0-H). Falcon-H1's other multipliers are folded into its weights.
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_divisor: float = 1.0

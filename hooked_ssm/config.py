@@ -105,6 +105,11 @@ class HookedSSMConfig:
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_divisor: float = 1.0
+    # MiniMax's residual: the sublayer's *normed input* is the residual (normed_residual), and
+    # residual_factors[slot] = (alpha, beta) weigh it, ``alpha * base + beta * sublayer(...)``, per
+    # block slot ("mixer", "attn", "mlp"; absent: (1, 1)).
+    normed_residual: bool = False
+    residual_factors: dict[str, tuple[float, float]] = field(default_factory=dict)
     # Bookkeeping, as in HookedTransformerConfig.
     model_name: str = "custom"
     original_architecture: str = "custom"

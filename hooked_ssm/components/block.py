@@ -5,7 +5,9 @@ without an MLP (``d_mlp == 0`` and no experts, or ``block_mlp=False``) just
 ``resid + mixer(norm(resid))`` (``Mamba2ForCausalLM``, NemotronH); a layer of kind ``"mlp"`` is
 ``resid + mlp(norm(resid))`` (NemotronH's MLP and MoE layers). A post-norm kind norms outputs
 instead: ``resid + norm(attn(resid))``, ``resid + norm(mlp(resid))`` (OLMo-Hybrid's attention).
-``hook_{attn,mixer,mlp}_out`` is always what joins the residual stream.
+``hook_{attn,mixer,mlp}_out`` is always the sublayer's output (scaled by muP / MiniMax factors
+when it joins the residual stream). MiniMax adds to the *normed* input instead of the residual
+(``cfg.normed_residual``).
 A layer kind with a block of its own names it in ``hooked_ssm.families.LAYER_KINDS`` (RWKV-7).
 """
 
@@ -37,7 +39,8 @@ class Block(nn.Module):
         kind = layer_kind(self.layer_type)
         self.slot, self.post_norm = kind.slot, kind.post_norm
         self.residual_in_fp32 = cfg.residual_in_fp32
-        self.residual_multiplier = cfg.residual_multiplier
+        self.residual_multiplier, self.normed_residual = cfg.residual_multiplier, cfg.normed_residual
+        self.factors = {slot: cfg.residual_factors.get(slot, (1.0, 1.0)) for slot in (self.slot, "mlp")}
         self.ln1 = RMSNorm(cfg.d_model, cfg.eps, cfg.norm_zero_centered)
         setattr(self, self.slot, kind.mixer(cfg, **kind.options) if kind.mixer is not None else build_mlp(cfg, layer))
         setattr(self, f"hook_{self.slot}_out", HookPoint())  # [batch, pos, d_model]
@@ -68,16 +71,19 @@ class Block(nn.Module):
         out = getattr(self, f"hook_{self.slot}_out")(self.ln1(out) if self.post_norm else out)
         if self.residual_in_fp32:
             resid = resid.float()
-        resid = resid + self._scaled(out)
+        resid = self._join(x if self.normed_residual else resid, out, self.slot)
         if self.has_mlp:
             resid = self.hook_resid_mid(resid)
             x = resid if self.post_norm else self.ln2(resid.to(self.ln2.w.dtype))
             out = self.ln2(self.mlp(x)) if self.post_norm else self.mlp(x)
-            resid = resid + self._scaled(self.hook_mlp_out(out))
+            resid = self._join(x if self.normed_residual else resid, self.hook_mlp_out(out), "mlp")
         return self.hook_resid_post(resid)
 
-    def _scaled(self, out: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        return out if self.residual_multiplier == 1.0 else out * self.residual_multiplier
+    def _join(self, base: Tensor, out: Tensor, slot: str) -> Float[Tensor, "batch pos d_model"]:
+        """``alpha * base + beta * residual_multiplier * out``, multiplying only by factors that are not 1."""
+        alpha, beta = self.factors[slot]
+        beta = beta * self.residual_multiplier
+        return (base if alpha == 1.0 else base * alpha) + (out if beta == 1.0 else out * beta)
 
 
 class _FinalRMSNorm(RMSNorm):

@@ -92,9 +92,10 @@ class SparseMoE(nn.Module):
         self.experts = nn.ModuleList(
             GatedMLP(d_model, d_expert, act_fn, with_hooks=False) for _ in range(n_experts)
         )
-        self.shared_expert = GatedMLP(d_model, d_shared_expert, act_fn, with_hooks=False)
-        if shared_expert_gated:
-            self.shared_expert_gate = nn.Linear(d_model, 1, bias=False)
+        if d_shared_expert:  # MiniMax has none
+            self.shared_expert = GatedMLP(d_model, d_shared_expert, act_fn, with_hooks=False)
+            if shared_expert_gated:
+                self.shared_expert_gate = nn.Linear(d_model, 1, bias=False)
         self.hook_expert_weights = HookPoint()  # [batch, pos, top_k]
         self.hook_expert_indices = HookPoint()  # [batch, pos, top_k]
 
@@ -109,10 +110,12 @@ class SparseMoE(nn.Module):
 
         flat_x, flat_idx, flat_w = x.reshape(-1, x.shape[-1]), indices.reshape(-1, self.top_k), weights.reshape(-1, self.top_k)
         routed = _routed(self.experts, flat_x, flat_idx, flat_w)
-        shared = self.shared_expert(flat_x)
-        if hasattr(self, "shared_expert_gate"):
-            shared = torch.sigmoid(self.shared_expert_gate(flat_x)) * shared
-        return (routed + shared).reshape(x.shape)
+        if hasattr(self, "shared_expert"):
+            shared = self.shared_expert(flat_x)
+            if hasattr(self, "shared_expert_gate"):
+                shared = torch.sigmoid(self.shared_expert_gate(flat_x)) * shared
+            routed = routed + shared
+        return routed.reshape(x.shape)
 
 
 class GroupRoutedMoE(nn.Module):

@@ -7,10 +7,6 @@ from typing import Any, Literal
 
 import torch
 
-LayerType = Literal["gated_deltanet", "mamba2", "rwkv7", "full_attention"]
-SUPPORTED_LAYER_TYPES: tuple[str, ...] = ("gated_deltanet", "mamba2", "rwkv7", "full_attention")
-# Recurrent mixer kinds that use grouped keys (n_key_heads key groups serve n_heads heads).
-_GROUPED_KEY_MIXERS = ("gated_deltanet", "mamba2")
 Execution = Literal["chunked", "recurrent"]
 
 
@@ -42,6 +38,10 @@ class HookedSSMConfig:
     d_k: int = 0
     d_v: int = 0
     conv_kernel: int = 4
+    # Gated DeltaNet variants: beta = gdn_beta_scale * sigmoid(b) (2.0 lets the erase overshoot,
+    # beta in (0, 2): OLMo-Hybrid's allow_neg_eigval); eps of the gated output norm (None: eps).
+    gdn_beta_scale: float = 1.0
+    gdn_norm_eps: float | None = None
     chunk_size: int = 64
     execution: Execution = "chunked"
     # Mamba-2: conv bias, in/out projection bias, dt clamp, fp32 residual stream.
@@ -49,6 +49,9 @@ class HookedSSMConfig:
     proj_bias: bool = False
     time_step_limit: tuple[float, float] = (0.0, float("inf"))
     residual_in_fp32: bool = False
+    # Mamba-2's gated norm: "gate_then_norm" (Mamba-2, Bamba, Granite, NemotronH),
+    # "norm_then_gate" or "none" (y * silu(gate); Falcon-H1's mamba_rms_norm=False).
+    ssm_norm: Literal["gate_then_norm", "norm_then_gate", "none"] = "gate_then_norm"
     # RWKV-7: LoRA ranks of the decay, in-context learning rate, value-residual and gate LoRAs;
     # eps of the per-head GroupNorm on the read.
     rwkv_decay_lora: int = 0
@@ -63,14 +66,32 @@ class HookedSSMConfig:
     rotary_dim: int = 0
     rope_theta: float = 10_000.0
     attn_output_gate: bool = True
-    # MLP, dense (SwiGLU) or sparse mixture of experts with a gated shared expert.
+    # RMSNorms on q and k: "per_head" (Qwen3.5), "all_heads" (one norm over all heads: OLMo-Hybrid),
+    # "none" (the Mamba-2 hybrids).
+    attn_qk_norm: Literal["per_head", "all_heads", "none"] = "per_head"
+    attn_bias: bool = False  # biases on q/k/v/o projections
+    attn_sliding_window: int = 0  # tokens a "sliding_attention" layer sees (LaraMini)
+    attn_scale: float | None = None  # the scores' scale; None: d_head ** -0.5 (muP models set their own)
+    # MLP: dense (SwiGLU, or plain with mlp_gated=False) or a sparse mixture of experts with a shared expert.
     d_mlp: int = 0
     act_fn: str = "silu"
+    mlp_bias: bool = False
+    mlp_gated: bool = True  # down(act(gate) * up); False: down(act(up)) (NemotronH)
+    # True: each mixer block ends with its own MLP; False: MLPs are layers of their own
+    # (layer type "mlp", NemotronH), and mixer blocks have none.
+    block_mlp: bool = True
     n_experts: int = 0
     n_experts_per_tok: int = 0
     d_expert: int = 0
     d_shared_expert: int = 0
     norm_topk_prob: bool = True
+    shared_expert_gated: bool = True  # a sigmoid gate on the shared expert (Qwen3-Next; not Granite 4.0-H)
+    # "softmax" (Qwen3-Next, Granite 4.0-H) or "sigmoid_group" (NemotronH: DeepSeek-V3 routing with
+    # moe_n_group groups, the best moe_topk_group of them eligible, weights times moe_routed_scale).
+    moe_router: Literal["softmax", "sigmoid_group"] = "softmax"
+    moe_n_group: int = 1
+    moe_topk_group: int = 1
+    moe_routed_scale: float = 1.0
     moe_layers: list[bool] = field(default_factory=list)
     # Norms: Qwen3.5 / Qwen3-Next RMSNorms scale by (1 + w); Mamba-2 uses plain RMSNorms,
     # RWKV-7 LayerNorms with bias (norm_type="layernorm").
@@ -78,6 +99,17 @@ class HookedSSMConfig:
     norm_zero_centered: bool = True
     norm_type: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     tie_word_embeddings: bool = True
+    # muP multipliers: embeddings times embedding_multiplier, logits / logits_divisor (Granite 4.0-H,
+    # Falcon-H1); every block output (mixer, MLP) times residual_multiplier before it joins the
+    # residual stream (Granite 4.0-H). Falcon-H1's other multipliers are folded into its weights.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_divisor: float = 1.0
+    # MiniMax's residual: the sublayer's *normed input* is the residual (normed_residual), and
+    # residual_factors[slot] = (alpha, beta) weigh it, ``alpha * base + beta * sublayer(...)``, per
+    # block slot ("mixer", "attn", "mlp"; absent: (1, 1)).
+    normed_residual: bool = False
+    residual_factors: dict[str, tuple[float, float]] = field(default_factory=dict)
     # Bookkeeping, as in HookedTransformerConfig.
     model_name: str = "custom"
     original_architecture: str = "custom"
@@ -95,12 +127,10 @@ class HookedSSMConfig:
     def __post_init__(self) -> None:
         if len(self.layer_types) != self.n_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries but n_layers is {self.n_layers}.")
-        unknown = sorted(set(self.layer_types) - set(SUPPORTED_LAYER_TYPES))
-        if unknown:
-            raise ValueError(f"Unsupported layer types {unknown}; supported: {list(SUPPORTED_LAYER_TYPES)}.")
-        if any(kind in self.layer_types for kind in _GROUPED_KEY_MIXERS) and (
-            self.n_key_heads <= 0 or self.n_heads % self.n_key_heads
-        ):
+        from hooked_ssm.families import layer_kind  # the table imports the components, which import this
+
+        kinds = [layer_kind(name) for name in self.layer_types]
+        if any(kind.grouped_keys for kind in kinds) and (self.n_key_heads <= 0 or self.n_heads % self.n_key_heads):
             raise ValueError(
                 f"n_heads ({self.n_heads}) must be a positive multiple of n_key_heads ({self.n_key_heads})."
             )

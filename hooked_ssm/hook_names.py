@@ -9,6 +9,20 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+# Per-head feature size of a mixer hook, as the mixer attributes whose product it is
+# (``("d_k", "d_v")``: d_k*d_v). Each mixer class declares its own as ``HOOK_DIMS``; SAE splicing
+# checks SAEs against it. These are the hooks every matrix-state mixer shares.
+HookDims = dict[str, tuple[str, ...]]
+MATRIX_STATE_HOOK_DIMS: HookDims = {
+    "hook_q": ("d_k",),
+    "hook_k": ("d_k",),
+    "hook_v": ("d_v",),
+    "hook_write": ("d_k", "d_v"),
+    "hook_state": ("d_k", "d_v"),
+    "hook_read": ("d_v",),
+    "hook_z": ("d_v",),
+}
+
 # TransformerLens 4's SSM vocabulary (TransformerBridge's SSMStateHookMixin) -> our names, where the
 # tensor is the same.
 ALIASES = {

@@ -49,11 +49,11 @@ class HookedSSM(HookedRootModule):
     ):
         super().__init__()
         self.cfg = cfg
-        self.embed = Embed(cfg.d_vocab, cfg.d_model)
+        self.embed = Embed(cfg.d_vocab, cfg.d_model, cfg.embedding_multiplier)
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
         self.blocks = nn.ModuleList(build_blocks(cfg))
         self.ln_final = build_final_norm(cfg)
-        self.unembed = Unembed(cfg.d_vocab, cfg.d_model)
+        self.unembed = Unembed(cfg.d_vocab, cfg.d_model, cfg.logits_divisor)
         if cfg.tie_word_embeddings:
             self.unembed.weight = self.embed.W_E
         self.tokenizer: PreTrainedTokenizerBase | None = None
@@ -353,9 +353,11 @@ class HookedSSM(HookedRootModule):
         return self.unembed.W_U
 
     @property
-    def W_O(self) -> list[Float[Tensor, "head d_head d_model"]]:
-        """Per layer, the output projection of its mixer or attention, split by head."""
-        return [(block.attn if block.layer_type == "full_attention" else block.mixer).W_O for block in self.blocks]
+    def W_O(self) -> list[Float[Tensor, "head d_head d_model"] | None]:
+        """Per layer, the output projection of its mixer (or else its attention), split by head; None
+        for a layer with neither (NemotronH's MLP layers)."""
+        mixers = [getattr(block, "mixer", None) or getattr(block, "attn", None) for block in self.blocks]
+        return [None if mixer is None else mixer.W_O for mixer in mixers]
 
     def to(self, *args: Any, **kwargs: Any) -> "HookedSSM":
         device, dtype, *_ = torch._C._nn._parse_to(*args, **kwargs)

@@ -63,13 +63,29 @@ class AttentionCache:
 
 
 @dataclass
+class ParallelCache(AttentionCache):
+    """A layer that runs a Mamba-2 mixer and attention side by side (Falcon-H1): one flat cache that
+    serves as both (the attention's keys and values, the mixer's conv window and state), so that
+    every cached tensor is a field of the layer's cache, as in the other kinds."""
+
+    conv_state: Float[Tensor, "batch channel kernel_minus_1"] | None = None
+    ssm_state: Float[Tensor, "batch head d_k d_v"] | None = None  # float32, key-major
+
+
+@dataclass
+class NoCache:
+    """A layer without state (NemotronH's MLP layers)."""
+
+
+@dataclass
 class RecurrentState:
     """Per-layer caches plus the number of tokens already consumed."""
 
-    layers: list[MixerCache | RWKV7Cache | AttentionCache] = field(default_factory=list)
+    layers: list[MixerCache | RWKV7Cache | AttentionCache | ParallelCache | NoCache] = field(default_factory=list)
     n_tokens: int = 0
 
     @classmethod
     def empty(cls, layer_types: list[str]) -> "RecurrentState":
-        caches = {"full_attention": AttentionCache, "rwkv7": RWKV7Cache}
-        return cls([caches.get(kind, MixerCache)() for kind in layer_types])
+        from hooked_ssm.families import layer_kind  # the table imports the cache classes from here
+
+        return cls([layer_kind(kind).cache() for kind in layer_types])

@@ -42,6 +42,7 @@ Usage::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -63,20 +64,6 @@ from hooked_ssm.hook_names import resolve_hook_name
 from hooked_ssm.model import HookedSSM
 
 __all__ = ["HookedSAESSM", "SAESplicingMixin", "sae_site_name"]
-
-# Per-head feature size of the recurrent-mixer hooks, from the mixer's (d_k, d_v); used to check
-# SAEs when they are added. Other hooks are checked on the first forward pass.
-_MIXER_HOOK_DIMS = {
-    "hook_write": lambda d_k, d_v: d_k * d_v,
-    "hook_state": lambda d_k, d_v: d_k * d_v,
-    "hook_q": lambda d_k, d_v: d_k,
-    "hook_k": lambda d_k, d_v: d_k,
-    "hook_v": lambda d_k, d_v: d_v,
-    "hook_read": lambda d_k, d_v: d_v,
-    "hook_z": lambda d_k, d_v: d_v,
-    "hook_delta_v": lambda d_k, d_v: d_v,
-}
-
 
 def sae_site_name(hook_name: str, head: int | None) -> str:
     """The key of an SAE in ``acts_to_saes`` and the prefix of its hook names.
@@ -444,17 +431,16 @@ class SAESplicingMixin:
     def _head_layout(self, hook_name: str) -> tuple[int, int] | None:
         """``(n_heads, d per head)`` of a recurrent-mixer hook, if known from the model (else None)."""
         parent_name, _, leaf = hook_name.rpartition(".")
-        if leaf not in _MIXER_HOOK_DIMS or not parent_name.endswith("mixer"):
-            return None
         try:
             parent = get_deep_attr(self, parent_name)
         except (AttributeError, IndexError, TypeError):
             return None
-        dims = [getattr(parent, name, None) for name in ("n_heads", "d_k", "d_v")]
-        if not all(isinstance(v, int) for v in dims):
+        # Each mixer class declares the per-head size of its hooks (hook_names.HOOK_DIMS style).
+        factors = getattr(type(parent), "HOOK_DIMS", {}).get(leaf)
+        dims = [getattr(parent, name, None) for name in ("n_heads", *(factors or ()))]
+        if factors is None or not all(isinstance(v, int) for v in dims):
             return None
-        n_heads, d_k, d_v = dims
-        return n_heads, _MIXER_HOOK_DIMS[leaf](d_k, d_v)
+        return dims[0], math.prod(dims[1:])
 
 
 _SPLICING_CLASSES: dict[type, type] = {}

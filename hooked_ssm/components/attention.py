@@ -1,5 +1,6 @@
-"""Full softmax attention of the Qwen3.5 / Qwen3-Next hybrids: grouped-query attention with per-head
-q/k RMS norms, partial rotary embeddings and a sigmoid output gate folded into ``q_proj``."""
+"""Full softmax attention of the hybrids: grouped-query attention with partial rotary embeddings,
+and, as the family needs, per-head q/k RMS norms and a sigmoid output gate folded into ``q_proj``
+(Qwen3.5 / Qwen3-Next: both; the Mamba-2 hybrids: neither, optionally projection biases)."""
 
 from __future__ import annotations
 
@@ -46,21 +47,31 @@ class PartialRotary(nn.Module):
 
 
 class GatedAttention(nn.Module):
-    def __init__(self, cfg: HookedSSMConfig):
+    """``sliding=True``: each query sees its last ``cfg.attn_sliding_window`` tokens only;
+    ``rotary=False``: no RoPE in this layer (LaraMini's global layers). Set per layer kind."""
+
+    def __init__(self, cfg: HookedSSMConfig, sliding: bool = False, rotary: bool = True):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.d_head = cfg.n_attn_heads, cfg.n_kv_heads, cfg.d_head
         self.output_gate = cfg.attn_output_gate
+        self.scale = cfg.d_head**-0.5 if cfg.attn_scale is None else cfg.attn_scale
         q_out = self.n_heads * self.d_head * (2 if self.output_gate else 1)
-        self.q_proj = nn.Linear(cfg.d_model, q_out, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.d_head, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.d_head, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.d_head, cfg.d_model, bias=False)
-        self.q_norm = RMSNorm(self.d_head, cfg.eps, cfg.norm_zero_centered)
-        self.k_norm = RMSNorm(self.d_head, cfg.eps, cfg.norm_zero_centered)
-        self.rotary = PartialRotary(cfg.rotary_dim, cfg.rope_theta)
+        self.q_proj = nn.Linear(cfg.d_model, q_out, bias=cfg.attn_bias)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.d_head, bias=cfg.attn_bias)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.d_head, bias=cfg.attn_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.d_head, cfg.d_model, bias=cfg.attn_bias)
+        self.qk_norm = cfg.attn_qk_norm
+        if self.qk_norm != "none":
+            heads = (self.n_heads, self.n_kv_heads) if self.qk_norm == "all_heads" else (1, 1)
+            self.q_norm = RMSNorm(heads[0] * self.d_head, cfg.eps, cfg.norm_zero_centered)
+            self.k_norm = RMSNorm(heads[1] * self.d_head, cfg.eps, cfg.norm_zero_centered)
+        self.rotary = PartialRotary(cfg.rotary_dim if rotary else 0, cfg.rope_theta)
+        self.window = cfg.attn_sliding_window if sliding else None
+        if sliding and not cfg.attn_sliding_window:
+            raise ValueError("A sliding-attention layer needs cfg.attn_sliding_window > 0.")
 
-        self.hook_q = HookPoint()  # [batch, pos, head, d_head], after q_norm, before RoPE
-        self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head], after k_norm, before RoPE
+        self.hook_q = HookPoint()  # [batch, pos, head, d_head], after q_norm (if any), before RoPE
+        self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head], after k_norm (if any), before RoPE
         self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]
         self.hook_rot_q = HookPoint()  # [batch, pos, head, d_head]
         self.hook_rot_k = HookPoint()  # [batch, pos, kv_head, d_head]
@@ -84,8 +95,12 @@ class GatedAttention(nn.Module):
         if self.output_gate:
             q, gate = q.chunk(2, dim=-1)
             gate = self.hook_gate(gate)
-        q = self.hook_q(self.q_norm(q))
-        k = self.hook_k(self.k_norm(self.k_proj(x).view(batch, length, self.n_kv_heads, self.d_head)))
+        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.d_head)
+        if self.qk_norm == "per_head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        elif self.qk_norm == "all_heads":
+            q, k = self.q_norm(q.flatten(-2)).view_as(q), self.k_norm(k.flatten(-2)).view_as(k)
+        q, k = self.hook_q(q), self.hook_k(k)
         v = self.hook_v(self.v_proj(x).view(batch, length, self.n_kv_heads, self.d_head))
 
         offset = 0 if cache is None else cache.length
@@ -103,6 +118,10 @@ class GatedAttention(nn.Module):
         values = v.repeat_interleave(group, dim=2)
         key_positions = torch.arange(keys.shape[1], device=x.device)
         allowed = key_positions[None, :] <= slots[:, None]  # [query, key]: causal in slot order
+        if self.window is not None:
+            if ragged:
+                raise ValueError("Sliding-window attention does not support ragged caches (rows of different lengths).")
+            allowed = allowed & (key_positions[None, :] > slots[:, None] - self.window)
         if ragged:  # the padding slots between a row's prefix and this call's tokens hold nothing
             allowed = allowed[None, None] & cache.key_mask[:, None, None, :]
         if attention_mask is not None:  # [batch, key_pos] with 1 for real tokens
@@ -111,12 +130,12 @@ class GatedAttention(nn.Module):
         if not (self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks()):
             try:  # nothing reads the pattern: PyTorch's fused attention, as transformers uses
                 z = F.scaled_dot_product_attention(
-                    q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=allowed
+                    q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=allowed, scale=self.scale
                 ).transpose(1, 2)
             except NotImplementedError:  # e.g. forward-mode AD (jvp) has no fused-attention rule on CPU
                 z = None
         if z is None:
-            scores = torch.einsum("bqhd,bkhd->bhqk", q, keys) * self.d_head**-0.5
+            scores = torch.einsum("bqhd,bkhd->bhqk", q, keys) * self.scale
             scores = self.hook_attn_scores(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min))
             pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
             z = torch.einsum("bhqk,bkhd->bqhd", pattern, values)

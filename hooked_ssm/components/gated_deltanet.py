@@ -40,6 +40,7 @@ from hooked_ssm.components.recurrent_mixer import (
     write_edits,
 )
 from hooked_ssm.config import HookedSSMConfig
+from hooked_ssm.hook_names import MATRIX_STATE_HOOK_DIMS, HookDims
 from hooked_ssm.ops.causal_conv import causal_depthwise_conv
 from hooked_ssm.ops.gated_delta_rule import (
     chunked_gated_delta_rule,
@@ -51,6 +52,8 @@ from hooked_ssm.state import MixerCache
 
 
 class GatedDeltaNetMixer(nn.Module):
+    HOOK_DIMS: HookDims = {**MATRIX_STATE_HOOK_DIMS, "hook_delta_v": ("d_v",), "hook_gate": ("d_v",)}
+
     def __init__(self, cfg: HookedSSMConfig):
         super().__init__()
         self.n_heads, self.n_key_heads, self.d_k, self.d_v = cfg.n_heads, cfg.n_key_heads, cfg.d_k, cfg.d_v
@@ -64,13 +67,14 @@ class GatedDeltaNetMixer(nn.Module):
         nn.init.normal_(self.conv_weight, std=cfg.conv_kernel**-0.5)
         self.A_log = nn.Parameter(torch.zeros(self.n_heads))
         self.dt_bias = nn.Parameter(torch.ones(self.n_heads))
-        self.norm = GatedRMSNorm(self.d_v, cfg.eps)
+        self.norm = GatedRMSNorm(self.d_v, cfg.eps if cfg.gdn_norm_eps is None else cfg.gdn_norm_eps)
+        self.beta_scale = cfg.gdn_beta_scale
         self.out_proj = nn.Linear(value_dim, cfg.d_model, bias=False)
 
         self.hook_q = HookPoint()  # [batch, pos, head, d_k]: L2-normalised, scaled by d_k**-0.5
         self.hook_k = HookPoint()  # [batch, pos, head, d_k]: L2-normalised write/erase key
         self.hook_v = HookPoint()  # [batch, pos, head, d_v]
-        self.hook_beta = HookPoint()  # [batch, pos, head]: write strength b_t in (0, 1)
+        self.hook_beta = HookPoint()  # [batch, pos, head]: write strength b_t in (0, beta_scale): (0, 1) or (0, 2)
         self.hook_decay = HookPoint()  # [batch, pos, head]: forget gate a_t = exp(g_t) in (0, 1]
         self.hook_gate = HookPoint()  # [batch, pos, head, d_v]: output gate logits z_t
         self.hook_write = HookPoint()  # [batch, pos, head, d_k*d_v]: b_t k_t v_t^T, key-major
@@ -106,7 +110,8 @@ class GatedDeltaNetMixer(nn.Module):
         q = self.hook_q(q * self.d_k**-0.5)
         k = self.hook_k(k)
         v = self.hook_v(v.float().view(batch, length, self.n_heads, self.d_v))
-        beta = self.hook_beta(torch.sigmoid(self.in_proj_b(x)).float())
+        beta = torch.sigmoid(self.in_proj_b(x)).float()
+        beta = self.hook_beta(beta if self.beta_scale == 1.0 else beta * self.beta_scale)
         g = self._log_decay(x)
         z = self.hook_gate(self.in_proj_z(x).view(batch, length, self.n_heads, self.d_v))
 

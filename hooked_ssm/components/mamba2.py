@@ -16,7 +16,8 @@ its group's key and query::
 
 so Mamba-2 speaks the same vocabulary as Gated DeltaNet: ``k`` = B (d_state), ``v`` = dt x
 (headdim), ``q`` = C. The gated norm multiplies by the gate *before* normalising (the opposite of
-the Gated DeltaNet norm) and normalises over groups of ``d_inner / n_groups`` channels.
+the Gated DeltaNet norm) and normalises over groups of ``d_inner / n_groups`` channels. Falcon-H1
+varies it (``cfg.ssm_norm``): gate after the norm, or no norm at all (``z = y * silu(gate)``).
 
 Edit semantics:
 
@@ -53,6 +54,7 @@ from hooked_ssm.components.recurrent_mixer import (
     write_edits,
 )
 from hooked_ssm.config import HookedSSMConfig
+from hooked_ssm.hook_names import MATRIX_STATE_HOOK_DIMS, HookDims
 from hooked_ssm.ops.causal_conv import causal_depthwise_conv
 from hooked_ssm.ops.ssd import chunked_ssd, recurrent_ssd, ssd_with_edits
 from hooked_ssm.state import MixerCache
@@ -60,22 +62,27 @@ from hooked_ssm.state import MixerCache
 
 class GroupedGatedRMSNorm(nn.Module):
     """Mamba-2's gated norm: ``w * rmsnorm(y * silu(gate))`` with the RMS taken over groups of
-    ``group_size`` channels (gate *before* norm), computed in float32 like ``MambaRMSNormGated``."""
+    ``group_size`` channels (gate *before* norm), computed in float32 like ``MambaRMSNormGated``;
+    with ``gate_first=False``, ``w * rmsnorm(y) * silu(gate)`` (Falcon-H1's ``norm_before_gate``)."""
 
-    def __init__(self, d: int, group_size: int, eps: float):
+    def __init__(self, d: int, group_size: int, eps: float, gate_first: bool = True):
         super().__init__()
-        self.eps, self.group_size = eps, group_size
+        self.eps, self.group_size, self.gate_first = eps, group_size, gate_first
         self.w = nn.Parameter(torch.ones(d))
 
     def forward(self, y: Float[Tensor, "... d"], gate: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         dtype = y.dtype
-        gated = y.float() * F.silu(gate.float())
-        groups = gated.unflatten(-1, (-1, self.group_size))
+        x = y.float() * F.silu(gate.float()) if self.gate_first else y.float()
+        groups = x.unflatten(-1, (-1, self.group_size))
         normed = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
-        return self.w * normed.to(dtype)
+        if self.gate_first:
+            return self.w * normed.to(dtype)
+        return (self.w.float() * normed * F.silu(gate.float())).to(dtype)
 
 
 class Mamba2Mixer(nn.Module):
+    HOOK_DIMS: HookDims = {**MATRIX_STATE_HOOK_DIMS, "hook_x": ("d_v",), "hook_gate": ("d_v",)}
+
     def __init__(self, cfg: HookedSSMConfig):
         super().__init__()
         self.n_heads, self.n_groups = cfg.n_heads, cfg.n_key_heads
@@ -92,7 +99,9 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.zeros(self.n_heads))
         self.A_log = nn.Parameter(torch.zeros(self.n_heads))
         self.D = nn.Parameter(torch.ones(self.n_heads))
-        self.norm = GroupedGatedRMSNorm(self.d_inner, self.d_inner // self.n_groups, cfg.eps)
+        if cfg.ssm_norm != "none":
+            gate_first = cfg.ssm_norm == "gate_then_norm"
+            self.norm = GroupedGatedRMSNorm(self.d_inner, self.d_inner // self.n_groups, cfg.eps, gate_first)
         self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=cfg.proj_bias)
 
         self.hook_x = HookPoint()  # [batch, pos, head, headdim]: post-conv, post-SiLU input x_t
@@ -154,7 +163,8 @@ class Mamba2Mixer(nn.Module):
 
         read = self.hook_read(o)
         y = read + self.D.float()[:, None] * xs.float()
-        z = self.norm(y.reshape(batch, length, self.d_inner), gate.reshape(batch, length, self.d_inner))
+        y, gate = y.reshape(batch, length, self.d_inner), gate.reshape(batch, length, self.d_inner)
+        z = self.norm(y, gate) if hasattr(self, "norm") else y * F.silu(gate.float())
         z = self.hook_z(z.view(batch, length, self.n_heads, self.headdim))
         return self.out_proj(z.reshape(batch, length, self.d_inner).to(x.dtype))
 

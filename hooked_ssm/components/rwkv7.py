@@ -55,6 +55,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
+from hooked_ssm.components.norms import LayerNorm
 from hooked_ssm.components.recurrent_mixer import (
     observe_write_factors,
     runs_recurrent,
@@ -62,6 +63,7 @@ from hooked_ssm.components.recurrent_mixer import (
     write_edits,
 )
 from hooked_ssm.config import HookedSSMConfig
+from hooked_ssm.hook_names import MATRIX_STATE_HOOK_DIMS, HookDims
 from hooked_ssm.ops.rwkv7 import recurrent_rwkv7
 from hooked_ssm.ops.rwkv7_chunked import DEFAULT_CHUNK_SIZE, chunked_rwkv7
 from hooked_ssm.ops.split_scan import scan_split_at_edits
@@ -87,6 +89,9 @@ def token_shift(x: Float[Tensor, "batch pos d"], previous: Tensor | None) -> tup
 
 
 class RWKV7Mixer(nn.Module):
+    HOOK_DIMS: HookDims = {**MATRIX_STATE_HOOK_DIMS, "hook_decay": ("d_k",), "hook_a": ("d_k",),
+                           "hook_erase_key": ("d_k",), "hook_v_first": ("d_v",), "hook_gate": ("d_v",)}
+
     def __init__(self, cfg: HookedSSMConfig, layer: int, value_residual: ValueResidual):
         super().__init__()
         self.layer, self.value_residual = layer, value_residual
@@ -235,3 +240,42 @@ class RWKV7ChannelMix(nn.Module):
             cache.mlp_shift = last
         pre = self.hook_pre(self.key(x + delta * self.x_k))
         return self.value(self.hook_post(torch.relu(pre) ** 2))
+
+
+class RWKV7Block(nn.Module):
+    """RWKV-7 block: ``x += time_mix(ln1(x))``, ``x += channel_mix(ln2(x))``; layer 0 applies ``ln0``
+    to the embedding first, so ``blocks.0.hook_resid_pre`` is ``ln0(embed)``."""
+
+    def __init__(self, cfg: HookedSSMConfig, layer: int, earlier: Sequence[nn.Module] = ()):
+        super().__init__()
+        if set(cfg.layer_types) != {"rwkv7"}:
+            raise ValueError(f"RWKV-7 layers cannot be mixed with other layer types; got {sorted(set(cfg.layer_types))}.")
+        self.layer_type = cfg.layer_types[layer]
+        # Layer 0 produces v_first; every later layer reads it through the same carrier.
+        value_residual = earlier[0].mixer.value_residual if layer > 0 else ValueResidual()
+        if layer == 0:
+            self.ln0 = LayerNorm(cfg.d_model, cfg.eps)
+        self.ln1 = LayerNorm(cfg.d_model, cfg.eps)
+        self.ln2 = LayerNorm(cfg.d_model, cfg.eps)
+        self.mixer = RWKV7Mixer(cfg, layer, value_residual)
+        self.mlp = RWKV7ChannelMix(cfg)
+        self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
+        self.hook_mixer_out = HookPoint()  # [batch, pos, d_model]
+        self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
+        self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
+        self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
+
+    def forward(
+        self,
+        resid: Float[Tensor, "batch pos d_model"],
+        cache: RWKV7Cache | None = None,
+        attention_mask: Tensor | None = None,
+        state_positions: Sequence[int] | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        if hasattr(self, "ln0"):
+            resid = self.ln0(resid)
+        resid = self.hook_resid_pre(resid)
+        mixed = self.hook_mixer_out(self.mixer(self.ln1(resid), cache, attention_mask, state_positions))
+        resid = self.hook_resid_mid(resid + mixed)
+        resid = resid + self.hook_mlp_out(self.mlp(self.ln2(resid), cache, attention_mask))
+        return self.hook_resid_post(resid)

@@ -14,33 +14,28 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from hooked_ssm.config import HookedSSMConfig
-from hooked_ssm.pretrained import mamba2, qwen3_5, rwkv7
-from hooked_ssm.pretrained.checkpoint import CheckpointError, read_config, read_safetensors
+from hooked_ssm.families import CHECKPOINT_FAMILIES, family_of_architecture
+from hooked_ssm.pretrained import rwkv7
+from hooked_ssm.pretrained.checkpoint import CheckpointError, read_config
 from hooked_ssm.pretrained.model_names import Release, find_release, release_names
-from hooked_ssm.pretrained.torch_files import WEIGHT_FILE_SUFFIXES, read_weight_file, read_weights
+from hooked_ssm.pretrained.torch_files import WEIGHT_FILE_SUFFIXES, read_weight_file
 
 if TYPE_CHECKING:
     from hooked_ssm.model import HookedSSM
 
-CONVERTERS: dict[str, ModuleType] = {
-    **{arch: qwen3_5 for arch in qwen3_5.ARCHITECTURES},
-    **{arch: mamba2 for arch in (*mamba2.ARCHITECTURES, mamba2.MAMBA_SSM)},
-    **{arch: rwkv7 for arch in (*rwkv7.ARCHITECTURES, rwkv7.BLINK)},
-}
 TOY_MODELS_DIR = Path(__file__).parent / "toy"
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
 
 
 def supported_architectures() -> list[str]:
-    return sorted(CONVERTERS)
+    return sorted(arch for family in CHECKPOINT_FAMILIES for arch in family.architectures)
 
 
 def resolve_checkpoint_dir(name_or_path: str | Path) -> Path:
@@ -91,15 +86,15 @@ def _download_release(name: str, release: Release) -> Path:
 def _architecture(raw_config: dict, directory: Path) -> str:
     names = raw_config.get("architectures") or []
     for name in names:
-        if name in CONVERTERS:
+        if family_of_architecture(name) is not None:
             return name
     if not names:
-        if mamba2.is_mamba_ssm_config(raw_config):
-            return mamba2.MAMBA_SSM
-        if raw_config.get("model_type") == "mamba2":
-            return "Mamba2ForCausalLM"
-        if rwkv7.is_rwkv7_config(raw_config):
-            return "RWKV7ForCausalLM"
+        for family in CHECKPOINT_FAMILIES:
+            if raw_config.get("model_type") in family.model_types:
+                return family.architectures[0]
+            found = getattr(family.module, "architecture_of", lambda raw: None)(raw_config)
+            if found is not None:
+                return found
     raise CheckpointError(
         f"Unsupported architecture {names or raw_config.get('model_type')!r} in {directory / 'config.json'}. "
         f"HookedSSM supports: {', '.join(supported_architectures())}."
@@ -134,20 +129,8 @@ def _read_checkpoint(source: Path, release: Release | None) -> tuple[str, dict[s
         return rwkv7.BLINK, rwkv7.config_from_blink(state, defaults), state
     raw_config = read_config(source)
     architecture = _architecture(raw_config, source)
-    converter = CONVERTERS[architecture]
-    if architecture == rwkv7.BLINK:  # BlinkDL names in safetensors beside a config.json (toy-rwkv7)
-        state = read_safetensors(source)
-        return architecture, rwkv7.config_from_blink_dir(raw_config, state), state
-    if converter is qwen3_5:
-        fields = qwen3_5.config_from_hf(AutoConfig.from_pretrained(source), architecture)
-        return architecture, fields, read_safetensors(source)
-    state = read_weights(source)
-    if architecture == mamba2.MAMBA_SSM:
-        return architecture, mamba2.config_from_mamba_ssm(raw_config, state, defaults), state
-    if converter is mamba2:
-        return architecture, mamba2.config_from_hf(AutoConfig.from_pretrained(source)), state
-    state = rwkv7.fla_to_blink(state, bool(raw_config.get("tie_word_embeddings", False)))
-    return architecture, rwkv7.config_from_fla(raw_config, state), state
+    converter = family_of_architecture(architecture).module
+    return architecture, *converter.read_checkpoint(source, raw_config, architecture, defaults)
 
 
 def _check_expected(fields: dict[str, Any], release: Release | None, source: Path) -> None:
@@ -172,7 +155,7 @@ def load_pretrained(
     release = found[1] if found else None
     architecture, fields, raw_state = _read_checkpoint(source, release)
     _check_expected(fields, release, source)
-    converter = CONVERTERS[architecture]
+    converter = family_of_architecture(architecture).module
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     cfg = HookedSSMConfig(

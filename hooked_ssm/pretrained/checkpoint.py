@@ -1,13 +1,16 @@
-"""Reading checkpoint directories: config.json plus (possibly sharded) safetensors, with clear errors."""
+"""Reading checkpoint directories (config.json plus possibly sharded safetensors, with clear errors), and
+the pieces every converter shares."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
+from transformers import PretrainedConfig
 
 
 class CheckpointError(RuntimeError):
@@ -64,3 +67,36 @@ def take(state: dict[str, Tensor], key: str) -> Tensor:
         return state.pop(key)
     except KeyError:
         raise CheckpointError(f"Checkpoint is missing the tensor {key!r} that its config implies.") from None
+
+
+def take_embeddings(state: dict[str, Tensor], tie_word_embeddings: bool, embed: str, final_norm: str) -> dict[str, Tensor]:
+    """``embed.W_E``, ``ln_final.w`` and, untied, ``unembed.weight`` (``lm_head.weight``); a tied
+    checkpoint's ``lm_head.weight`` copy is dropped."""
+    out = {"embed.W_E": take(state, embed), "ln_final.w": take(state, final_norm)}
+    lm_head = state.pop("lm_head.weight", None)
+    if not tie_word_embeddings:
+        if lm_head is None:
+            raise CheckpointError("Checkpoint has no lm_head.weight but its config says the embeddings are untied.")
+        out["unembed.weight"] = lm_head
+    return out
+
+
+def ensure_consumed(state: dict[str, Tensor]) -> None:
+    """Raise if a converter left tensors: a checkpoint that does not match its config never loads silently."""
+    if state:
+        raise CheckpointError(f"Checkpoint has tensors the config does not account for: {sorted(state)[:8]}")
+
+
+def transformers_fields(hf: PretrainedConfig, architecture: str) -> dict[str, Any]:
+    """The HookedSSMConfig fields every transformers causal LM config states the same way."""
+    return dict(
+        d_model=hf.hidden_size,
+        n_layers=hf.num_hidden_layers,
+        d_vocab=hf.vocab_size,
+        tie_word_embeddings=bool(hf.tie_word_embeddings),
+        n_ctx=hf.max_position_embeddings,
+        original_architecture=architecture,
+        bos_token_id=hf.bos_token_id,
+        eos_token_id=hf.eos_token_id,
+        pad_token_id=hf.pad_token_id,
+    )

@@ -5,15 +5,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from hooked_ssm.config import HookedSSMConfig
 from hooked_ssm.pretrained.checkpoint import CheckpointError, take
+from hooked_ssm.pretrained.torch_files import read_weights
 
-ARCHITECTURES = ("Mamba2ForCausalLM",)
 MAMBA_SSM = "mamba_ssm"  # pseudo-architecture of the original layout
 
 # mamba_ssm.modules.mamba2.Mamba2 defaults (what an ssm_cfg of {"layer": "Mamba2"} means).
@@ -26,6 +27,20 @@ MAMBA_SSM_DEFAULTS: dict[str, Any] = {
 
 def is_mamba_ssm_config(raw: dict) -> bool:
     return "ssm_cfg" in raw or ("d_model" in raw and "n_layer" in raw)
+
+
+def architecture_of(raw: dict) -> str | None:
+    """The original mamba_ssm config.json names no architecture and no model_type."""
+    return MAMBA_SSM if is_mamba_ssm_config(raw) else None
+
+
+def read_checkpoint(
+    source: Path, raw_config: dict, architecture: str, defaults: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    state = read_weights(source)
+    if architecture == MAMBA_SSM:
+        return config_from_mamba_ssm(raw_config, state, defaults), state
+    return config_from_hf(AutoConfig.from_pretrained(source)), state
 
 
 def _common(n_layers: int) -> dict[str, Any]:
@@ -145,6 +160,21 @@ def config_from_mamba_ssm(raw: dict, state: dict[str, Tensor], defaults: dict[st
     )
 
 
+def mixer_weights(state: dict[str, Tensor], prefix: str, cfg: HookedSSMConfig) -> dict[str, Tensor]:
+    """Take one Mamba-2 mixer's tensors (transformers / mamba_ssm names under ``prefix``), named as
+    ``Mamba2Mixer``'s parameters. Shared by every family that runs this mixer."""
+    out = {"conv_weight": take(state, f"{prefix}conv1d.weight").squeeze(1)}
+    names = ["in_proj.weight", "out_proj.weight", "dt_bias", "A_log", "D"]
+    names += ["in_proj.bias", "out_proj.bias"] if cfg.proj_bias else []
+    for name in names:
+        out[name] = take(state, f"{prefix}{name}")
+    if cfg.conv_bias:
+        out["conv_bias"] = take(state, f"{prefix}conv1d.bias")
+    if cfg.ssm_norm != "none":
+        out["norm.w"] = take(state, f"{prefix}norm.weight")
+    return out
+
+
 def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[str, Tensor]:
     """Map a transformers or mamba_ssm Mamba-2 state dict to HookedSSM's parameter names.
 
@@ -162,15 +192,7 @@ def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[s
     for layer in range(cfg.n_layers):
         src, dst = f"backbone.layers.{layer}.", f"blocks.{layer}."
         out[f"{dst}ln1.w"] = take(state, f"{src}norm.weight")
-        mixer = f"{src}mixer."
-        out[f"{dst}mixer.conv_weight"] = take(state, f"{mixer}conv1d.weight").squeeze(1)
-        names = ["in_proj.weight", "out_proj.weight", "dt_bias", "A_log", "D"]
-        names += ["in_proj.bias", "out_proj.bias"] if cfg.proj_bias else []
-        for name in names:
-            out[f"{dst}mixer.{name}"] = take(state, f"{mixer}{name}")
-        if cfg.conv_bias:
-            out[f"{dst}mixer.conv_bias"] = take(state, f"{mixer}conv1d.bias")
-        out[f"{dst}mixer.norm.w"] = take(state, f"{mixer}norm.weight")
+        out.update({f"{dst}mixer.{k}": v for k, v in mixer_weights(state, f"{src}mixer.", cfg).items()})
     if state:
         raise CheckpointError(f"Checkpoint has tensors the config does not account for: {sorted(state)[:8]}")
     return out

@@ -1,23 +1,31 @@
-"""Qwen3.5 (``Qwen3_5ForCausalLM`` and the text part of ``Qwen3_5ForConditionalGeneration``) and
-Qwen3-Next (``Qwen3NextForCausalLM``): transformers config -> HookedSSMConfig, HF state dict -> ours.
+"""Qwen3.5 (``Qwen3_5ForCausalLM`` and the text part of ``Qwen3_5ForConditionalGeneration``), its
+mixture-of-experts models (``Qwen3_5Moe*``) and Qwen3-Next (``Qwen3NextForCausalLM``): transformers
+config -> HookedSSMConfig, HF state dict -> ours.
 
-The two families share the decoder; Qwen3-Next fuses the mixer's input projections per key head
-and uses mixture-of-experts MLPs. Both are converted to one canonical layout here.
+The families share the decoder; Qwen3-Next fuses the mixer's input projections per key head; Qwen3-Next
+and Qwen3.5-MoE use mixture-of-experts MLPs (Qwen3.5-MoE in every layer, so its config has no
+dense ``intermediate_size``). All are converted to one canonical layout here.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from hooked_ssm.config import HookedSSMConfig
-from hooked_ssm.pretrained.checkpoint import CheckpointError, take
+from hooked_ssm.pretrained.checkpoint import CheckpointError, read_safetensors, take
 
-ARCHITECTURES = ("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration", "Qwen3NextForCausalLM")
 _LAYER_TYPES = {"linear_attention": "gated_deltanet", "full_attention": "full_attention"}
+
+
+def read_checkpoint(
+    source: Path, raw_config: dict, architecture: str, defaults: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    return config_from_hf(AutoConfig.from_pretrained(source), architecture), read_safetensors(source)
 
 
 def config_from_hf(hf_config: PretrainedConfig, architecture: str) -> dict[str, Any]:
@@ -44,7 +52,7 @@ def config_from_hf(hf_config: PretrainedConfig, architecture: str) -> dict[str, 
         rotary_dim=int(head_dim * partial),
         rope_theta=float(rope.get("rope_theta", getattr(text, "rope_theta", 10_000.0))),
         attn_output_gate=getattr(text, "attn_output_gate", True),
-        d_mlp=text.intermediate_size,
+        d_mlp=getattr(text, "intermediate_size", 0) or 0,
         act_fn=text.hidden_act,
         n_experts=n_experts,
         n_experts_per_tok=getattr(text, "num_experts_per_tok", 0) or 0,

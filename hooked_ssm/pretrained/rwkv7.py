@@ -21,16 +21,16 @@ keys of tiny norm.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from hooked_ssm.config import HookedSSMConfig
-from hooked_ssm.pretrained.checkpoint import CheckpointError, take
+from hooked_ssm.pretrained.checkpoint import CheckpointError, read_safetensors, take
+from hooked_ssm.pretrained.torch_files import read_weights
 
-ARCHITECTURES = ("RWKV7ForCausalLM",)
-MODEL_TYPES = ("rwkv7", "rwkv7_fla")
 BLINK = "rwkv7_blinkdl"  # pseudo-architecture of a BlinkDL .pth
 
 _TIME_MIX = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")
@@ -38,10 +38,6 @@ _LINEARS = {"receptance": "r_proj", "key": "k_proj", "value": "v_proj", "output"
 _FLA_LINEARS = {value: key for key, value in _LINEARS.items()}
 _FLA_NORMS = {"pre_norm": "ln0", "attn_norm": "ln1", "ffn_norm": "ln2"}
 _LORA_SLOT = {"0.weight": "1", "2.weight": "2", "2.bias": "0"}
-
-
-def is_rwkv7_config(raw: dict) -> bool:
-    return raw.get("model_type") in MODEL_TYPES or any(a in ARCHITECTURES for a in raw.get("architectures") or [])
 
 
 def _n_layers(state: dict[str, Tensor]) -> int:
@@ -205,6 +201,17 @@ def config_from_fla(raw: dict, state: dict[str, Tensor]) -> dict[str, Any]:
         pad_token_id=raw.get("pad_token_id"),
     )
     return fields
+
+
+def read_checkpoint(
+    source: Path, raw_config: dict, architecture: str, defaults: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """A checkpoint directory: BlinkDL names beside a config.json (toy-rwkv7), or fla-hub's layout."""
+    if architecture == BLINK:
+        state = read_safetensors(source)
+        return config_from_blink_dir(raw_config, state), state
+    state = fla_to_blink(read_weights(source), bool(raw_config.get("tie_word_embeddings", False)))
+    return config_from_fla(raw_config, state), state
 
 
 def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[str, Tensor]:

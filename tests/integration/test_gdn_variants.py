@@ -1,0 +1,163 @@
+"""Gated DeltaNet variants of transformers beyond Qwen3.5 / Qwen3-Next, loaded from tiny random
+``save_pretrained`` checkpoints: parity (chunked and recurrent), write edits against the brute-force
+per-token rule of test_gdn_hooks run inside the transformers model, exact causality of an edit, and
+generation with the recurrent cache (test_mamba2_hybrids' check).
+
+One row of ``VARIANTS`` per family: its tiny model, and the transformers module whose
+``torch_chunk_gated_delta_rule`` the brute-force rule replaces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+
+import pytest
+import torch
+from conftest import randomize_
+from test_gdn_hooks import brute_force_rule
+from test_mamba2_hybrids import check_generation
+from transformers import (
+    LaraMiniConfig,
+    LaraMiniForCausalLM,
+    OlmoHybridConfig,
+    OlmoHybridForCausalLM,
+    PreTrainedModel,
+    Qwen3_5MoeForCausalLM,
+    Qwen3_5MoeTextConfig,
+)
+from transformers.models.lara_mini import modeling_lara_mini
+from transformers.models.olmo_hybrid import modeling_olmo_hybrid
+from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe
+
+from hooked_ssm import HookedSSM, as_flat
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB, TOL = 300, 1e-4
+LAYER, LINEAR_INDEX = 2, 1  # model layer 2 is the second Gated DeltaNet layer of every row
+
+
+@dataclass(frozen=True)
+class Variant:
+    build: Callable[[], PreTrainedModel]
+    modeling: ModuleType  # where transformers looks up torch_chunk_gated_delta_rule
+
+
+def _olmo_hybrid(**overrides) -> PreTrainedModel:
+    # Grouped keys (2 key heads, 4 value heads), beta in (0, 2), attention between the GDN layers.
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    return randomize_(OlmoHybridForCausalLM(OlmoHybridConfig(**{**kwargs, **overrides})))
+
+
+def _lara_mini() -> PreTrainedModel:
+    # Sliding-window attention (window 8, RoPE) and global attention (no RoPE) between the GDN
+    # layers; four experts, two per token, and an ungated shared expert everywhere.
+    cfg = LaraMiniConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, layer_types=["linear_attention", "sliding_attention", "linear_attention", "full_attention"],
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
+        moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+        sliding_window=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    return randomize_(LaraMiniForCausalLM(cfg))
+
+
+def _qwen3_5_moe() -> PreTrainedModel:
+    # Qwen3.5's hybrid layers with experts in every layer (layer 2 is the second GDN layer, as in every row).
+    cfg = Qwen3_5MoeTextConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention",
+                                  "full_attention"],
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
+        moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
+                         "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    return randomize_(Qwen3_5MoeForCausalLM(cfg))
+
+
+VARIANTS = {
+    "olmo_hybrid": Variant(_olmo_hybrid, modeling_olmo_hybrid),
+    "lara_mini": Variant(_lara_mini, modeling_lara_mini),
+    "qwen3_5_moe": Variant(_qwen3_5_moe, modeling_qwen3_5_moe),
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request, tmp_path_factory):
+    row = VARIANTS[request.param]
+    hf_model = row.build()
+    directory = tmp_path_factory.mktemp(request.param)
+    hf_model.save_pretrained(directory)
+    return request.param, directory, hf_model, row
+
+
+def _tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _hf_logits(hf_model, tokens):
+    with torch.no_grad():
+        return hf_model(input_ids=tokens, use_cache=False).logits
+
+
+@pytest.mark.parametrize("execution", ["chunked", "recurrent"])
+def test_logits_match_transformers(variant, execution):
+    name, directory, hf_model, _ = variant
+    model = HookedSSM.from_pretrained(directory, execution=execution)
+    for length in (37, 90):  # one chunk, and two (chunks of 64)
+        tokens = _tokens(2, length, seed=length)
+        with torch.no_grad():
+            diff = (model(tokens) - _hf_logits(hf_model, tokens)).abs().max().item()
+        assert diff <= TOL, f"{name}/{execution}/T={length}: max |logit diff| {diff:.2e}"
+
+
+def test_beta_range(variant):
+    """OLMo-Hybrid's allow_neg_eigval: beta = 2 sigmoid(b) in (0, 2), seen as such by hook_beta;
+    (0, 1) elsewhere."""
+    _, directory, hf_model, _ = variant
+    model = HookedSSM.from_pretrained(directory)
+    _, cache = model.run_with_cache(_tokens(2, 40), names_filter=f"blocks.{LAYER}.mixer.hook_beta")
+    beta = cache[f"blocks.{LAYER}.mixer.hook_beta"]
+    top = 2.0 if getattr(hf_model.config, "linear_allow_neg_eigval", False) else 1.0
+    assert top / 2 < beta.max() < top and beta.min() > 0
+
+
+@pytest.mark.parametrize("execution", ["chunked", "recurrent"])
+def test_write_edit_is_exact_and_causal(variant, execution, monkeypatch):
+    name, directory, hf_model, row = variant
+    model = HookedSSM.from_pretrained(directory, execution=execution)
+    tokens, t, head = _tokens(2, 90, seed=3), 70, 1
+    replacement = torch.randn(model.cfg.d_k, model.cfg.d_v, generator=torch.Generator().manual_seed(0))
+
+    def replace_write(write, hook):
+        write = write.clone()
+        write[:, t, head] = as_flat(replacement)
+        return write
+
+    with torch.no_grad():
+        clean = model(tokens)
+        edited = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{LAYER}.mixer.hook_write", replace_write)])
+    monkeypatch.setattr(row.modeling, "torch_chunk_gated_delta_rule",
+                        brute_force_rule({LINEAR_INDEX: {"write": (t, head, replacement)}}))
+    diff = (edited - _hf_logits(hf_model, tokens)).abs().max().item()
+    assert diff <= TOL, f"{name}/{execution}: edited logits vs brute force {diff:.2e}"
+    assert torch.equal(edited[:, :t], clean[:, :t])  # nothing before the edit moves, bit for bit
+    assert (edited[:, t:] - clean[:, t:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("execution", ["chunked", "recurrent"])
+def test_generation_with_the_recurrent_cache(variant, execution):
+    _, directory, hf_model, _ = variant
+    check_generation(HookedSSM.from_pretrained(directory, execution=execution), hf_model)

@@ -292,6 +292,9 @@ def _stack_attention(caches: Sequence[AttentionCache], sizes: Sequence[int]) -> 
     return AttentionCache(keys, values, key_mask, torch.cat(lengths))
 
 
+_ATTENTION_FIELDS = {f.name for f in dataclasses.fields(AttentionCache)}
+
+
 def stack_states(states: Sequence[RecurrentState], sizes: Sequence[int] | None = None) -> RecurrentState:
     """The rows of ``states`` as one batch, whatever number of tokens each has consumed.
 
@@ -305,7 +308,13 @@ def stack_states(states: Sequence[RecurrentState], sizes: Sequence[int] | None =
     layers = []
     for caches in zip(*(s.layers for s in states)):
         if isinstance(caches[0], AttentionCache):
-            layers.append(_stack_attention(caches, sizes))
+            stacked = _stack_attention(caches, sizes)
+            # A cache that extends the attention cache (Falcon-H1's ParallelCache) also carries
+            # recurrent fields: those concatenate like any recurrent cache's.
+            extra = {f.name: _cat_or_zeros([getattr(c, f.name) for c in caches], sizes)
+                     for f in dataclasses.fields(caches[0]) if f.name not in _ATTENTION_FIELDS}
+            attention = {name: getattr(stacked, name) for name in _ATTENTION_FIELDS}
+            layers.append(type(caches[0])(**attention, **extra) if extra else stacked)
             continue
         changes = {f.name: _cat_or_zeros([getattr(c, f.name) for c in caches], sizes) for f in dataclasses.fields(caches[0])}
         layers.append(dataclasses.replace(caches[0], **changes))

@@ -6,7 +6,7 @@ is walked once with a ``RecurrentState`` and copied at every firing position; th
 continuations then run as batches of rows = firings x conditions, ragged prefixes and all,
 ``max_rows`` rows per batch: the engine's device default, 48 on CPU and 192 on GPU) vs ``method="naive"`` (one
 ``run_with_hooks`` from position 0 per firing). Firings are placed at seeded random positions of
-each prompt at one site (layer 0, head 1 of the toy Gated DeltaNet model); their dominant atoms are
+each prompt at one site (layer 0, head 1 of the toy Gated DeltaNet model); their atoms are
 random atoms of a randomly initialised WriteSAE (the SAE only supplies the replacement writes, so
 its training does not affect the timing). Three scoring windows are timed:
 

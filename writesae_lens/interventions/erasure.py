@@ -163,7 +163,7 @@ def run_erasure(
             raise ValueError(f"Feature {feature} does not fire on the detection prompts; use more prompts or detect_on='same'.")
         detection = _sample(pool, options.max_detection_firings, generator)
         drops = run_write_edits(model, site, prompts, [erase_edit(tr) for tr in detection],
-                                lambda native, edited: (native - edited).float(), batch_size, progress=progress)
+                                lambda native, edited, _: (native.log_softmax(-1) - edited.log_softmax(-1)).float(), batch_size, progress=progress)
         target, summed = preferred_token(drops)
         detection_info = dict(n=len(detection), prompts=detect_ids, summed_nats=summed)
     target = int(target)
@@ -179,7 +179,8 @@ def run_erasure(
     for m in options.dose_sweep:
         plan += [("dose", m, tr, WriteEdit(tr.prompt, tr.position, add=m * a_star * atom)) for tr in controls[: options.dose_n]]
 
-    def at_target(native: Tensor, edited: Tensor) -> Tensor:
+    def at_target(native: Tensor, edited: Tensor, _: Tensor) -> Tensor:
+        native, edited = native.log_softmax(-1), edited.log_softmax(-1)
         return torch.stack([native[:, target], edited[:, target], _rank(native, target), _rank(edited, target)], dim=-1)
 
     scored = run_write_edits(model, site, prompts, [edit for *_, edit in plan], at_target, batch_size, progress=progress)

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from sae_lens import SAE
 from scipy import stats
@@ -64,23 +63,31 @@ def atom_per_unit_code(sae: SAE, feature: int, d_k: int, d_v: int) -> Float[Tens
 
 
 @torch.no_grad()
+def firings_by_feature(
+    model: HookedSSM, sae: SAE, site: Site, prompts: Sequence[Tensor], min_position: int, batch_size: int
+) -> dict[int, list[Trial]]:
+    """Every firing of every feature (the paper's definition: positions ``t >= min_position``
+    where the feature's code is non-zero), sorted by ``(prompt, position)`` per feature."""
+    out: dict[int, list[Trial]] = {}
+    for ids, batch in prompt_batches(prompts, batch_size):
+        codes = observe_site(model, batch, site, sae, logits=False)["codes"][:, min_position:].cpu()
+        for row, t, feature in torch.nonzero(codes).tolist():
+            out.setdefault(feature, []).append(Trial(ids[row], t + min_position, float(codes[row, t, feature])))
+    return {f: sorted(trials, key=lambda tr: (tr.prompt, tr.position)) for f, trials in sorted(out.items())}
+
+
 def feature_positions(
     model: HookedSSM, sae: SAE, site: Site, prompts: Sequence[Tensor], feature: int, min_position: int, batch_size: int
 ) -> tuple[list[Trial], list[Trial]]:
-    """``(firings, non-firings)`` of ``feature``: every position ``t >= min_position`` of every
-    prompt, split by whether the feature's code is non-zero there (the paper's firing definition)."""
-    firing: list[Trial] = []
-    quiet: list[Trial] = []
-    for ids, batch in prompt_batches(prompts, batch_size):
-        code = observe_site(model, batch, site, sae, logits=False)["codes"][:, :, feature].cpu()
-        for row, prompt in enumerate(ids):
-            for t in range(min_position, batch.shape[1]):
-                a = float(code[row, t])
-                (firing if a != 0 else quiet).append(Trial(prompt, t, a))
+    """``(firings, non-firings)`` of ``feature`` over every position ``t >= min_position``."""
+    firing = firings_by_feature(model, sae, site, prompts, min_position, batch_size).get(feature, [])
+    fired = {(tr.prompt, tr.position) for tr in firing}
+    quiet = [Trial(p, t) for p, prompt in enumerate(prompts) for t in range(min_position, len(prompt)) if (p, t) not in fired]
     return firing, quiet
 
 
-Reduce = Callable[[Float[Tensor, "rows vocab"], Float[Tensor, "rows vocab"]], Tensor]
+#: ``reduce(native_logits, edited_logits, edit_index)`` -> one row per edit of the chunk.
+Reduce = Callable[[Float[Tensor, "rows vocab"], Float[Tensor, "rows vocab"], Tensor], Tensor]
 
 
 def _edit_hook(head: int, edits: Sequence[WriteEdit]) -> Callable:
@@ -109,16 +116,17 @@ def run_write_edits(
     max_rows: int = 64,
     progress: bool = False,
 ) -> Tensor:
-    """For each edit, ``reduce(native, edited)`` of the next-token log-probabilities (float64,
-    ``[rows, vocab]``) at the edit's position: the unmodified model's and the model's with that
-    edit alone (one branch per edit). Results are in the order of ``edits``."""
+    """For each edit, ``reduce(native, edited, index)`` of the logits (float64, ``[rows, vocab]``)
+    at the edit's position: the unmodified model's and the model's with that edit alone (one
+    branch per edit); ``index`` holds the chunk's edit numbers. Results are in the order of
+    ``edits``."""
     by_prompt: dict[int, list[int]] = {}
     for i, edit in enumerate(edits):
         by_prompt.setdefault(edit.prompt, []).append(i)
     out: dict[int, Tensor] = {}
     bar = tqdm(total=len(edits), disable=not progress, desc="write edits")
     for ids, batch in prompt_batches(prompts, batch_size, ids=sorted(by_prompt)):
-        native = F.log_softmax(model(batch.to(model.cfg.device)).double(), dim=-1)
+        native = model(batch.to(model.cfg.device)).double()
         at: dict[int, list[tuple[int, int]]] = {}
         for row, prompt in enumerate(ids):
             for i in by_prompt[prompt]:
@@ -129,8 +137,8 @@ def run_write_edits(
                 rows = torch.tensor([row for row, _ in chunk])
                 hook = _edit_hook(site.head, [edits[i] for _, i in chunk])
                 logits = branch_logits(model, site, batch, state, rows, t, t, hook, positions=[t])
-                edited = F.log_softmax(logits[:, 0].double(), dim=-1)
-                reduced = reduce(native[rows.to(native.device), t], edited).cpu()
+                index = torch.tensor([i for _, i in chunk])
+                reduced = reduce(native[rows.to(native.device), t], logits[:, 0].double(), index).cpu()
                 for j, (_, i) in enumerate(chunk):
                     out[i] = reduced[j]
                 bar.update(len(chunk))

@@ -77,7 +77,7 @@ def linearising_hooks():
 @pytest.fixture(scope="package")
 def rerun_with_write():
     """The independent reference: a full re-run of one prompt whose head-1 write at ``position``
-    becomes ``fn(write)``; returns the log-probabilities (float64) at every position."""
+    becomes ``fn(write)``; returns the logits (float64) at every position."""
 
     def rerun(model, prompt, position, fn, extra_hooks=()):
         def hook(act, hook):
@@ -85,6 +85,6 @@ def rerun_with_write():
             return act
 
         with torch.no_grad(), model.hooks(fwd_hooks=[*extra_hooks, ("blocks.0.mixer.hook_write", hook)]):
-            return torch.log_softmax(model(prompt[None]).double(), dim=-1)[0]
+            return model(prompt[None]).double()[0]
 
     return rerun

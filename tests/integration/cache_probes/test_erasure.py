@@ -40,7 +40,7 @@ def test_target_is_detected_on_held_out_prompts_before_the_run(model, sae, conte
             native = torch.log_softmax(model(contexts[p][None]).double(), dim=-1)[0]
             for t in range(1, contexts.shape[1]):
                 if code[p, t] != 0:
-                    score += native[t] - rerun_with_write(model, contexts[p], t, torch.zeros_like)[t]
+                    score += native[t] - rerun_with_write(model, contexts[p], t, torch.zeros_like)[t].log_softmax(-1)
     assert int(score.argmax()) == target
     assert summary["detection"]["summed_nats"] == pytest.approx(float(score.max()), rel=1e-4)
 
@@ -58,10 +58,10 @@ def test_erasure_and_control_equal_full_reruns(model, sae, contexts, erasure, re
         p, t = r["prompt"], r["position"]
         if r["condition"] == "firing":
             assert code[p, t] != 0
-            edited = rerun_with_write(model, contexts[p], t, torch.zeros_like)
+            edited = rerun_with_write(model, contexts[p], t, torch.zeros_like).log_softmax(-1)
         else:  # the control writes +m a* atom where the feature does not fire
             assert code[p, t] == 0
-            edited = rerun_with_write(model, contexts[p], t, lambda w, m=r["dose"]: w + m * a_star * atom)
+            edited = rerun_with_write(model, contexts[p], t, lambda w, m=r["dose"]: w + m * a_star * atom).log_softmax(-1)
         assert r["delta_logp"] == pytest.approx(float(edited[t, target] - native[p][t, target]), abs=1e-5)
 
 

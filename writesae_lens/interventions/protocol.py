@@ -155,6 +155,14 @@ def median_ci(x: np.ndarray, seed: int = 0, level: float = 0.95) -> tuple[float,
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
+def mean_ci(x: np.ndarray, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile-bootstrap CI of the mean (``scipy.stats.bootstrap``, 9,999 resamples)."""
+    if x.size < 2 or np.all(x == x[0]):
+        return (float(x.mean()), float(x.mean())) if x.size else (float("nan"), float("nan"))
+    res = stats.bootstrap((x,), np.mean, confidence_level=level, method="percentile", rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
 def wilcoxon_summary(x: np.ndarray, alternative: str = "two-sided") -> dict:
     """``scipy.stats.wilcoxon`` of the paired differences ``x`` against 0."""
     if x.size == 0 or not np.any(x != 0):

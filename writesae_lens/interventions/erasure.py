@@ -41,14 +41,15 @@ from scipy import stats
 from torch import Tensor
 
 from hooked_ssm import HookedSSM
+from writesae_lens.interventions.engine import Branch, Edit, add_write, replace_write
 from writesae_lens.interventions.protocol import (
+    Reduced,
     Trial,
-    WriteEdit,
     atom_per_unit_code,
     describe_options,
     feature_positions,
     median_ci,
-    run_write_edits,
+    run_branches,
     wilcoxon_summary,
 )
 from writesae_lens.interventions.firings import as_prompt_list, resolve_site
@@ -149,10 +150,17 @@ def run_erasure(
     a_star = float(np.median([tr.coefficient for tr in firing]))
     atom = atom_per_unit_code(sae, feature, model.cfg.d_k, model.cfg.d_v)  # [d_k, d_v]
 
-    def erase_edit(trial: Trial) -> WriteEdit:
+    def erase_edit(trial: Trial) -> Edit:
         if options.erase == "write":
-            return WriteEdit(trial.prompt, trial.position, replace=torch.zeros_like(atom))
-        return WriteEdit(trial.prompt, trial.position, add=-trial.coefficient * atom)
+            return replace_write(site.layer, site.head, trial.position, torch.zeros_like(atom))
+        return add_write(site.layer, site.head, trial.position, -trial.coefficient * atom)
+
+    def add_edit(trial: Trial, dose: float) -> Edit:
+        return add_write(site.layer, site.head, trial.position, dose * a_star * atom)
+
+    def branch(trial: Trial, edit: Edit) -> Branch:
+        """Scored at the edited position: the next-token distribution right after the write."""
+        return Branch(trial.prompt, [edit], scored=[trial.position], end=trial.position)
 
     rows: list[dict] = []
     detection_info: dict[str, object] = {}
@@ -162,9 +170,10 @@ def run_erasure(
         if not pool:
             raise ValueError(f"Feature {feature} does not fire on the detection prompts; use more prompts or detect_on='same'.")
         detection = _sample(pool, options.max_detection_firings, generator)
-        drops = run_write_edits(model, site, prompts, [erase_edit(tr) for tr in detection],
-                                lambda native, edited, _: (native.log_softmax(-1) - edited.log_softmax(-1)).float(), batch_size, progress=progress)
-        target, summed = preferred_token(drops)
+        drop = Reduced(lambda native, edited, _: (native.log_softmax(-1) - edited.log_softmax(-1)).float())
+        done = run_branches(model, prompts, [branch(tr, erase_edit(tr)) for tr in detection], drop, batch_size,
+                            progress, "feature detection")
+        target, summed = preferred_token(torch.cat([r.scores["value"] for r in done]))
         detection_info = dict(n=len(detection), prompts=detect_ids, summed_nats=summed)
     target = int(target)
 
@@ -173,17 +182,19 @@ def run_erasure(
     controls = _sample([tr for tr in quiet if tr.prompt in eval_set], options.control_n, generator)
     if not evaluation:
         raise ValueError(f"Feature {feature} does not fire on the evaluation prompts; pass more prompts.")
-    plan: list[tuple[str, float, Trial, WriteEdit]] = [("firing", 0.0, tr, erase_edit(tr)) for tr in evaluation]
+    plan: list[tuple[str, float, Trial, Edit]] = [("firing", 0.0, tr, erase_edit(tr)) for tr in evaluation]
     for m in options.control_doses:
-        plan += [("control", m, tr, WriteEdit(tr.prompt, tr.position, add=m * a_star * atom)) for tr in controls]
+        plan += [("control", m, tr, add_edit(tr, m)) for tr in controls]
     for m in options.dose_sweep:
-        plan += [("dose", m, tr, WriteEdit(tr.prompt, tr.position, add=m * a_star * atom)) for tr in controls[: options.dose_n]]
+        plan += [("dose", m, tr, add_edit(tr, m)) for tr in controls[: options.dose_n]]
 
     def at_target(native: Tensor, edited: Tensor, _: Tensor) -> Tensor:
         native, edited = native.log_softmax(-1), edited.log_softmax(-1)
         return torch.stack([native[:, target], edited[:, target], _rank(native, target), _rank(edited, target)], dim=-1)
 
-    scored = run_write_edits(model, site, prompts, [edit for *_, edit in plan], at_target, batch_size, progress=progress)
+    done = run_branches(model, prompts, [branch(tr, edit) for _, _, tr, edit in plan], Reduced(at_target), batch_size,
+                        progress, f"erasure of feature {feature}")
+    scored = torch.cat([r.scores["value"] for r in done])
     for i, (condition, dose, trial, _) in enumerate(plan):
         rows.append(dict(
             condition=condition, dose=dose, prompt=trial.prompt, position=trial.position, layer=site.layer,

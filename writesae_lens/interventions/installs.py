@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,11 +42,11 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from hooked_ssm import HookedSSM
-from writesae_lens.interventions.firings import Site, resolve_site
-from writesae_lens.interventions.protocol import describe_options, wilson_ci
+from writesae_lens.interventions.engine import Branch, Edit, install
+from writesae_lens.interventions.firings import Site, observe_site, resolve_site
+from writesae_lens.interventions.protocol import describe_options, run_branches, wilson_ci
 from writesae_lens.interventions.sign_prediction import target_directions
 
 #: The paper's tokenizer size (Qwen3.5, "152K BPE"): rank thresholds scale by ``d_vocab / PAPER_VOCAB``.
@@ -170,62 +170,45 @@ def pick_targets(
     return out
 
 
-def install_hooks(
-    model: HookedSSM,
-    site: Site,
-    starts: Sequence[int],
-    w_star: Float[Tensor, "rows d_v"],
-    multipliers: Sequence[float],
-    options: InstallOptions,
-) -> list[tuple[str, Callable]]:
-    """Hooks that add ``m_r * n_t * u_t w*_r^T`` to row ``r``'s write at absolute positions
-    ``starts[r] .. starts[r] + n_positions - 1``, valid across the calls of ``model.generate``
-    (they read ``model.current_position_offset``). ``n_t`` is ``||k_t v_t^T||_F`` or the native
-    write's norm (``options.norm``), ``u_t`` the unit native key (or query) at ``t``."""
-    head = site.head
-    d_k = model.cfg.d_k
-    captured: dict[str, Tensor] = {}
-    strength = _WRITE_STRENGTH.get(model.cfg.layer_types[site.layer])
-
-    def keep(name: str) -> Callable:
-        def hook(act: Tensor, hook: object) -> None:
-            captured[name] = act[:, :, head].detach()
-        return hook
-
-    def write(act: Tensor, hook: object) -> Tensor:
-        offset = model.current_position_offset
-        for row in range(act.shape[0]):
-            for p in range(starts[row], starts[row] + options.n_positions):
-                rel = p - offset
-                if not 0 <= rel < act.shape[1]:
-                    continue
-                native = act[row, rel, head].float()
-                size = native.norm()
-                if options.norm == "kv" and strength is not None:
-                    size = size / captured[strength][row, rel].float().clamp(min=1e-12)
-                u = captured["hook_write_factors"][row, rel, :d_k] if options.key == "native" else captured["hook_q"][row, rel]
-                u = u.float() / u.float().norm().clamp(min=1e-12)
-                act[row, rel, head] += (multipliers[row] * size * torch.outer(u, w_star[row].to(u)).flatten()).to(act)
-        return act
-
-    leaves = ["hook_write_factors", "hook_q", *([strength] if strength else [])]
-    return [*((site.mixer_hook(leaf), keep(leaf)) for leaf in leaves), (site.write_hook, write)]
-
-
 @torch.no_grad()
-def _decode(
-    model: HookedSSM, prompts: Int[Tensor, "rows pos"], max_new_tokens: int, hooks: Sequence[tuple[str, Callable]] = ()
-) -> tuple[Int[Tensor, "rows new"], Float[Tensor, "rows vocab"]]:
-    """Greedy continuation and the first generated step's log-probabilities, with ``hooks`` live."""
-    with model.hooks(fwd_hooks=list(hooks)):
-        first = model(prompts)[:, -1].double().log_softmax(-1)
-        tokens = model.generate(prompts, max_new_tokens=max_new_tokens, do_sample=False, stop_at_eos=False,
-                                verbose=False, return_type="tokens")
-    return tokens[:, prompts.shape[1]:], first
+def observe_installs(model: HookedSSM, site: Site, contexts: Int[Tensor, "n pos"], options: InstallOptions) -> dict[str, Tensor]:
+    """What the installs' sizes and key sides need from the unmodified run, per context and position:
+    ``"size"`` (``||k_t v_t^T||_F`` or the native write's norm) and ``"key"`` (the unit native key
+    or query). An install at layer ``l`` cannot change what layer ``l`` computes from its input, so
+    these are also the values inside the edited run."""
+    strength = _WRITE_STRENGTH.get(model.cfg.layer_types[site.layer])
+    leaves = ("hook_write_factors", "hook_q", *([strength] if strength else []))
+    seen = observe_site(model, contexts, site, leaves=leaves, logits=False)
+    size = seen["write_norm"].float()
+    if options.norm == "kv" and strength is not None:
+        size = size / seen[strength].float().clamp(min=1e-12)
+    key = seen["hook_write_factors"][..., : model.cfg.d_k] if options.key == "native" else seen["hook_q"]
+    key = key.float() / key.float().norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    return dict(size=size.cpu(), key=key.cpu())
 
 
-def _rank_of(logp: Float[Tensor, "rows vocab"], targets: Tensor) -> Tensor:
-    return (logp > logp.gather(1, targets[:, None])).sum(-1) + 1
+def install_edits(
+    site: Site, observed: Mapping[str, Tensor], context: int, start: int, w_star: Float[Tensor, "d_v"], multiplier: float,
+    n_positions: int,
+) -> list[Edit]:
+    """``multiplier * size_t * u_t w*^T`` added to the write at ``start .. start + n_positions - 1``."""
+    positions = list(range(start, start + n_positions))
+    deltas = [multiplier * observed["size"][context, t] * torch.outer(observed["key"][context, t], w_star.float().cpu())
+              for t in positions]
+    return install(site.layer, site.head, positions, deltas)
+
+
+@dataclass
+class TargetRank:
+    """Engine scorer for decoding steps: log-probability and 1-based rank of ``targets[branch]``."""
+
+    targets: Int[Tensor, "branch"]
+    needs_base: bool = False
+
+    def __call__(self, patched: Tensor, base: Tensor | None, branch: Tensor, position: Tensor) -> dict[str, Tensor]:
+        logp = patched.double().log_softmax(-1)
+        mine = logp.gather(1, self.targets.to(logp.device)[branch, None])
+        return {"logprob": mine[:, 0], "rank": (logp > mine).sum(-1) + 1}
 
 
 @torch.no_grad()
@@ -236,45 +219,41 @@ def run_installs(
     layer: int,
     head: int,
     options: InstallOptions = InstallOptions(),
-    batch_size: int = 64,
+    batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[list[dict], dict]:
     """The paper's sweep over ``contexts`` (``[n, pos]``): per context, targets per stratum, each
-    crossed with every start position and multiplier. One row per trial."""
+    crossed with every start position and multiplier, plus one unedited continuation per context.
+    One row per trial."""
     site = resolve_site(model, None, layer, head)
-    device = model.cfg.device
-    contexts = contexts.to(device)
+    contexts = contexts.to(model.cfg.device)
     generator = torch.Generator().manual_seed(seed)
     starts = start_positions(contexts.shape[1], options)
-    native_tokens, native_first = _decode(model, contexts, options.max_new_tokens)
-    targets = pick_targets(model, contexts, native_first, options, generator)
+    first_step = model(contexts)[:, -1].double().log_softmax(-1)
+    targets = pick_targets(model, contexts, first_step, options, generator)
+    observed = observe_installs(model, site, contexts, options)
 
     plan = [(c, stratum, target, start, m)
             for stratum in options.strata for c in range(len(contexts)) for target in targets[stratum][c]
             for start in starts for m in options.multipliers]
+    target_ids = sorted({t for _, _, t, _, _ in plan})
+    w_star = dict(zip(target_ids, target_directions(model, site.layer, site.head, torch.tensor(target_ids, dtype=torch.long))))
+    branches = [Branch(c, [], generate=options.max_new_tokens) for c in range(len(contexts))]  # unedited
+    branches += [Branch(c, install_edits(site, observed, c, start, w_star[target], m, options.n_positions),
+                        generate=options.max_new_tokens) for c, _, target, start, m in plan]
+    scorer = TargetRank(torch.tensor([0] * len(contexts) + [t for _, _, t, _, _ in plan]))
+    done = run_branches(model, list(contexts), branches, scorer, batch_size, progress, "installs")
+    native = done[: len(contexts)]
     rows: list[dict] = []
-    bar = tqdm(total=len(plan), disable=not progress, desc="installs")
-    for b0 in range(0, len(plan), batch_size):
-        chunk = plan[b0 : b0 + batch_size]
-        ctx = torch.tensor([c for c, *_ in chunk], device=device)
-        tgt = torch.tensor([t for _, _, t, _, _ in chunk], device=device)
-        hooks = install_hooks(model, site, [s for *_, s, _ in chunk], target_directions(model, site.layer, site.head, tgt),
-                              [m for *_, m in chunk], options)
-        tokens, first = _decode(model, contexts[ctx], options.max_new_tokens, hooks)
-        included = (tokens == tgt[:, None]).any(-1)
-        native_included = (native_tokens[ctx] == tgt[:, None]).any(-1)
-        rank, native_rank = _rank_of(first, tgt), _rank_of(native_first[ctx], tgt)
-        logp, native_logp = first.gather(1, tgt[:, None])[:, 0], native_first[ctx].gather(1, tgt[:, None])[:, 0]
-        for i, (c, stratum, target, start, m) in enumerate(chunk):
-            rows.append(dict(
-                context=c, stratum=stratum, target=target, start=start, multiplier=float(m),
-                included=bool(included[i]), native_included=bool(native_included[i]),
-                rank=int(rank[i]), native_rank=int(native_rank[i]),
-                logp=float(logp[i]), native_logp=float(native_logp[i]), logp_lift=float(logp[i] - native_logp[i]),
-            ))
-        bar.update(len(chunk))
-    bar.close()
+    for (c, stratum, target, start, m), result in zip(plan, done[len(contexts):]):
+        logp, native_logp = float(result.generated_scores["logprob"][0]), float(first_step[c, target])
+        rows.append(dict(
+            context=c, stratum=stratum, target=target, start=start, multiplier=float(m),
+            included=bool((result.generated == target).any()), native_included=bool((native[c].generated == target).any()),
+            rank=int(result.generated_scores["rank"][0]), native_rank=int((first_step[c] > first_step[c, target]).sum() + 1),
+            logp=logp, native_logp=native_logp, logp_lift=logp - native_logp,
+        ))
     summary = summarize_installs(rows, options)
     summary["skipped"] = {s: sum(options.targets_per_stratum - len(t) for t in targets[s]) for s in options.strata}
     summary["config"] = dict(dataclasses.asdict(options), layer=site.layer, head=site.head, n_contexts=len(contexts),
@@ -316,4 +295,4 @@ def summarize_installs(rows: Sequence[Mapping], options: InstallOptions = Instal
 
 
 __all__ = ["PAPER_INSTALLS", "PAPER_VOCAB", "STRATA", "InstallOptions", "start_positions", "semantic_class",
-           "pick_targets", "install_hooks", "run_installs", "summarize_installs"]
+           "pick_targets", "observe_installs", "install_edits", "TargetRank", "run_installs", "summarize_installs"]

@@ -1,6 +1,6 @@
-"""What the cache-intervention protocols (erasure, sign prediction, sustained installs) share:
-the trials they plan, the write edits they ask the intervention engine for, and the scipy
-statistics their summaries report.
+"""What the cache-intervention protocols (erasure, sign prediction, sustained installs,
+amplification) share: the trials they plan, how they hand branches to the intervention engine
+(:mod:`writesae_lens.interventions.engine`) and the scipy statistics their summaries report.
 """
 
 from __future__ import annotations
@@ -11,18 +11,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from sae_lens import SAE
 from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooked_ssm import HookedSSM
+from writesae_lens.interventions.engine import Branch, BranchResult, InterventionEngine, Scorer
 from writesae_lens.interventions.firings import (
     Site,
-    branch_logits,
     contribution_norms,
-    prefix_states,
     observe_site,
     prompt_batches,
     unit_atoms,
@@ -36,17 +35,6 @@ class Trial:
     prompt: int
     position: int
     coefficient: float = 0.0
-
-
-@dataclass
-class WriteEdit:
-    """An edit of the native write of the site's head at ``position`` of prompt ``prompt``:
-    ``replace`` it by a ``[d_k, d_v]`` matrix, and/or ``add`` one to it."""
-
-    prompt: int
-    position: int
-    add: Float[Tensor, "d_k d_v"] | None = None
-    replace: Float[Tensor, "d_k d_v"] | None = None
 
 
 def describe_options(options: object) -> str:
@@ -86,64 +74,30 @@ def feature_positions(
     return firing, quiet
 
 
-#: ``reduce(native_logits, edited_logits, edit_index)`` -> one row per edit of the chunk.
-Reduce = Callable[[Float[Tensor, "rows vocab"], Float[Tensor, "rows vocab"], Tensor], Tensor]
+@dataclass
+class Reduced:
+    """An engine scorer: ``{"value": fn(base_logits, patched_logits, branch)}`` at each scored
+    position (float64 logits; ``branch`` holds the caller's branch indices)."""
+
+    fn: Callable[[Float[Tensor, "n vocab"], Float[Tensor, "n vocab"], Int[Tensor, "n"]], Tensor]
+    needs_base: bool = True
+
+    def __call__(self, patched: Tensor, base: Tensor | None, branch: Tensor, position: Tensor) -> dict[str, Tensor]:
+        return {"value": self.fn(None if base is None else base.double(), patched.double(), branch)}
 
 
-def _edit_hook(head: int, edits: Sequence[WriteEdit]) -> Callable:
-    """A ``hook_write`` hook for a one-token step of ``len(edits)`` branch rows: row ``i`` gets
-    edit ``i`` (its replacement, then its addition)."""
-
-    def hook(act: Tensor, hook: object) -> Tensor:
-        for i, edit in enumerate(edits):
-            if edit.replace is not None:
-                act[i, 0, head] = edit.replace.flatten().to(act)
-            if edit.add is not None:
-                act[i, 0, head] += edit.add.flatten().to(act)
-        return act
-
-    return hook
-
-
-@torch.no_grad()
-def run_write_edits(
-    model: HookedSSM,
-    site: Site,
-    prompts: Sequence[Tensor],
-    edits: Sequence[WriteEdit],
-    reduce: Reduce,
-    batch_size: int = 8,
-    max_rows: int = 64,
-    progress: bool = False,
-) -> Tensor:
-    """For each edit, ``reduce(native, edited, index)`` of the logits (float64, ``[rows, vocab]``)
-    at the edit's position: the unmodified model's and the model's with that edit alone (one
-    branch per edit); ``index`` holds the chunk's edit numbers. Results are in the order of
-    ``edits``."""
-    by_prompt: dict[int, list[int]] = {}
-    for i, edit in enumerate(edits):
-        by_prompt.setdefault(edit.prompt, []).append(i)
-    out: dict[int, Tensor] = {}
-    bar = tqdm(total=len(edits), disable=not progress, desc="write edits")
-    for ids, batch in prompt_batches(prompts, batch_size, ids=sorted(by_prompt)):
-        native = model(batch.to(model.cfg.device)).double()
-        at: dict[int, list[tuple[int, int]]] = {}
-        for row, prompt in enumerate(ids):
-            for i in by_prompt[prompt]:
-                at.setdefault(edits[i].position, []).append((row, i))
-        for t, state in prefix_states(model, batch, at):
-            for c0 in range(0, len(at[t]), max_rows):
-                chunk = at[t][c0 : c0 + max_rows]
-                rows = torch.tensor([row for row, _ in chunk])
-                hook = _edit_hook(site.head, [edits[i] for _, i in chunk])
-                logits = branch_logits(model, site, batch, state, rows, t, t, hook, positions=[t])
-                index = torch.tensor([i for _, i in chunk])
-                reduced = reduce(native[rows.to(native.device), t], logits[:, 0].double(), index).cpu()
-                for j, (_, i) in enumerate(chunk):
-                    out[i] = reduced[j]
-                bar.update(len(chunk))
-    bar.close()
-    return torch.stack([out[i] for i in range(len(edits))])
+def run_branches(
+    model: HookedSSM, prompts: Sequence[Tensor], branches: Sequence[Branch], scorer: Scorer, batch_size: int = 8,
+    progress: bool = False, desc: str = "branches",
+) -> list[BranchResult]:
+    """``InterventionEngine(model).run(...)`` with a progress bar; results in branch order."""
+    results: list[BranchResult | None] = [None] * len(branches)
+    with tqdm(total=len(branches), disable=not progress, desc=desc) as bar:
+        for index, done in InterventionEngine(model).iter_run(prompts, branches, scorer, batch_size):
+            for i, result in zip(index, done):
+                results[i] = result
+            bar.update(len(index))
+    return results  # type: ignore[return-value]
 
 
 def median_ci(x: np.ndarray, seed: int = 0, level: float = 0.95) -> tuple[float, float]:

@@ -35,14 +35,8 @@ from torch import Tensor
 from hooked_ssm import HookedSSM
 from writesae_lens.interventions.firings import as_prompt_list, observe_site, prompt_batches, resolve_site, unit_factors
 from writesae_lens.interventions.logit_shift import readout_matrix
-from writesae_lens.interventions.protocol import (
-    Trial,
-    WriteEdit,
-    describe_options,
-    firings_by_feature,
-    run_write_edits,
-    wilson_ci,
-)
+from writesae_lens.interventions.engine import Branch, add_write
+from writesae_lens.interventions.protocol import Reduced, Trial, describe_options, firings_by_feature, run_branches, wilson_ci
 
 #: The paper's numbers (Qwen3.5-0.8B L9 H4, App. I.5).
 PAPER_SIGN_PREDICTION: dict[str, object] = {
@@ -143,11 +137,12 @@ def run_sign_prediction(
         keys = [u / u.norm().clamp(min=1e-12) for u in keys]
     w_star = target_directions(model, site.layer, site.head, torch.tensor([target[i] for i in range(len(plan))])).float().cpu()
     scale = [options.magnitude * norm[i] for i in range(len(plan))]
-    edits = [WriteEdit(p, t0, add=scale[i] * torch.outer(keys[i], w_star[i])) for i, (_, p, t0) in enumerate(plan)]
+    branches = [Branch(p, [add_write(site.layer, site.head, t0, scale[i] * torch.outer(keys[i], w_star[i]))], scored=[t0], end=t0)
+                for i, (_, p, t0) in enumerate(plan)]
     tgt = torch.tensor([target[i] for i in range(len(plan))])
-    measured = run_write_edits(model, site, prompts, edits,
-                               lambda native, edited, index: (edited - native).gather(1, tgt[index, None].to(native.device))[:, 0],
-                               batch_size, progress=progress)
+    logit_change = Reduced(lambda native, edited, index: (edited - native).gather(1, tgt.to(edited.device)[index, None])[:, 0])
+    done = run_branches(model, prompts, branches, logit_change, batch_size, progress, "sign prediction")
+    measured = torch.cat([r.scores["value"] for r in done]).cpu()
     rows = []
     for i, (feature, p, t0) in enumerate(plan):
         uq = float(keys[i] @ q[i])

@@ -2,6 +2,8 @@
 one-layer Gated DeltaNet whose forget gates are slow, a random WriteSAE on its head 1 writes, and
 hooks that make the read -> logits map linear (so the closed form is exact)."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
@@ -51,27 +53,27 @@ def sae(model):
 
 
 @pytest.fixture(scope="package")
-def linearising_hooks():
-    """A function returning hooks: read -> logits made linear (gated norm, MLP and final norm bypassed): the closed form is
-    then the exact logit change, so a written direction does what the formula says."""
+def linearised(model):
+    """A context in which read -> logits is linear (gated norm, MLP and final norm bypassed): the
+    closed form is then the exact logit change, so a written direction does what the formula says."""
 
-    def hooks():
+    @contextmanager
+    def context():
         seen = {}
-
-        def keep(key):
-            def hook(act, hook):
-                seen[key] = act
-            return hook
-
-        return [
-            ("blocks.0.mixer.hook_read", keep("read")),
+        hooks = [
+            ("blocks.0.mixer.hook_read", lambda act, hook: seen.__setitem__("read", act)),
             ("blocks.0.mixer.hook_z", lambda act, hook: seen["read"]),
             ("blocks.0.hook_mlp_out", lambda act, hook: torch.zeros_like(act)),
-            ("blocks.0.hook_resid_post", keep("resid")),
-            ("ln_final.hook_normalized", lambda act, hook: seen["resid"]),
         ]
+        norm = model.ln_final
+        norm.forward = lambda x: norm.hook_normalized(x)  # the final norm becomes the identity
+        try:
+            with model.hooks(fwd_hooks=hooks):
+                yield
+        finally:
+            del norm.forward
 
-    return hooks
+    return context
 
 
 @pytest.fixture(scope="package")

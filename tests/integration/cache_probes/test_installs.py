@@ -6,13 +6,17 @@ import pytest
 import torch
 
 from writesae_lens.interventions.firings import Site
+from writesae_lens.interventions.engine import Branch
 from writesae_lens.interventions.installs import (
     InstallOptions,
-    install_hooks,
+    TargetRank,
+    install_edits,
+    observe_installs,
     run_installs,
     start_positions,
     summarize_installs,
 )
+from writesae_lens.interventions.protocol import run_branches
 from writesae_lens.interventions.logit_shift import readout_matrix
 from writesae_lens.interventions.sign_prediction import target_directions
 
@@ -22,56 +26,59 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_install_magnitude_is_m_times_the_unscaled_outer_product(model, contexts):
-    """The added matrix at each of the three positions has Frobenius norm m ||k_t|| ||v_t||."""
-    prompt = contexts[:2]
+    """The matrix added at each of the three positions has Frobenius norm m ||k_t|| ||v_t||, key
+    side the native k_t, value side w*_T."""
     seen = {}
     keep = lambda key: (lambda act, hook: seen.__setitem__(key, act[:, :, HEAD].detach().clone()))  # noqa: E731
-    starts, m = [4, 7], [3.0, 1.5]
-    w_star = target_directions(model, 0, HEAD, torch.tensor([17, 42]))
-    with torch.no_grad(), model.hooks(fwd_hooks=[("blocks.0.mixer.hook_write", keep("native"))]):
-        model(prompt)
-    hooks = [*install_hooks(model, SITE, starts, w_star, m, InstallOptions()), ("blocks.0.mixer.hook_write", keep("edited")),
-             ("blocks.0.mixer.hook_k", keep("k")), ("blocks.0.mixer.hook_v", keep("v")), ("blocks.0.mixer.hook_beta", keep("beta"))]
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        model(prompt)
-    added = (seen["edited"] - seen["native"]).norm(dim=-1)  # [batch, pos]
-    for row in range(2):
-        positions = range(starts[row], starts[row] + 3)
-        for t in range(prompt.shape[1]):
-            expected = m[row] * seen["k"][row, t].norm() * seen["v"][row, t].norm() if t in positions else 0.0
-            assert float(added[row, t]) == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
-    assert (seen["beta"] < 0.99).all()  # so the beta-scaled magnitude would differ
+    with torch.no_grad(), model.hooks(fwd_hooks=[(f"blocks.0.mixer.{leaf}", keep(leaf)) for leaf in ("hook_k", "hook_v", "hook_beta")]):
+        model(contexts)
+    observed = observe_installs(model, SITE, contexts, InstallOptions())
+    w_star = target_directions(model, 0, HEAD, torch.tensor([42]))[0]
+    edits = install_edits(SITE, observed, 1, 4, w_star, 3.0, 3)
+    assert [e.position for e in edits] == [4, 5, 6]
+    assert all(e.hook_name == "blocks.0.mixer.hook_write" and e.head == HEAD and e.mode == "add" for e in edits)
+    for e in edits:
+        k, v = seen["hook_k"][1, e.position], seen["hook_v"][1, e.position]
+        assert float(e.value.norm()) == pytest.approx(3.0 * float(k.norm() * v.norm()), rel=1e-4)
+        torch.testing.assert_close(e.value, 3.0 * k.norm() * v.norm() * torch.outer(k / k.norm(), w_star), rtol=1e-4, atol=1e-6)
+    assert (seen["hook_beta"] < 0.99).all()  # so the beta-scaled magnitude would differ
 
 
-def test_installs_with_a_large_m_put_the_target_in_the_continuation(model, contexts, linearising_hooks):
+def test_installs_with_a_large_m_put_the_target_in_the_continuation(model, contexts, linearised):
     """Under the linearised read a large install makes an extreme mid-rank target the argmax."""
     readout = readout_matrix(model, 0, HEAD)
     unit = readout / readout.norm(dim=0, keepdim=True)
     along = unit.T @ readout
     wins = along.diagonal() >= along.max(dim=1).values - 1e-6  # T beats every token along its own direction
-    with torch.no_grad(), model.hooks(fwd_hooks=linearising_hooks()):
+    opts = InstallOptions(key="query", n_positions=1)  # one write, read right away: u . q_t = |q_t| > 0
+    last = contexts.shape[1] - 1
+    with torch.no_grad(), linearised():
         order = model(contexts)[:, -1].argsort(dim=-1, descending=True)
         targets = torch.tensor([max((int(t) for t in order[r, 20:150] if wins[t]), key=lambda t: float(readout[:, t].norm()))
                                 for r in range(len(contexts))])
         w_star = target_directions(model, 0, HEAD, targets)
-        opts = InstallOptions(key="query")
-        start = [contexts.shape[1] - 3] * len(contexts)
+        observed = observe_installs(model, SITE, contexts, opts)
         outs = {}
         for m in (0.01, 5000.0):
-            hooks = install_hooks(model, SITE, start, w_star, [m] * len(contexts), opts)
-            with model.hooks(fwd_hooks=hooks):
-                outs[m] = model.generate(contexts, max_new_tokens=8, do_sample=False, stop_at_eos=False, verbose=False)[:, -8:]
+            branches = [Branch(c, install_edits(SITE, observed, c, last, w_star[c], m, 1), generate=8) for c in range(len(contexts))]
+            done = run_branches(model, list(contexts), branches, TargetRank(targets))
+            outs[m] = torch.stack([r.generated for r in done])
     assert (outs[5000.0] == targets[:, None]).any(-1).all()
     assert not (outs[0.01] == targets[:, None]).any(-1).any()
 
 
-def greedy_without_cache(model, prompt, start, target, m, options, steps):
-    """Reference decoding: re-run the whole sequence at every step (no recurrent cache)."""
+def greedy_without_cache(model, prompt, edits, steps):
+    """Reference decoding: re-run the whole sequence at every step (no recurrent cache), adding
+    each edit's matrix to the write at its position through a plain hook."""
+
+    def hook(act, hook):
+        for e in edits:
+            act[:, e.position, HEAD] += e.value.flatten()
+        return act
+
     seq = prompt[None]
-    w_star = target_directions(model, 0, HEAD, torch.tensor([target]))
     for _ in range(steps):
-        with torch.no_grad(), model.hooks(fwd_hooks=install_hooks(model, SITE, [start], w_star, [m], options)):
-            model.current_position_offset = 0
+        with torch.no_grad(), model.hooks(fwd_hooks=[("blocks.0.mixer.hook_write", hook)]):
             nxt = model(seq)[:, -1].argmax(-1)
         seq = torch.cat([seq, nxt[:, None]], dim=1)
     return seq[0, prompt.numel():]
@@ -96,8 +103,11 @@ def test_run_installs_sweeps_starts_and_strata_like_a_cache_free_loop(model, con
         else:
             assert r["target"] not in contexts[r["context"]].tolist()
             assert r["native_rank"] >= (limits["rare"] if r["stratum"] == "rare" else limits["out_of_context"])
+    observed = observe_installs(model, SITE, contexts, options)
     for r in rows[:: max(1, len(rows) // 4)]:
-        expected = greedy_without_cache(model, contexts[r["context"]], r["start"], r["target"], r["multiplier"], options, 6)
+        w_star = target_directions(model, 0, HEAD, torch.tensor([r["target"]]))[0]
+        edits = install_edits(SITE, observed, r["context"], r["start"], w_star, r["multiplier"], 3)
+        expected = greedy_without_cache(model, contexts[r["context"]], edits, 6)
         assert r["included"] == bool((expected == r["target"]).any())
 
 

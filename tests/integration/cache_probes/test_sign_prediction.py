@@ -33,8 +33,8 @@ def test_writes_the_atoms_key_factor_and_matches_full_reruns(model, sae, context
         assert r["u_dot_q"] == pytest.approx(float(u[0] @ seen["hook_q"][p, t].float()), abs=1e-5)
 
 
-def test_sign_is_exact_under_the_linearised_read(model, sae, contexts, linearising_hooks):
-    with model.hooks(fwd_hooks=linearising_hooks()):
+def test_sign_is_exact_under_the_linearised_read(model, sae, contexts, linearised):
+    with linearised():
         rows, summary = run_sign_prediction(model, sae, contexts, options=OPTIONS, progress=False)
     assert summary["sign_accuracy"] == 1.0
     np.testing.assert_allclose([r["measured"] for r in rows], [r["predicted"] for r in rows], rtol=1e-3, atol=1e-6)
@@ -42,3 +42,4 @@ def test_sign_is_exact_under_the_linearised_read(model, sae, contexts, linearisi
     assert summary["pearson_r"] == pytest.approx(stats.pearsonr(pred, meas).statistic)
     lo, hi = stats.binomtest(12, 12).proportion_ci(method="wilson")
     assert summary["sign_ci"] == pytest.approx((lo, hi))
+

@@ -155,6 +155,7 @@ def run_amplification(
     the conditions are paired) under: the unmodified model, the boundary features amplified at each
     dose, and ``n_features`` random alive features amplified with the same offsets at
     ``control_dose``. One row per (condition, prompt) with its text metrics."""
+    site = resolve_site(model, sae)
     chosen = boundary_features(model, sae, scoring_tokens, options)
     pool = chosen["alive"][~torch.isin(chosen["alive"], chosen["features"])]
     if pool.numel() < options.n_features:
@@ -178,7 +179,7 @@ def run_amplification(
             rows.append(dict(condition=name, dose=dose, prompt=i, **text_metrics(text)))
     summary = summarize_amplification(rows, seed=seed)
     summary["variant"] = describe_options(options)
-    summary["config"] = dict(dataclasses.asdict(options), features=chosen["features"].tolist(),
+    summary["config"] = dict(dataclasses.asdict(options), layer=site.layer, head=site.head, features=chosen["features"].tolist(),
                              boundary_activation=chosen["boundary_activation"].tolist(),
                              random_features=random_features.tolist(), n_prompts=len(prompts))
     return rows, summary

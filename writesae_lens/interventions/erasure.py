@@ -89,6 +89,8 @@ class ErasureOptions:
             raise ValueError(f"erase must be 'write' or 'contribution', not {self.erase!r}.")
         if self.detect_on not in ("held_out", "same"):
             raise ValueError(f"detect_on must be 'held_out' or 'same', not {self.detect_on!r}.")
+        if self.target != "detected" and not isinstance(self.target, int):
+            raise ValueError(f"target must be 'detected' or a token id, not {self.target!r}.")
         if not 0 < self.detection_share < 1:
             raise ValueError(f"detection_share must be in (0, 1), not {self.detection_share}.")
 
@@ -137,9 +139,10 @@ def run_erasure(
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[list[dict], dict]:
-    """Run the erasure protocol on ``feature`` of ``sae``. Returns one row per trial (``condition``:
-    ``"detection"``, ``"firing"``, ``"control"`` or ``"dose"``; ``delta_logp`` of the preferred
-    token at the next-token distribution of the edited position) and the summary."""
+    """Run the erasure protocol on ``feature`` of ``sae``. Returns one row per evaluated trial
+    (``condition``: ``"firing"``, ``"control"`` or ``"dose"``; ``delta_logp`` of the preferred
+    token at the next-token distribution of the edited position) and the summary (its
+    ``"detection"`` entry: the detection prompts, firings used and summed nats)."""
     site = resolve_site(model, sae, layer, head)
     prompts = as_prompt_list(tokens)
     detect_ids, eval_ids = split_prompts(len(prompts), options, seed)

@@ -120,3 +120,21 @@ def test_summary_flags_non_monotone_dose_response():
     assert summary["non_monotone"] and summary["best_multiplier"] == 3.0
     assert summary["strata"]["pooled"][3.0]["lift_pp"] == 75.0
     assert not summarize_installs(rows(1.5, 1) + rows(3.0, 2) + rows(6.0, 3))["non_monotone"]
+
+
+def test_unscaled_size_on_mamba2_is_B_times_x():
+    """Mamba-2 writes B_t (dt_t x_t)^T: the unscaled size is ||B_t|| ||x_t||, the native one dt_t times it."""
+    from hooked_ssm import HookedSSM
+
+    model = HookedSSM.from_pretrained("toy-mamba2", device="cpu")
+    tokens = torch.randint(3, model.cfg.d_vocab, (2, 10), generator=torch.Generator().manual_seed(0))
+    layer = model.cfg.layer_types.index("mamba2")
+    site = Site(layer, 0)
+    seen = {}
+    keep = lambda key: (lambda act, hook: seen.__setitem__(key, act[:, :, 0].detach()))  # noqa: E731
+    with torch.no_grad(), model.hooks(fwd_hooks=[(f"blocks.{layer}.mixer.{leaf}", keep(leaf)) for leaf in ("hook_k", "hook_x", "hook_dt")]):
+        model(tokens)
+    unscaled = seen["hook_k"].norm(dim=-1) * seen["hook_x"].norm(dim=-1)
+    torch.testing.assert_close(observe_installs(model, site, tokens, InstallOptions())["size"], unscaled, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(observe_installs(model, site, tokens, InstallOptions(norm="write"))["size"],
+                               seen["hook_dt"] * unscaled, rtol=1e-4, atol=1e-6)

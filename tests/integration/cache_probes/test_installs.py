@@ -69,19 +69,21 @@ def test_installs_with_a_large_m_put_the_target_in_the_continuation(model, conte
 
 def greedy_without_cache(model, prompt, edits, steps):
     """Reference decoding: re-run the whole sequence at every step (no recurrent cache), adding
-    each edit's matrix to the write at its position through a plain hook."""
+    each edit's matrix to the write at its position through a plain hook. Returns the greedy
+    tokens and the first step's log-probabilities."""
 
     def hook(act, hook):
         for e in edits:
             act[:, e.position, HEAD] += e.value.flatten()
         return act
 
-    seq = prompt[None]
+    seq, first = prompt[None], None
     for _ in range(steps):
         with torch.no_grad(), model.hooks(fwd_hooks=[("blocks.0.mixer.hook_write", hook)]):
-            nxt = model(seq)[:, -1].argmax(-1)
-        seq = torch.cat([seq, nxt[:, None]], dim=1)
-    return seq[0, prompt.numel():]
+            logits = model(seq)[:, -1]
+        first = logits[0].double().log_softmax(-1) if first is None else first
+        seq = torch.cat([seq, logits.argmax(-1)[:, None]], dim=1)
+    return seq[0, prompt.numel():], first
 
 
 def test_run_installs_sweeps_starts_and_strata_like_a_cache_free_loop(model, contexts):
@@ -107,8 +109,10 @@ def test_run_installs_sweeps_starts_and_strata_like_a_cache_free_loop(model, con
     for r in rows[:: max(1, len(rows) // 4)]:
         w_star = target_directions(model, 0, HEAD, torch.tensor([r["target"]]))[0]
         edits = install_edits(SITE, observed, r["context"], r["start"], w_star, r["multiplier"], 3)
-        expected = greedy_without_cache(model, contexts[r["context"]], edits, 6)
+        expected, first = greedy_without_cache(model, contexts[r["context"]], edits, 6)
         assert r["included"] == bool((expected == r["target"]).any())
+        assert r["logp"] == pytest.approx(float(first[r["target"]]), abs=1e-5)
+        assert r["rank"] == int((first > first[r["target"]]).sum()) + 1
 
 
 def test_summary_flags_non_monotone_dose_response():

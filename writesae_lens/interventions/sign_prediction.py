@@ -9,9 +9,9 @@ predicts ``s (u . q_t0) ||W_O[h] W_U[:, T]||``: its sign is ``sign(u . q_t0)``.
 
 The key side ``u`` is the atom's own key factor ``u_i`` (``key="atom"``, the default and the
 paper's: the direction is "written into the cache" by feature ``i``'s atom with its value side
-swapped for ``w*_T``). Options: ``"native"`` (the write's own key ``k_t0``; what this library did
-before AUDIT.md item 9), ``"query"`` (``q_t0``: the sign is then always predicted positive) and
-``"random"`` (a seeded Gaussian unit vector).
+swapped for ``w*_T``). Options: ``"native"`` (the write's own key ``k_t0``, the key factor of
+``hook_write_factors``; what this library did before AUDIT.md item 9), ``"query"`` (``q_t0``: the
+sign is then always predicted positive) and ``"random"`` (a seeded Gaussian unit vector).
 
 Trials (paper: n = 2,000 triples): ``(feature i, position t0, target T)`` with ``t0`` a firing of
 ``i`` (``positions="firing"``; ``"any"``: any position of a prompt where ``i`` fires) among the
@@ -118,11 +118,12 @@ def run_sign_prediction(
         wanted.setdefault(p, []).append(i)
     q, k, norm, target = {}, {}, {}, {}
     for ids, batch in prompt_batches(prompts, batch_size, ids=sorted(wanted)):
-        seen = observe_site(model, batch, site, leaves=("hook_q", "hook_k"))
+        seen = observe_site(model, batch, site, leaves=("hook_q", "hook_write_factors"))
         for row, p in enumerate(ids):
             for i in wanted[p]:
                 t0 = plan[i][2]
-                q[i], k[i] = seen["hook_q"][row, t0].float().cpu(), seen["hook_k"][row, t0].float().cpu()
+                q[i] = seen["hook_q"][row, t0].float().cpu()
+                k[i] = seen["hook_write_factors"][row, t0, : model.cfg.d_k].float().cpu()  # the write's own key
                 norm[i] = float(seen["write_norm"][row, t0])
                 order = seen["logits"][row, t0].argsort(descending=True).cpu()
                 hi = min(options.rank_range[1], order.numel())

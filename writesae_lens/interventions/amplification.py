@@ -1,5 +1,5 @@
-"""Feature amplification (paper section 4 "Newline-rate edit", Table 4, Fig. 6; docs/method.md
-section 6).
+"""Feature amplification (paper section 4 "Newline-rate edit", Table 4, Fig. 6; docs/method.md,
+"Cache interventions").
 
 The primitive (:func:`amplified`, :func:`amplified_generate`): add an offset to chosen SAE
 coefficients at every position while the model runs or decodes. The SAE is spliced with its error
@@ -34,8 +34,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooked_ssm import HookedSSM
-from writesae_lens.interventions.firings import observe_site, prompt_batches, resolve_site
-from writesae_lens.interventions.protocol import describe_options, mean_ci
+from writesae_lens.analysis.stats import bootstrap_ci
+from writesae_lens.interventions.engine import prompt_batches
+from writesae_lens.interventions.observe import observe_site
+from writesae_lens.interventions.protocol import describe_options
+from writesae_lens.interventions.sites import resolve_site
 from writesae_lens.splicing import HookedSAESSM, sae_site_name
 
 
@@ -204,7 +207,7 @@ def summarize_amplification(rows: Sequence[Mapping], seed: int = 0) -> dict:
             x = np.array([r[metric] for r in group])
             x = x[np.isfinite(x)]
             entry[metric] = float(x.mean()) if x.size else float("nan")
-            entry[f"{metric}_ci"] = mean_ci(x, seed)
+            entry[f"{metric}_ci"] = bootstrap_ci(x, np.mean, seed=seed)
         if name != "baseline" and base.size > 1:
             x = np.array([r["newlines"] for r in group])
             diff = x - base

@@ -1,4 +1,4 @@
-"""Cache-slot erasure (paper section 4 "Cache-slot erasure" and App. I.4; docs/method.md section 6).
+"""Cache-slot erasure (paper section 4 "Cache-slot erasure" and App. I.4; docs/method.md, "Cache interventions").
 
 The protocol, in the paper's order:
 
@@ -29,6 +29,7 @@ contribution").
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -41,18 +42,11 @@ from scipy import stats
 from torch import Tensor
 
 from hooked_ssm import HookedSSM
-from writesae_lens.interventions.engine import Branch, Edit, add_write, replace_write
-from writesae_lens.interventions.protocol import (
-    Reduced,
-    Trial,
-    atom_per_unit_code,
-    describe_options,
-    feature_positions,
-    median_ci,
-    run_branches,
-    wilcoxon_summary,
-)
-from writesae_lens.interventions.firings import as_prompt_list, resolve_site
+from writesae_lens.analysis.stats import bootstrap_ci, signed_rank_test
+from writesae_lens.interventions.engine import Branch, Edit, add_write, as_prompt_list, replace_write
+from writesae_lens.interventions.firings import Firing, find_firings
+from writesae_lens.interventions.protocol import Reduced, atom_per_unit_code, describe_options, run_branches
+from writesae_lens.interventions.sites import resolve_site
 
 #: The paper's numbers (Qwen3.5-0.8B L9 H4, feature F412; App. I.4 Tables 18-19).
 PAPER_ERASURE: dict[str, object] = {
@@ -115,7 +109,7 @@ def preferred_token(drops: Float[Tensor, "n vocab"]) -> tuple[int, float]:
     return best, float(score[best])
 
 
-def _sample(items: Sequence[Trial], n: int, generator: torch.Generator) -> list[Trial]:
+def _sample(items: Sequence[Firing], n: int, generator: torch.Generator) -> list[Firing]:
     pick = torch.randperm(len(items), generator=generator)[:n].tolist()
     return sorted((items[i] for i in pick), key=lambda tr: (tr.prompt, tr.position))
 
@@ -147,21 +141,25 @@ def run_erasure(
     prompts = as_prompt_list(tokens)
     detect_ids, eval_ids = split_prompts(len(prompts), options, seed)
     generator = torch.Generator().manual_seed(seed)
-    firing, quiet = feature_positions(model, sae, site, prompts, feature, options.min_position, batch_size)
+    firing = find_firings(model, sae, prompts, site, atoms=[feature], min_firings_per_atom=1, max_per_atom=None,
+                          min_position=options.min_position, batch_size=batch_size, seed=seed)
+    fired = {(f.prompt, f.position) for f in firing}
+    quiet = [Firing(p, t, site.layer, site.head, feature, 0.0, 0.0, math.nan)  # the same positions the firings range over
+             for p, prompt in enumerate(prompts) for t in range(options.min_position, len(prompt) - 1) if (p, t) not in fired]
     if not firing:
         raise ValueError(f"Feature {feature} never fires on these tokens; pick an alive feature.")
     a_star = float(np.median([tr.coefficient for tr in firing]))
     atom = atom_per_unit_code(sae, feature, model.cfg.d_k, model.cfg.d_v)  # [d_k, d_v]
 
-    def erase_edit(trial: Trial) -> Edit:
+    def erase_edit(trial: Firing) -> Edit:
         if options.erase == "write":
             return replace_write(site.layer, site.head, trial.position, torch.zeros_like(atom))
         return add_write(site.layer, site.head, trial.position, -trial.coefficient * atom)
 
-    def add_edit(trial: Trial, dose: float) -> Edit:
+    def add_edit(trial: Firing, dose: float) -> Edit:
         return add_write(site.layer, site.head, trial.position, dose * a_star * atom)
 
-    def branch(trial: Trial, edit: Edit) -> Branch:
+    def branch(trial: Firing, edit: Edit) -> Branch:
         """Scored at the edited position: the next-token distribution right after the write."""
         return Branch(trial.prompt, [edit], scored=[trial.position], end=trial.position)
 
@@ -185,7 +183,7 @@ def run_erasure(
     controls = _sample([tr for tr in quiet if tr.prompt in eval_set], options.control_n, generator)
     if not evaluation:
         raise ValueError(f"Feature {feature} does not fire on the evaluation prompts; pass more prompts.")
-    plan: list[tuple[str, float, Trial, Edit]] = [("firing", 0.0, tr, erase_edit(tr)) for tr in evaluation]
+    plan: list[tuple[str, float, Firing, Edit]] = [("firing", 0.0, tr, erase_edit(tr)) for tr in evaluation]
     for m in options.control_doses:
         plan += [("control", m, tr, add_edit(tr, m)) for tr in controls]
     for m in options.dose_sweep:
@@ -219,8 +217,9 @@ def summarize_erasure(rows: Sequence[Mapping], options: ErasureOptions = Erasure
 
     def describe(group: Sequence[Mapping]) -> dict:
         x = np.array([r["delta_logp"] for r in group])
-        return dict(n=int(x.size), median_delta_logp=float(np.median(x)), median_ci=median_ci(x, seed),
-                    mean_delta_logp=float(x.mean()), wilcoxon=wilcoxon_summary(x, options.wilcoxon_alternative),
+        return dict(n=int(x.size), median_delta_logp=float(np.median(x)), median_ci=bootstrap_ci(x, np.median, seed=seed),
+                    mean_delta_logp=float(x.mean()),
+                    wilcoxon=signed_rank_test(x, np.zeros_like(x), options.wilcoxon_alternative),
                     native_median_rank=float(np.median([r["native_rank"] for r in group])),
                     patched_median_rank=float(np.median([r["patched_rank"] for r in group])))
 

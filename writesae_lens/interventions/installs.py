@@ -1,5 +1,5 @@
 """Sustained installs during greedy decoding (paper section 4 "Generation edit", Fig. 5, Table 3,
-App. I.6 Tables 20-21; docs/method.md section 6).
+App. I.6 Tables 20-21; docs/method.md, "Cache interventions").
 
 A trial writes the direction ``u w*_T^T`` (``w*_T`` the unit value-side direction that raises
 token ``T``, see :mod:`~writesae_lens.interventions.sign_prediction`; ``u`` the unit native key
@@ -45,8 +45,10 @@ from torch import Tensor
 
 from hooked_ssm import HookedSSM
 from writesae_lens.interventions.engine import Branch, Edit, install
-from writesae_lens.interventions.firings import Site, observe_site, resolve_site
-from writesae_lens.interventions.protocol import describe_options, run_branches, wilson_ci
+from writesae_lens.analysis.stats import wilson_interval
+from writesae_lens.interventions.observe import observe_site
+from writesae_lens.interventions.protocol import describe_options, run_branches
+from writesae_lens.interventions.sites import Site, resolve_site
 from writesae_lens.interventions.sign_prediction import target_directions
 
 #: The paper's tokenizer size (Qwen3.5, "152K BPE"): rank thresholds scale by ``d_vocab / PAPER_VOCAB``.
@@ -278,8 +280,8 @@ def summarize_installs(rows: Sequence[Mapping], options: InstallOptions = Instal
             edited = sum(r["included"] for r in group)
             native = sum(r["native_included"] for r in group)
             strata[name][m] = dict(
-                n=n, native_inclusion=native / n, native_ci=wilson_ci(native, n), inclusion=edited / n,
-                inclusion_ci=wilson_ci(edited, n), lift_pp=100 * (edited - native) / n,
+                n=n, native_inclusion=native / n, native_ci=wilson_interval(native, n), inclusion=edited / n,
+                inclusion_ci=wilson_interval(edited, n), lift_pp=100 * (edited - native) / n,
                 rank_improved=float(np.mean([r["rank"] < r["native_rank"] for r in group])),
                 median_rank_shift=float(np.median([r["native_rank"] - r["rank"] for r in group])),
                 median_logp_lift=float(np.median([r["logp_lift"] for r in group])),

@@ -1,4 +1,4 @@
-"""Single-position sign prediction (paper section 4 and App. I.5; docs/method.md section 6).
+"""Single-position sign prediction (paper section 4 and App. I.5; docs/method.md, "Cache interventions").
 
 For a target token ``T`` the closed form picks the value-side direction
 ``w*_T = W_O[h] W_U[:, T] / ||W_O[h] W_U[:, T]||`` (the paper's ``v*_T = W_O[head]^T W_U[T] / ||.||``;
@@ -33,10 +33,14 @@ from scipy import stats
 from torch import Tensor
 
 from hooked_ssm import HookedSSM
-from writesae_lens.interventions.firings import as_prompt_list, observe_site, prompt_batches, resolve_site, unit_factors
+from writesae_lens.analysis.stats import r_squared, wilson_interval
+from writesae_lens.interventions.atoms import unit_factors
+from writesae_lens.interventions.engine import Branch, add_write, as_prompt_list, prompt_batches
+from writesae_lens.interventions.firings import Firing, find_firings
 from writesae_lens.interventions.logit_shift import readout_matrix
-from writesae_lens.interventions.engine import Branch, add_write
-from writesae_lens.interventions.protocol import Reduced, Trial, describe_options, firings_by_feature, run_branches, wilson_ci
+from writesae_lens.interventions.observe import observe_site
+from writesae_lens.interventions.protocol import Reduced, describe_options, run_branches
+from writesae_lens.interventions.sites import resolve_site
 
 #: The paper's numbers (Qwen3.5-0.8B L9 H4, App. I.5).
 PAPER_SIGN_PREDICTION: dict[str, object] = {
@@ -72,13 +76,14 @@ def target_directions(model: HookedSSM, layer: int, head: int, targets: Tensor) 
 
 
 def _plan(
-    firings: Mapping[int, list[Trial]], lengths: Sequence[int], options: SignPredictionOptions, generator: torch.Generator
+    firings: Sequence[Firing], lengths: Sequence[int], options: SignPredictionOptions, generator: torch.Generator
 ) -> list[tuple[int, int, int]]:
     """``(feature, prompt, t0)`` triples: a seeded sample of at most ``n_trials``."""
+    by_feature: dict[int, list[Firing]] = {}
+    for f in firings:
+        by_feature.setdefault(f.atom, []).append(f)
     pool: list[tuple[int, int, int]] = []
-    for feature, trials in firings.items():
-        if len(trials) < options.min_firings:
-            continue
+    for feature, trials in sorted(by_feature.items()):
         if options.positions == "firing":
             pool += [(feature, tr.prompt, tr.position) for tr in trials]
         else:
@@ -108,7 +113,8 @@ def run_sign_prediction(
     site = resolve_site(model, sae, layer, head)
     prompts = as_prompt_list(tokens)
     generator = torch.Generator().manual_seed(seed)
-    firings = firings_by_feature(model, sae, site, prompts, options.min_position, batch_size)
+    firings = find_firings(model, sae, prompts, site, min_firings_per_atom=options.min_firings, max_per_atom=None,
+                           min_position=options.min_position, batch_size=batch_size, seed=seed)
     plan = _plan(firings, [len(p) for p in prompts], options, generator)
     readout = readout_matrix(model, site.layer, site.head).float().cpu()
 
@@ -161,8 +167,6 @@ def summarize_sign_prediction(rows: Sequence[Mapping]) -> dict:
     """Sign accuracy with its Wilson 95% CI (scipy), Pearson r of predicted vs measured
     (``scipy.stats.pearsonr``), the pooled R^2 of the unfitted prediction (sklearn's
     ``r2_score``), the median measured / predicted ratio, and the accuracy per feature."""
-    from sklearn.metrics import r2_score
-
     n = len(rows)
     if n == 0:
         return {"n": 0}
@@ -176,10 +180,10 @@ def summarize_sign_prediction(rows: Sequence[Mapping]) -> dict:
         group = [r["sign_correct"] for r in rows if r["feature"] == feature]
         per_feature[feature] = dict(n=len(group), sign_accuracy=sum(group) / len(group))
     return dict(
-        n=n, sign_accuracy=correct / n, sign_ci=wilson_ci(correct, n),
+        n=n, sign_accuracy=correct / n, sign_ci=wilson_interval(correct, n),
         pearson_r=float("nan") if pearson is None else float(pearson.statistic),
         pearson_p=float("nan") if pearson is None else float(pearson.pvalue),
-        pooled_r2=float(r2_score(meas, pred)) if n > 1 else float("nan"),
+        pooled_r2=r_squared(meas, pred),
         median_ratio=float(np.median(meas[ok] / pred[ok])) if ok.any() else float("nan"),
         per_feature=per_feature,
     )

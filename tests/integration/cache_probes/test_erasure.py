@@ -8,7 +8,8 @@ import torch
 from scipy import stats
 
 from writesae_lens.interventions.erasure import ErasureOptions, run_erasure
-from writesae_lens.interventions.firings import observe_site, resolve_site
+from writesae_lens.interventions.observe import observe_site
+from writesae_lens.interventions.sites import resolve_site
 from writesae_lens.interventions.protocol import atom_per_unit_code
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,7 +39,7 @@ def test_target_is_detected_on_held_out_prompts_before_the_run(model, sae, conte
     with torch.no_grad():
         for p in detect:
             native = torch.log_softmax(model(contexts[p][None]).double(), dim=-1)[0]
-            for t in range(1, contexts.shape[1]):
+            for t in range(1, contexts.shape[1] - 1):
                 if code[p, t] != 0:
                     score += native[t] - rerun_with_write(model, contexts[p], t, torch.zeros_like)[t].log_softmax(-1)
     assert int(score.argmax()) == target
@@ -49,7 +50,7 @@ def test_erasure_and_control_equal_full_reruns(model, sae, contexts, erasure, re
     rows, summary = erasure
     target, a_star = summary["config"]["target"], summary["config"]["a_star"]
     code = codes(model, sae, contexts)
-    fired = code[:, 1:][code[:, 1:] != 0]  # min_position = 1
+    fired = code[:, 1:-1][code[:, 1:-1] != 0]  # firings at 1 <= t <= L-2
     assert a_star == pytest.approx(float(np.median(fired.numpy())))
     atom = atom_per_unit_code(sae, FEATURE, model.cfg.d_k, model.cfg.d_v).flatten()
     with torch.no_grad():

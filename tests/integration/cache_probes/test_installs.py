@@ -5,7 +5,7 @@ rare, semantic), greedy continuations equal to a cache-free decoding loop, non-m
 import pytest
 import torch
 
-from writesae_lens.interventions.firings import Site
+from writesae_lens.interventions.sites import Site
 from writesae_lens.interventions.engine import Branch
 from writesae_lens.interventions.installs import (
     InstallOptions,

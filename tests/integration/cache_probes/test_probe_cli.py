@@ -13,10 +13,9 @@ COMMON = ["--sae", SAE, "--quiet", "--context-size", "16"]
 
 
 def run(capsys, tmp_path, *argv):
-    out = tmp_path / f"{argv[0]}.jsonl"
-    assert main([*argv, *COMMON, "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    return printed, json.loads(out.with_name(out.name + ".summary.json").read_text())
+    out = tmp_path / f"{argv[0]}.json"
+    assert main([*argv, *COMMON, "--json", str(out)]) == 0
+    return capsys.readouterr().out, json.loads(out.read_text())
 
 
 def test_steer_erase_amplify(capsys, tmp_path):

@@ -7,7 +7,9 @@ import pytest
 import torch
 from scipy import stats
 
-from writesae_lens.interventions.firings import observe_site, resolve_site, unit_factors
+from writesae_lens.interventions.atoms import unit_factors
+from writesae_lens.interventions.observe import observe_site
+from writesae_lens.interventions.sites import resolve_site
 from writesae_lens.interventions.sign_prediction import SignPredictionOptions, run_sign_prediction, target_directions
 
 pytestmark = pytest.mark.usefixtures("one_thread")

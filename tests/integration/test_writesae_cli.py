@@ -114,7 +114,7 @@ def test_cli_substitute_and_partition_on_the_toy_model(tmp_path, capsys):
 
 
 def test_every_subcommand_takes_json():
-    for name in SUBCOMMANDS:
+    for name in set(SUBCOMMANDS) - {"dashboard"}:  # the dashboard writes a site (--out), not a summary
         args = ["--sae", "x"] if name in ("substitute", "logit-shift", "erase", "amplify", "partition") else []
         args += ["--atom", "0"] if name == "erase" else []
         assert build_parser().parse_args([name, *args, "--json", "s.json"]).json == "s.json"

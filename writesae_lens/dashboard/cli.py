@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from writesae_lens.cli import load_model, load_sae
     from writesae_lens.dashboard.build import build_dashboard
     from writesae_lens.dashboard.data import DashboardConfig
-    from writesae_lens.interventions.firings import toy_validation_texts
+    from writesae_lens.interventions.tokens import toy_validation_texts
 
     model = load_model(args.model, args.device, args.dtype)
     sae = load_sae(args.sae, args.sae_id, str(model.cfg.device))

@@ -2,8 +2,9 @@
 
     writesae substitute  --sae DIR_OR_RELEASE/ID [--model toy-gdn] [--layer L --head H] [--text FILE] [--out rows.jsonl]
     writesae logit-shift --sae ... [--eps 0.1 0.3 1 3] [--horizon 4]
-    writesae steer       [--layer L --head H] [--multipliers 1.5 3 6]     (sustained installs + sign prediction)
-    writesae erase       --sae ... --atom I
+    writesae steer       [--sae ...] [--layer L --head H] [--multipliers 1.5 3 6]  (sustained installs + sign prediction)
+    writesae erase       --sae ... --feature I
+    writesae amplify     --sae ... [--doses 1 2 5 10]
     writesae partition   --sae ...
     writesae demo        (the toy GDN + its bundled SAE; see ``writesae_lens.demo`` when present)
 
@@ -224,76 +225,128 @@ def _paper(name: str) -> dict:
     return getattr(report, name)
 
 
-# ---------------------------------------------------------------- steer
+# ---------------------------------------------------------------- steer / erase / amplify (paper section 4)
+def _model_label(args: argparse.Namespace) -> str:
+    return str(args.model)
+
+
 def _steer_args(p: argparse.ArgumentParser) -> None:
-    _common(p, sae=False, context_size=64, n_windows=16)
-    p.add_argument("--sae", default=None, help="optional: only to default --layer/--head")
+    from writesae_lens.interventions.installs import STRATA, InstallOptions
+    from writesae_lens.interventions.sign_prediction import SignPredictionOptions
+
+    _common(p, sae=False, context_size=64, n_windows=6)
+    install, sign = InstallOptions(), SignPredictionOptions()
+    p.add_argument("--sae", default=None, help="SAE (its layer/head; needed for sign prediction's atom keys)")
     p.add_argument("--sae-id", default=None)
-    p.add_argument("--multipliers", type=float, nargs="+", default=[1.5, 3.0, 6.0])
-    p.add_argument("--key", choices=["native", "query", "random"], default="native")
-    p.add_argument("--mode", choices=["add", "replace"], default="add")
-    p.add_argument("--n-positions", type=int, default=3)
-    p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--sign-trials", type=int, default=8, help="sign-prediction trials per window (0: skip)")
+    p.add_argument("--multipliers", type=float, nargs="+", default=list(install.multipliers))
+    p.add_argument("--norm", choices=["kv", "write"], default=install.norm,
+                   help="install size m ||k v^T|| (the paper's) or m ||beta k v^T|| (the native write)")
+    p.add_argument("--install-key", choices=["native", "query"], default=install.key)
+    p.add_argument("--n-starts", type=int, default=install.n_starts)
+    p.add_argument("--starts", choices=["tail", "spread"], default=install.starts)
+    p.add_argument("--strata", nargs="+", choices=list(STRATA), default=list(install.strata))
+    p.add_argument("--targets-per-stratum", type=int, default=install.targets_per_stratum)
+    p.add_argument("--rank-scale", choices=["vocab", "absolute"], default=install.rank_scale)
+    p.add_argument("--semantic-seed", default=install.semantic_seed)
+    p.add_argument("--max-new-tokens", type=int, default=install.max_new_tokens)
+    p.add_argument("--sign-trials", type=int, default=sign.n_trials, help="sign-prediction trials (0: skip; needs --sae)")
+    p.add_argument("--sign-key", choices=["atom", "native", "query", "random"], default=sign.key)
+    p.add_argument("--sign-positions", choices=["firing", "any"], default=sign.positions)
 
 
 def _steer(args: argparse.Namespace) -> int:
-    from writesae_lens.analysis.report import format_steering_table, render_table
+    from writesae_lens.analysis.probe_report import format_installs_table, format_sign_table
+    from writesae_lens.interventions.installs import InstallOptions, run_installs
+    from writesae_lens.interventions.sign_prediction import SignPredictionOptions, run_sign_prediction
     from writesae_lens.interventions.sites import resolve_site
-    from writesae_lens.interventions.steering import run_install_experiment, run_sign_prediction
 
     model = load_model(args.model, args.device, args.dtype)
     sae = load_sae(args.sae, args.sae_id, str(model.cfg.device)) if args.sae else None
     site = resolve_site(model, sae, args.layer, args.head)
     tokens = load_tokens(model, args)
-    rows, summary = run_install_experiment(
-        model, site.layer, site.head, tokens, multipliers=args.multipliers, n_positions=args.n_positions, key=args.key,
-        mode=args.mode, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-        progress=not args.quiet,
-    )
-    print(format_steering_table(summary, title=f"Sustained installs at L{site.layer} H{site.head} (key={args.key}, {args.mode})"))
-    if args.sign_trials:
-        _, sign = run_sign_prediction(model, site.layer, site.head, tokens, n_trials_per_prompt=args.sign_trials,
-                                      key=args.key, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
-        summary["sign_prediction"] = sign
-        lo, hi = sign["sign_ci"]
+    seed_token = int(args.semantic_seed) if args.semantic_seed.lstrip("-").isdigit() else args.semantic_seed
+    options = InstallOptions(multipliers=tuple(args.multipliers), norm=args.norm, key=args.install_key, n_starts=args.n_starts,
+                             starts=args.starts, strata=tuple(args.strata), targets_per_stratum=args.targets_per_stratum,
+                             rank_scale=args.rank_scale, semantic_seed=seed_token, max_new_tokens=args.max_new_tokens)
+    rows, summary = run_installs(model, tokens, layer=site.layer, head=site.head, options=options,
+                                 batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+    print(format_installs_table(summary, _model_label(args), **({"paper": None} if args.no_paper else {})))
+    summary = {"installs": summary}
+    if args.sign_trials and sae is not None:
+        sign_options = SignPredictionOptions(key=args.sign_key, positions=args.sign_positions, n_trials=args.sign_trials)
+        _, sign = run_sign_prediction(model, sae, tokens, options=sign_options, layer=site.layer, head=site.head,
+                                      batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
         print()
-        print(render_table(["single-position sign prediction", "this run", "paper"], [
-            ["trials", str(sign["n"]), "2000"],
-            ["sign accuracy", f"{100 * sign['sign_accuracy']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]", "84.6% [83.0, 86.2]"],
-            ["Pearson r (predicted, measured)", f"{sign['pearson_r']:.3f}", "0.162"],
-            ["median measured / predicted", f"{sign['median_ratio']:.3g}", "1.08"],
-        ]))
+        print(format_sign_table(sign, _model_label(args), **({"paper": None} if args.no_paper else {})))
+        summary["sign_prediction"] = sign
+    elif args.sign_trials:
+        print("\n(sign prediction skipped: it writes the atoms' key factors u_i, pass --sae)")
     _save(args, rows, summary)
     return 0
 
 
-# ---------------------------------------------------------------- erase
 def _erase_args(p: argparse.ArgumentParser) -> None:
+    from writesae_lens.interventions.erasure import ErasureOptions
+
     _common(p, context_size=128, n_windows=16)
-    p.add_argument("--atom", type=int, required=True)
-    p.add_argument("--n", type=int, default=150)
-    p.add_argument("--control-scale", type=float, default=1.0)
-    p.add_argument("--target", default="promoted", help="'promoted', 'most_affected' or a token id")
+    o = ErasureOptions()
+    p.add_argument("--feature", "--atom", dest="feature", type=int, required=True, help="the feature to erase")
+    p.add_argument("--erase", choices=["write", "contribution"], default=o.erase)
+    p.add_argument("--n", type=int, default=o.n, help="evaluation firings")
+    p.add_argument("--target", default=o.target, help="'detected' (feature detection before the run) or a token id")
+    p.add_argument("--detect-on", choices=["held_out", "same"], default=o.detect_on)
+    p.add_argument("--control-doses", type=float, nargs="+", default=list(o.control_doses), help="multiples of a*")
+    p.add_argument("--control-n", type=int, default=o.control_n)
+    p.add_argument("--dose-sweep", type=float, nargs="+", default=list(o.dose_sweep))
+    p.add_argument("--dose-n", type=int, default=o.dose_n)
+    p.add_argument("--alternative", choices=["two-sided", "less", "greater"], default=o.wilcoxon_alternative)
 
 
 def _erase(args: argparse.Namespace) -> int:
-    from writesae_lens.analysis.report import render_table
-    from writesae_lens.interventions.erasure import run_erasure
+    from writesae_lens.analysis.probe_report import format_erasure_table
+    from writesae_lens.interventions.erasure import ErasureOptions, run_erasure
 
     model, sae, tokens = _setup(args)
     target = int(args.target) if args.target.lstrip("-").isdigit() else args.target
-    rows, summary = run_erasure(model, sae, args.layer, args.head, tokens, atom=args.atom, n=args.n,
-                                control_scale=args.control_scale, target=target, batch_size=args.batch_size,
-                                seed=args.seed, progress=not args.quiet)
-    table = []
-    for cond, s in summary.items():
-        if cond == "config":
-            continue
-        lo, hi = s["median_ci"]
-        table.append([cond, str(s["n"]), f"{s['median_delta_logp']:+.4f} [{lo:+.4f}, {hi:+.4f}]", f"{s['wilcoxon_p']:.3g}"])
-    print(render_table(["condition", "n", "median d log p [95% CI]", "Wilcoxon p"], table,
-                       f"Erasure of atom {args.atom} (paper F412: firing -0.116 [-0.265, -0.042], p=1.07e-6)"))
+    options = ErasureOptions(erase=args.erase, n=args.n, target=target, detect_on=args.detect_on,
+                             control_doses=tuple(args.control_doses), control_n=args.control_n,
+                             dose_sweep=tuple(args.dose_sweep), dose_n=args.dose_n, wilcoxon_alternative=args.alternative)
+    rows, summary = run_erasure(model, sae, tokens, feature=args.feature, options=options, layer=args.layer, head=args.head,
+                                batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+    print(format_erasure_table(summary, _model_label(args), **({"paper": None} if args.no_paper else {})))
+    _save(args, rows, summary)
+    return 0
+
+
+def _amplify_args(p: argparse.ArgumentParser) -> None:
+    from writesae_lens.interventions.amplification import AmplificationOptions
+
+    _common(p, context_size=128, n_windows=16)
+    o = AmplificationOptions()
+    p.add_argument("--n-prompts", type=int, default=8, help="windows used as prompts (the rest score the features)")
+    p.add_argument("--prompt-length", type=int, default=32)
+    p.add_argument("--doses", type=float, nargs="+", default=list(o.doses))
+    p.add_argument("--control-dose", type=float, default=o.control_dose)
+    p.add_argument("--n-features", type=int, default=o.n_features)
+    p.add_argument("--boundary-chars", default=o.boundary_chars)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (paper: 400)")
+    p.add_argument("--temperature", type=float, default=o.temperature)
+
+
+def _amplify(args: argparse.Namespace) -> int:
+    from writesae_lens.analysis.probe_report import format_amplification_table
+    from writesae_lens.interventions.amplification import AmplificationOptions, run_amplification
+
+    model, sae, tokens = _setup(args)
+    if len(tokens) <= args.n_prompts:
+        raise SystemExit(f"--n-windows ({len(tokens)}) must exceed --n-prompts ({args.n_prompts}): the other windows score the features.")
+    options = AmplificationOptions(doses=tuple(args.doses), control_dose=args.control_dose, n_features=args.n_features,
+                                   boundary_chars=args.boundary_chars, max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature)
+    rows, summary = run_amplification(model, sae, tokens[: args.n_prompts, : args.prompt_length],
+                                      scoring_tokens=tokens[args.n_prompts :], options=options, seed=args.seed,
+                                      progress=not args.quiet)
+    print(format_amplification_table(summary, _model_label(args), **({"paper": None} if args.no_paper else {})))
     _save(args, rows, summary)
     return 0
 
@@ -337,7 +390,8 @@ def _demo(args: argparse.Namespace) -> int:
 register_subcommand("substitute", "substitution test: atom vs delete vs random rank-1 in place of one write", _substitute_args, _substitute)
 register_subcommand("logit-shift", "measured vs closed-form logit shifts (gate / fitted / jvp)", _logit_shift_args, _logit_shift)
 register_subcommand("steer", "sustained installs during greedy decoding, and single-position sign prediction", _steer_args, _steer)
-register_subcommand("erase", "cache-slot erasure of one atom at its firings vs a control", _erase_args, _erase)
+register_subcommand("erase", "cache-slot erasure of one feature at its firings, the non-firing control and a dose sweep", _erase_args, _erase)
+register_subcommand("amplify", "boundary-feature amplification during sampling: the dose-response table", _amplify_args, _amplify)
 register_subcommand("partition", "register / bundle partition of the atoms (2- vs 1-component mixture, BIC)", _partition_args, _partition)
 register_subcommand("demo", "toy GDN + its bundled SAE: the paper's headline checks side by side", _demo_args, _demo)
 register_dashboard(register_subcommand)  # writesae dashboard (writesae_lens/dashboard/cli.py)

@@ -60,16 +60,6 @@ PAPER_PARTITION: dict[str, Any] = {
     "register_mean_cos": 0.26,
 }
 
-#: Paper: sustained installs (section 4, App. I.6), mid-rank (100-1000) targets.
-PAPER_STEERING: dict[str, Any] = {
-    "label": "paper: Qwen3.5-0.8B, greedy, 20 tokens",
-    "mid_rank_inclusion": {"base": 0.333, 1.5: 0.667, 3.0: 1.0},
-    "pooled_inclusion": {"base": 0.083, 3.0: 0.25},
-    "first_step_logprob_lift": 1.27,
-    "sign_accuracy": 0.846,
-}
-
-
 # ---------------------------------------------------------------- rows on disk
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -270,24 +260,11 @@ def format_partition_table(summary: Mapping[str, Any], paper: Mapping[str, Any] 
     return render_table(header, rows, title or "Register / bundle partition (2- vs 1-component Gaussian mixture, BIC)")
 
 
-def format_steering_table(summary: Mapping[str, Any], title: str | None = None) -> str:
-    """Target inclusion per stratum and multiplier (from ``summarize_installs``)."""
-    header = ["stratum", "m", "n", "base incl.", "install incl.", "first-step lift (nats)", "rank improved"]
-    rows = []
-    strata = summary.get("strata", {})
-    for stratum, by_m in sorted(strata.items(), key=lambda kv: kv[0] == "pooled"):
-        for m, s in sorted(by_m.items(), key=lambda kv: float(kv[0])):
-            rows.append([stratum, str(m), str(s["n"]), _pct(s["base_inclusion"]), _pct(s["install_inclusion"]),
-                         _num(s["median_logprob_lift"], "+.3f"), _pct(s["rank_improved"])])
-    return render_table(header, rows, title or "Sustained installs (greedy decoding)")
-
-
 __all__ = [
     "PAPER_SUBSTITUTION",
     "PAPER_SUBSTITUTION_MAMBA2",
     "PAPER_LOGIT_SHIFT",
     "PAPER_PARTITION",
-    "PAPER_STEERING",
     "append_jsonl",
     "read_jsonl",
     "write_json",
@@ -296,5 +273,4 @@ __all__ = [
     "format_summary_table",
     "format_logit_shift_table",
     "format_partition_table",
-    "format_steering_table",
 ]

@@ -4,8 +4,8 @@
   (section 2 / App. J), with the shared-prefix fast path, JSONL streaming and resume;
 - :func:`run_logit_shift_audit`: measured logit shifts vs the closed form (Eq. 1, App. A) in
   its ``gate`` / ``fitted`` / ``jvp`` forms;
-- :func:`run_erasure`, :func:`run_sign_prediction`, :func:`sustained_install`,
-  :func:`run_install_experiment`: the cache intervention probes of section 4.
+- :func:`run_erasure`, :func:`run_sign_prediction`, :func:`run_installs`, :func:`run_amplification`:
+  the cache intervention probes of section 4 (App. I.4-I.6, Table 4).
 
 Every protocol runs its patched continuations on :class:`InterventionEngine`
 (:mod:`writesae_lens.interventions.engine`). Orientation: atoms are ``u w^T`` with ``u`` on the key
@@ -13,8 +13,14 @@ side and ``w`` on the value side (see :mod:`writesae_lens.interventions.atoms`).
 """
 
 from writesae_lens.analysis.report import format_logit_shift_table, format_summary_table
-from writesae_lens.interventions.amplification import amplified, amplified_generate
-from writesae_lens.interventions.erasure import run_erasure, summarize_erasure
+from writesae_lens.interventions.amplification import (
+    AmplificationOptions,
+    amplified,
+    amplified_generate,
+    run_amplification,
+    summarize_amplification,
+)
+from writesae_lens.interventions.erasure import ErasureOptions, run_erasure, summarize_erasure
 from writesae_lens.interventions.engine import (
     KL,
     Branch,
@@ -40,12 +46,11 @@ from writesae_lens.interventions.logit_shift import (
     run_logit_shift_audit,
     summarize_logit_shift,
 )
-from writesae_lens.interventions.steering import (
-    DEFAULT_STRATA,
-    run_install_experiment,
+from writesae_lens.interventions.installs import InstallOptions, run_installs, summarize_installs
+from writesae_lens.interventions.sign_prediction import (
+    SignPredictionOptions,
     run_sign_prediction,
-    summarize_installs,
-    sustained_install,
+    summarize_sign_prediction,
     target_directions,
 )
 from writesae_lens.interventions.substitution import (
@@ -90,12 +95,17 @@ __all__ = [
     "readout_matrix",
     "run_logit_shift_audit",
     "summarize_logit_shift",
+    "ErasureOptions",
     "run_erasure",
     "summarize_erasure",
-    "DEFAULT_STRATA",
-    "run_install_experiment",
+    "SignPredictionOptions",
     "run_sign_prediction",
-    "summarize_installs",
-    "sustained_install",
+    "summarize_sign_prediction",
     "target_directions",
+    "InstallOptions",
+    "run_installs",
+    "summarize_installs",
+    "AmplificationOptions",
+    "run_amplification",
+    "summarize_amplification",
 ]

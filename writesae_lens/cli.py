@@ -45,24 +45,15 @@ def load_model(name: str, device: str | None = None, dtype: str | None = None) -
 
     kwargs: dict[str, Any] = {}
     if dtype:
-        kwargs["dtype"] = getattr(torch, dtype)
+        kwargs["dtype"] = dtype  # parsed (with a clear error) by from_pretrained
     return HookedSSM.from_pretrained(name, device=device, **kwargs)
 
 
 def load_sae(spec: str, sae_id: str | None = None, device: str = "cpu") -> Any:
-    """An SAE from a local directory, ``release/sae_id``, or ``release`` + ``sae_id``."""
-    import writesae_lens  # noqa: F401  (registers architectures and bundled releases)
-    import writesae_lens.saes  # noqa: F401
-    from sae_lens import SAE
+    """An SAE from a local directory, ``release/sae_id``, or ``release`` + ``sae_id`` (checked loaders)."""
+    from writesae_lens.loading import load_sae as load
 
-    path = Path(spec)
-    if sae_id is None and path.is_dir():
-        return SAE.load_from_disk(path, device=device)
-    if sae_id is None:
-        if "/" not in spec:
-            raise SystemExit(f"--sae {spec!r} is neither a directory nor 'release/sae_id'.")
-        spec, sae_id = spec.split("/", 1)
-    return SAE.from_pretrained(spec, sae_id, device=device)
+    return load(spec, sae_id, device)
 
 
 def load_tokens(model: Any, args: argparse.Namespace) -> torch.Tensor:

@@ -40,6 +40,7 @@ from writesae_lens.interventions.firings import (
     write_addition_hook,
 )
 from writesae_lens.interventions.logit_shift import readout_matrix
+from writesae_lens.sae_checks import check_atoms
 
 
 @torch.no_grad()
@@ -68,6 +69,7 @@ def run_erasure(
     if tokens is None:
         raise ValueError("Pass tokens=.")
     site = resolve_site(model, sae, layer, head)
+    check_atoms(sae, atom)
     prompts = as_prompt_list(tokens)
     d_k, d_v = model.cfg.d_k, model.cfg.d_v
     unit = unit_atoms(sae, torch.tensor([atom]), d_k, d_v)[0].float().cpu()

@@ -57,6 +57,7 @@ from writesae_lens.interventions.firings import (
     unit_factors,
     write_addition_hook,
 )
+from writesae_lens.sae_checks import check_atoms
 
 FORMS: tuple[str, ...] = ("gate", "fitted", "jvp")
 Hooks = Sequence[tuple[str, Callable]]
@@ -203,7 +204,7 @@ def run_logit_shift_audit(
         w_all = factors[1].float() / factors[1].float().norm(dim=-1, keepdim=True)
         atom_ids = list(range(u_all.shape[0])) if atoms is None else [int(a) for a in atoms]
     elif sae is not None:
-        atom_ids = None if atoms is None else [int(a) for a in atoms]
+        atom_ids = None if atoms is None else check_atoms(sae, [int(a) for a in atoms], "atoms")
     else:
         raise ValueError("Pass an SAE or factors=(u, w).")
     if t0 == "firing" and sae is None:

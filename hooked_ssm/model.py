@@ -228,7 +228,10 @@ class HookedSSM(HookedRootModule):
     def _check_positions(positions: Sequence[int], length: int) -> list[int]:
         resolved = [int(p) + length if int(p) < 0 else int(p) for p in positions]
         if any(not 0 <= p < length for p in resolved):
-            raise ValueError(f"state_positions {list(positions)} fall outside a sequence of {length} tokens.")
+            raise ValueError(
+                f"state_positions {list(positions)} fall outside a sequence of {length} tokens; pass positions in "
+                f"[-{length}, {length})."
+            )
         return resolved
 
     # ------------------------------------------------------------------ hooks

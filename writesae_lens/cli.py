@@ -18,6 +18,11 @@ with ``SAE.load_from_disk``) or ``release/sae_id`` for ``SAE.from_pretrained`` (
 
 Subcommands are registered in :data:`SUBCOMMANDS` (name -> (add_arguments, run)); a module can
 add one with :func:`register_subcommand`.
+
+Errors: a bad argument or a failure prints one line (``writesae <command>: error: ...``) and exits
+non-zero; ``--debug`` shows the traceback instead. This module imports nothing heavy at the top
+(torch, sae_lens and the package itself load inside the subcommands), so the ``writesae`` script
+(:mod:`writesae_cli`) answers ``--help`` without loading them.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 SubcommandRun = Callable[[argparse.Namespace], int]
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], SubcommandRun]] = {}
@@ -37,6 +43,30 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Sub
 def register_subcommand(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None], run: SubcommandRun) -> None:
     """Add (or replace) a ``writesae <name>`` subcommand."""
     SUBCOMMANDS[name] = (help, add_arguments, run)
+
+
+# ---------------------------------------------------------------- argument types
+def firing_or_position(value: str) -> str | int:
+    """``--t0``: ``firing`` or a non-negative integer position."""
+    if value == "firing":
+        return value
+    try:
+        position = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'firing' or an integer position, got {value!r}") from None
+    if position < 0:
+        raise argparse.ArgumentTypeError(f"a position is >= 0, got {position}")
+    return position
+
+
+def erasure_target(value: str) -> str | int:
+    """``--target``: ``promoted``, ``most_affected`` or a token id."""
+    if value in ("promoted", "most_affected"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'promoted', 'most_affected' or a token id, got {value!r}") from None
 
 
 # ---------------------------------------------------------------- shared loading
@@ -148,7 +178,7 @@ def _logit_shift_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0])
     p.add_argument("--eps-unit", choices=["native_norm", "absolute"], default="native_norm")
     p.add_argument("--horizon", type=int, default=4)
-    p.add_argument("--t0", default="firing", help="'firing' or a position")
+    p.add_argument("--t0", type=firing_or_position, default="firing", help="'firing' or a position (an integer)")
     p.add_argument("--token-ranks", type=int, nargs="+", default=[0])
     p.add_argument("--forms", nargs="+", default=["gate", "fitted", "jvp"], choices=["gate", "fitted", "jvp"])
     p.add_argument("--max-prompts-per-atom", type=int, default=None)
@@ -159,7 +189,7 @@ def _logit_shift(args: argparse.Namespace) -> int:
     from writesae_lens.interventions.logit_shift import run_logit_shift_audit
 
     model, sae, tokens = _setup(args)
-    t0 = args.t0 if args.t0 == "firing" else int(args.t0)
+    t0 = args.t0
     rows, summary = run_logit_shift_audit(
         model, sae, args.layer, args.head, tokens, atoms=args.atoms, n_atoms=args.n_atoms, t0=t0, eps=args.eps,
         eps_unit=args.eps_unit, horizon=args.horizon, token_ranks=args.token_ranks, forms=args.forms,
@@ -226,7 +256,7 @@ def _erase_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--atom", type=int, required=True)
     p.add_argument("--n", type=int, default=150)
     p.add_argument("--control-scale", type=float, default=1.0)
-    p.add_argument("--target", default="promoted", help="'promoted', 'most_affected' or a token id")
+    p.add_argument("--target", type=erasure_target, default="promoted", help="'promoted', 'most_affected' or a token id")
 
 
 def _erase(args: argparse.Namespace) -> int:
@@ -234,7 +264,7 @@ def _erase(args: argparse.Namespace) -> int:
     from writesae_lens.interventions.erasure import run_erasure
 
     model, sae, tokens = _setup(args)
-    target = int(args.target) if args.target.lstrip("-").isdigit() else args.target
+    target = args.target
     rows, summary = run_erasure(model, sae, args.layer, args.head, tokens, atom=args.atom, n=args.n,
                                 control_scale=args.control_scale, target=target, batch_size=args.batch_size,
                                 seed=args.seed, progress=not args.quiet)
@@ -298,19 +328,37 @@ register_subcommand("partition", "register / bundle partition of the atoms (2- v
 register_subcommand("demo", "toy GDN + its bundled SAE: the paper's headline checks side by side", _demo_args, _demo)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``writesae`` parser; with ``only``, the arguments of that subcommand alone are added
+    (what ``main`` does: a subcommand's arguments may import its module, e.g. ``demo``)."""
     parser = argparse.ArgumentParser(prog="writesae", description="WriteSAE experiments on recurrent cache writes.")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help, add_arguments, run) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help, description=help)
-        add_arguments(p)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="on an error, show the traceback")
+        if only is None or only == name:
+            add_arguments(p)
         p.set_defaults(_run=run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args._run(args)
+    """Run ``writesae``: one clear line and a non-zero exit status on an error (``--debug``: the traceback)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((arg for arg in argv if arg in SUBCOMMANDS), "")  # "": no subcommand's arguments needed
+    args = build_parser(only=command).parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"writesae {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001  (every failure becomes one line, unless --debug)
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"writesae {args.command}: error: {message} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -121,16 +121,29 @@ def _setup(args: argparse.Namespace, sae: bool = True) -> tuple[Any, Any, torch.
     return model, dictionary, load_tokens(model, args)
 
 
-def _save(args: argparse.Namespace, rows: Sequence[dict] | None, summary: dict, stream: bool = False) -> None:
-    from writesae_lens.analysis.report import append_jsonl, write_json
+# Arguments that change how a run is shown or how fast it runs, not what its rows hold.
+_NOT_RECORDED = {"out", "resume", "quiet", "debug", "no_paper", "batch_size", "device", "_run"}
+
+
+def _recorded(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments that decide a run's rows, as recorded in its results file (``--`` names)."""
+    return {f"--{k.replace('_', '-')}": v for k, v in vars(args).items() if k not in _NOT_RECORDED}
+
+
+def _save(args: argparse.Namespace, rows: Sequence[dict] | None, summary: dict, model: Any, sae: Any = None,
+          stream: bool = False) -> None:
+    """Write ``--out`` (rows headed by the run's record) and ``<out>.summary.json`` (with the record).
+    ``stream``: the protocol already wrote the rows (and its record) as they completed."""
+    from writesae_lens.analysis.report import write_json
+    from writesae_lens.run_record import ResultsFile, run_record
 
     if not args.out:
         return
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if rows is not None and not stream:
-        out.write_text("")
-        append_jsonl(out, rows)
+    if not stream:
+        record = run_record(args.command, _recorded(args), model=model, sae=sae, seed=getattr(args, "seed", None))
+        ResultsFile(out, record).append(rows or [])
+        summary = {**summary, "run": record}
     write_json(out.with_name(out.name + ".summary.json"), summary)
     print(f"\nrows -> {out}\nsummary -> {out.with_name(out.name + '.summary.json')}")
 
@@ -157,10 +170,10 @@ def _substitute(args: argparse.Namespace) -> int:
         model, sae, args.layer, args.head, tokens, scale=args.scale, score=args.score, horizon=args.horizon,
         method=args.method, min_position=args.min_position, max_firings=args.max_firings,
         max_per_atom=args.max_per_atom, batch_size=args.batch_size, seed=args.seed, out=args.out,
-        resume=args.resume, progress=not args.quiet,
+        resume=args.resume, progress=not args.quiet, provenance=_recorded(args),
     )
     print(format_summary_table(summary, paper=None if args.no_paper else _paper_substitution(model)))
-    _save(args, rows, summary, stream=True)
+    _save(args, rows, summary, model, sae, stream=True)
     return 0
 
 
@@ -196,7 +209,7 @@ def _logit_shift(args: argparse.Namespace) -> int:
         max_prompts_per_atom=args.max_prompts_per_atom, batch_size=args.batch_size, progress=not args.quiet,
     )
     print(format_logit_shift_table(summary, paper=None if args.no_paper else _paper("PAPER_LOGIT_SHIFT")))
-    _save(args, rows, summary)
+    _save(args, rows, summary, model, sae)
     return 0
 
 
@@ -246,7 +259,7 @@ def _steer(args: argparse.Namespace) -> int:
             ["Pearson r (predicted, measured)", f"{sign['pearson_r']:.3f}", "0.162"],
             ["median measured / predicted", f"{sign['median_ratio']:.3g}", "1.08"],
         ]))
-    _save(args, rows, summary)
+    _save(args, rows, summary, model, sae)
     return 0
 
 
@@ -276,7 +289,7 @@ def _erase(args: argparse.Namespace) -> int:
         table.append([cond, str(s["n"]), f"{s['median_delta_logp']:+.4f} [{lo:+.4f}, {hi:+.4f}]", f"{s['wilcoxon_p']:.3g}"])
     print(render_table(["condition", "n", "median d log p [95% CI]", "Wilcoxon p"], table,
                        f"Erasure of atom {args.atom} (paper F412: firing -0.116 [-0.265, -0.042], p=1.07e-6)"))
-    _save(args, rows, summary)
+    _save(args, rows, summary, model, sae)
     return 0
 
 
@@ -297,7 +310,7 @@ def _partition(args: argparse.Namespace) -> int:
                                               absolute=args.absolute, transform="log" if args.log else "none",
                                               batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
     print(format_partition_table(summary, paper=None if args.no_paper else _paper("PAPER_PARTITION")))
-    _save(args, rows, summary)
+    _save(args, rows, summary, model, sae)
     return 0
 
 

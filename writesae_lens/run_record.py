@@ -116,8 +116,13 @@ def _flatten(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def record_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """``"key: file has X, this run has Y"`` for every setting that differs."""
     old, new = _flatten(saved), _flatten(_jsonable(current))
-    return [f"{key}: file has {old.get(key)!r}, this run has {new.get(key)!r}"
+    return [f"{key}: file has {_short(old.get(key))}, this run has {_short(new.get(key))}"
             for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class ResultsFile:

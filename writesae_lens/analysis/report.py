@@ -115,7 +115,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    Path(path).write_text(json.dumps(_jsonable(obj), indent=2) + "\n", encoding="utf-8")
+    """Write ``obj`` as JSON under a temporary name, then rename it into place (never half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_jsonable(obj), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def to_dataframe(rows: Sequence[Mapping[str, Any]]) -> Any:

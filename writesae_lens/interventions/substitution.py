@@ -43,6 +43,7 @@ the two agree to float32 round-off (tested to 1e-6 in KL).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooked_ssm.state import RecurrentState
-from writesae_lens.analysis.report import append_jsonl, format_summary_table, read_jsonl
+from writesae_lens.analysis.report import append_jsonl, format_summary_table
 from writesae_lens.analysis.stats import (
     bootstrap_ci,
     cliffs_delta,
@@ -81,8 +82,11 @@ from writesae_lens.interventions.firings import (
     unit_atoms,
     write_replacement_hook,
 )
+from writesae_lens.run_record import ResultsFile, describe_sae, run_record
 
 CONDITIONS: tuple[str, ...] = ("atom", "delete", "random")
+# Keyword arguments of the suite that change how fast it runs, not what its rows hold.
+_NOT_RECORDED = ("batch_size", "max_rows", "progress", "layer", "head")
 Scale = Literal["native_norm", "coefficient"]
 Score = Literal["last", "next", "mean_after", "current"]
 
@@ -392,12 +396,12 @@ def substitute_firings(
     batch_size: int = 8,
     max_rows: int | None = None,
     seed: int = 0,
-    out: str | Path | None = None,
+    out: str | Path | ResultsFile | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Run the patched passes for the given ``firings``; one row per firing (see module docstring).
 
-    Rows are appended to ``out`` (JSONL) as they complete. ``max_rows`` caps the batch rows of one
+    Rows are appended to ``out`` (JSONL, or a :class:`ResultsFile`) as they complete, each whole. ``max_rows`` caps the batch rows of one
     patched forward of the fast path (firings x conditions); default 48 on CPU, 192 on GPU.
     """
     site = site or resolve_site(model, sae)
@@ -428,7 +432,9 @@ def substitute_firings(
                 s = f.native_norm if scale == "native_norm" else f.contribution_norm
                 new.append(_row(f, k.tolist(), conditions, scale, s, score, plans[i].end))
             rows += new
-            if out is not None:
+            if isinstance(out, ResultsFile):
+                out.append(new)
+            elif out is not None:
                 append_jsonl(out, new)
             bar.update(len(new))
     bar.close()
@@ -455,10 +461,11 @@ def run_substitution_test(
     batch_size: int = 8,
     max_rows: int | None = None,
     seed: int = 0,
-    out: str | Path | None = None,
+    out: str | Path | ResultsFile | None = None,
     resume: bool = False,
     progress: bool = True,
     min_firings_per_atom: int = 1,
+    provenance: Mapping[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The paper's substitution test of ``sae`` at ``(layer, head)`` over ``tokens``.
 
@@ -467,10 +474,15 @@ def run_substitution_test(
         firings: evaluate these instead of finding them (see :func:`find_firings`).
         scale, score, horizon, conditions, method: see the module docstring.
         min_position, atoms, max_firings, max_per_atom, seed: firing selection (seeded subsample).
-        out: JSONL file that receives one row per firing as it completes (truncated first
-            unless ``resume``).
-        resume: skip the firings already in ``out`` and return them with the new ones.
+        out: JSONL file that receives one row per firing as it completes, headed by the run's
+            record (model, SAE and its weights' hash, site, seed, settings, tokens, versions;
+            see :mod:`writesae_lens.run_record`); started afresh unless ``resume``.
+        resume: skip the firings already in ``out`` and return them with the new ones; refused
+            (``ResumeMismatchError`` naming the differing settings) when ``out`` was made by
+            another run.
         min_firings_per_atom: atoms with fewer firings are left out of the population test.
+        provenance: more settings to record with the run (e.g. the command line's arguments), so
+            that a resume with other ones is refused naming them.
 
     Returns:
         ``(rows, summary)``: one dict per firing (ids, ``kl_atom``, ``kl_delete``, ``kl_random``,
@@ -479,27 +491,21 @@ def run_substitution_test(
     if tokens is None:
         raise ValueError("Pass tokens= (token windows, e.g. from writesae_lens.interventions.token_windows).")
     site = resolve_site(model, sae, layer, head)
+    atoms = None if atoms is None else sorted(int(a) for a in atoms)
+    settings = dict(scale=scale, score=score, horizon=horizon, conditions=list(conditions), method=method,
+                    min_position=min_position, atoms=atoms, max_firings=max_firings, max_per_atom=max_per_atom,
+                    firings=None if firings is None else hashlib.sha256(repr([f.key for f in firings]).encode()).hexdigest(),
+                    **(provenance or {}))
+    record = run_record("substitution", settings, model=model, sae=sae, seed=seed, tokens=as_prompt_list(tokens),
+                        site=dict(layer=site.layer, head=site.head, kind=site.kind))
+    previous: list[dict[str, Any]] = []
+    if out is not None:  # opened first: a mismatched --resume fails before any work
+        out = out if isinstance(out, ResultsFile) else ResultsFile(out, record, resume)
+        previous = [r for r in out.previous_rows if (r["layer"], r["head"]) == (site.layer, site.head)]
     if firings is None:
         firings = find_firings(model, sae, tokens, site, batch_size, min_position, atoms, max_firings, max_per_atom, seed)
-    previous: list[dict[str, Any]] = []
-    if out is not None:
-        out = Path(out)
-        if resume and out.exists():
-            previous = read_jsonl(out)
-            clash = [r for r in previous if (r.get("scale_mode"), r.get("score")) != (scale, score)]
-            if clash:
-                raise ValueError(
-                    f"{out} holds rows run with scale={clash[0].get('scale_mode')!r}, score={clash[0].get('score')!r}; "
-                    f"cannot resume with scale={scale!r}, score={score!r}. Use another out= file."
-                )
-            done = {(r["prompt"], r["position"], r["layer"], r["head"]) for r in previous}
-            firings = [f for f in firings if f.key not in done]
-            # Rewrite the file with the complete rows only (drops a partial last line).
-            out.write_text("")
-            append_jsonl(out, previous)
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text("")
+    done = {(r["prompt"], r["position"], r["layer"], r["head"]) for r in previous}
+    firings = [f for f in firings if f.key not in done]
     rows = substitute_firings(
         model, sae, tokens, firings, site, scale, score, horizon, conditions, method, batch_size, max_rows, seed, out, progress
     )
@@ -507,6 +513,7 @@ def run_substitution_test(
     summary = summarize_substitution(rows, min_firings_per_atom=min_firings_per_atom, seed=seed)
     summary["config"] = dict(layer=site.layer, head=site.head, site=site.kind, scale=scale, score=score,
                              horizon=horizon)
+    summary["run"] = record
     return rows, summary
 
 
@@ -522,20 +529,21 @@ def run_substitution_suite(
     """:func:`run_substitution_test` for several SAEs (e.g. the paper's L1 / L9 / L17 H4) on the
     same tokens; rows of all sites together (one JSONL file when ``out`` is given, resumable), and
     one summary with ``per_layer`` rows."""
-    if out is not None and not resume:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text("")
+    record = run_record("substitution_suite", {k: v for k, v in kwargs.items() if k not in _NOT_RECORDED},
+                        model=model, seed=kwargs.get("seed", 0), tokens=as_prompt_list(tokens))
+    record["saes"] = [describe_sae(sae) for sae in saes]
+    results = None if out is None else ResultsFile(out, record, resume)
     rows: list[dict[str, Any]] = []
     for sae in saes:
         site = resolve_site(model, sae, kwargs.get("layer"), kwargs.get("head"))
         site_kwargs = {k: v for k, v in kwargs.items() if k not in ("layer", "head")}
-        site_rows, _ = run_substitution_test(model, sae, site.layer, site.head, tokens, out=out, resume=out is not None,
-                                             **site_kwargs)
+        site_rows, _ = run_substitution_test(model, sae, site.layer, site.head, tokens, out=results, **site_kwargs)
         rows += [r for r in site_rows if (r["layer"], r["head"]) == (site.layer, site.head)]
     summary = summarize_substitution(rows, min_firings_per_atom=kwargs.get("min_firings_per_atom", 1),
                                      seed=kwargs.get("seed", 0))
     summary["config"] = dict(sites=sorted({(r["layer"], r["head"]) for r in rows}),
                              scale=kwargs.get("scale", "native_norm"), score=kwargs.get("score", "last"))
+    summary["run"] = record
     return rows, summary
 
 

@@ -97,11 +97,11 @@ def test_cli_substitute_and_partition_on_the_toy_model(tmp_path, capsys):
     assert main(["substitute", *common, "--max-firings", "5", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "atom beats delete" in printed and "92.4%" in printed
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = [json.loads(line) for line in out.read_text().splitlines()[1:]]  # after the run record
     assert len(rows) == 5 and {"kl_atom", "kl_delete", "kl_random", "atom_wins"} <= set(rows[0])
     summary = json.loads((tmp_path / "rows.jsonl.summary.json").read_text())
     assert summary["n"] == 5 and summary["config"]["layer"] == 1
     assert main(["substitute", *common, "--max-firings", "5", "--out", str(out), "--resume"]) == 0
-    assert len(out.read_text().splitlines()) == 5
+    assert len(out.read_text().splitlines()) == 1 + 5
     assert main(["partition", *common, "--min-firings", "1", "--no-paper"]) == 0
     assert "registers" in capsys.readouterr().out

@@ -43,7 +43,6 @@ the two agree to float32 round-off (tested to 1e-6 in KL).
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -492,9 +491,10 @@ def run_substitution_test(
         raise ValueError("Pass tokens= (token windows, e.g. from writesae_lens.interventions.token_windows).")
     site = resolve_site(model, sae, layer, head)
     atoms = None if atoms is None else sorted(int(a) for a in atoms)
+    # Explicit firings are not recorded: a row depends on its firing and these settings only, so a
+    # resume may add firings (e.g. continue with a longer list).
     settings = dict(scale=scale, score=score, horizon=horizon, conditions=list(conditions), method=method,
                     min_position=min_position, atoms=atoms, max_firings=max_firings, max_per_atom=max_per_atom,
-                    firings=None if firings is None else hashlib.sha256(repr([f.key for f in firings]).encode()).hexdigest(),
                     **(provenance or {}))
     record = run_record("substitution", settings, model=model, sae=sae, seed=seed, tokens=as_prompt_list(tokens),
                         site=dict(layer=site.layer, head=site.head, kind=site.kind))

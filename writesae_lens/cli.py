@@ -87,7 +87,7 @@ def load_sae(spec: str, sae_id: str | None = None, device: str = "cpu") -> Any:
 
 
 def load_tokens(model: Any, args: argparse.Namespace) -> torch.Tensor:
-    from writesae_lens.interventions.firings import token_windows, toy_validation_texts
+    from writesae_lens.interventions.tokens import token_windows, toy_validation_texts
 
     if args.text:
         texts = [Path(p).read_text(encoding="utf-8") for p in args.text]
@@ -234,7 +234,7 @@ def _steer_args(p: argparse.ArgumentParser) -> None:
 
 def _steer(args: argparse.Namespace) -> int:
     from writesae_lens.analysis.report import format_steering_table, render_table
-    from writesae_lens.interventions.firings import resolve_site
+    from writesae_lens.interventions.sites import resolve_site
     from writesae_lens.interventions.steering import run_install_experiment, run_sign_prediction
 
     model = load_model(args.model, args.device, args.dtype)

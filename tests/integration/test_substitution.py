@@ -126,7 +126,7 @@ def test_resume_skips_finished_firings(model, tokens, tmp_path):
                                                min_firings_per_atom=1)
     firings = find_firings(model, sae, tokens, max_firings=10, min_firings_per_atom=1)
     # An interrupted run: the first 4 firings finished, then half a line was written.
-    run_substitution_test(model, sae, tokens=tokens, firings=firings[:4], out=out, progress=False)
+    run_substitution_test(model, sae, tokens=tokens, firings=firings[:4], out=out, progress=False, min_firings_per_atom=1)
     with open(out, "a") as handle:
         handle.write('{"prompt": 0, "posi')
     rows, summary = run_substitution_test(model, sae, tokens=tokens, firings=firings, out=out, resume=True, progress=False,
@@ -136,7 +136,7 @@ def test_resume_skips_finished_firings(model, tokens, tmp_path):
     on_disk = [json.loads(line) for line in out.read_text().splitlines()[1:]]  # after the run record
     assert len(on_disk) == 10 and len({(r["prompt"], r["position"], r["atom"]) for r in on_disk}) == 10
     assert summary["win_rate"] == full_summary["win_rate"]
-    with pytest.raises(ValueError, match="Cannot resume.*settings.scale: file has 'native_norm', this run has 'coefficient'"):
+    with pytest.raises(ValueError, match="Cannot resume.*settings.scale_mode: file has 'native_norm', this run has 'coefficient'"):
         run_substitution_test(model, sae, tokens=tokens, firings=firings, out=out, resume=True, scale="coefficient",
                               progress=False)
 

@@ -7,7 +7,11 @@
   ``hook_write_factors`` (the write's ``[k | v]`` factors, d_k + d_v numbers instead of d_k*d_v);
 - ``hook_state`` likewise (the whole trajectory, every position);
 - ``run_with_cache`` on one layer's ``hook_state`` with and without ``pos_slice=-1``: time, bytes of
-  the cached tensors, and peak memory (CPU: peak RSS growth; GPU: ``torch.cuda.max_memory_allocated``).
+  the cached tensors, and peak memory (CPU: peak RSS growth; GPU: ``torch.cuda.max_memory_allocated``);
+- ``hook_state`` edits (replacements: position t reads the returned state) against caching
+  ``hook_state`` at the same positions: one head changed at every position (what an SAE splice
+  does: one batched read, no re-scan) and at two selected positions (the scan split there). Target:
+  within 2x.
 """
 
 from __future__ import annotations
@@ -130,8 +134,42 @@ def run(settings: Settings) -> None:
                         tokens=batch * length, extra=dict(cached_bytes_all=_cached(model, tokens, every, store)),
                         max_rounds=5)
             store.clear()
+            state_edit_cases(settings, model, tokens, case, head, store)
             memory_case(settings, model, path, 7, tokens, case)
         free(ref, model)
+
+
+TARGET_STATE_EDIT = ">= 0.5 (within 2x of caching hook_state)"
+
+
+def state_edit_cases(settings: Settings, model: Any, tokens: torch.Tensor, case: str, head: int, store: list) -> None:
+    """A ``hook_state`` edit of one head on every recurrent layer vs caching that head's states.
+
+    The edit scales the head's states by 0.9 (a stand-in for an SAE's reconstruction, whose own cost
+    is not the hook's): every position changes, so every position is a replacement point.
+    """
+    def scale_head(states: torch.Tensor, hook: Any) -> torch.Tensor:
+        states = states.clone()
+        states[:, :, head] *= 0.9
+        return states
+
+    length = tokens.shape[1]
+    for label, positions in (("every position", None), ("2 selected positions", [length // 3, 2 * length // 3])):
+        cache_hooks = capture_hooks(model, "hook_state", head, store)
+        edit_hooks = [(name, scale_head) for name, _ in cache_hooks]
+        kwargs = {} if positions is None else {"state_positions": positions}
+
+        def run(hooks: list, kwargs: dict = kwargs) -> Any:
+            store.clear()
+            with model.hooks(fwd_hooks=hooks):
+                return model(tokens, **kwargs)
+
+        compare(settings, bench="2 hooks",
+                case=f"{case}: hook_state one head edited (replaced) at {label}, {len(cache_hooks)} layers",
+                reference=(f"hook_state one head cached at {label}", lambda: run(cache_hooks)),
+                candidate=(f"hook_state one head edited at {label}", lambda: run(edit_hooks)),
+                tokens=tokens.numel(), target=TARGET_STATE_EDIT, target_check=lambda r: r >= 0.5, max_rounds=7)
+    store.clear()
 
 
 def _cached(model: Any, tokens: torch.Tensor, hooks: list, store: list) -> int:

@@ -9,13 +9,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-# TransformerLens 4's SSM vocabulary -> our names (same tensors).
+# TransformerLens 4's SSM vocabulary (TransformerBridge's SSMStateHookMixin) -> our names, where the
+# tensor is the same.
 ALIASES = {
     "hook_ssm_state": "hook_state",
-    "hook_ssm_write": "hook_write",
     "hook_ssm_B": "hook_k",
     "hook_ssm_C": "hook_q",
-    "hook_ssm_decay": "hook_decay",
 }
 
 
@@ -25,10 +24,25 @@ def resolve_hook_name(name: str, valid: Iterable[str]) -> str:
     if name in valid:
         return name
     prefix, _, leaf = name.rpartition(".")
-    if leaf in ALIASES:
-        canonical = f"{prefix}.{ALIASES[leaf]}" if prefix else ALIASES[leaf]
-        if canonical in valid:
-            return canonical
+    here = lambda hook: f"{prefix}.{hook}" if prefix else hook  # noqa: E731
+    if leaf in ALIASES and here(ALIASES[leaf]) in valid:
+        return here(ALIASES[leaf])
+    if leaf == "hook_ssm_write":
+        if here("hook_beta") in valid:  # a delta rule: TransformerLens 4 means the write strength beta
+            return here("hook_beta")
+        if here("hook_write") in valid:
+            raise KeyError(
+                f"{name!r}: TransformerLens 4's hook_ssm_write is the write dt*(x outer B) as [batch, pos, head, "
+                f"head_dim, d_state] (beta for a delta rule); this mixer has no such hook. Its write is "
+                f"{here('hook_write')!r}, [batch, pos, head, d_k*d_v] key-major: as_matrix(act, d_k, d_v).mT "
+                f"gives TransformerLens 4's layout."
+            )
+    if leaf == "hook_ssm_decay" and here("hook_decay") in valid:
+        raise KeyError(
+            f"{name!r}: TransformerLens 4's hook_ssm_decay is the log decay g_t; this model has no hook for "
+            f"it. {here('hook_decay')!r} holds the decay itself, exp(g_t) in (0, 1]: take its log to read "
+            f"g_t, and edit it there."
+        )
     close = difflib.get_close_matches(name, valid, n=5, cutoff=0.6)
     hint = f" Did you mean one of: {', '.join(close)}?" if close else ""
     raise KeyError(

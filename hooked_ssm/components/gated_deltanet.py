@@ -9,8 +9,10 @@ Per value head ``h`` (key-major state ``S`` of shape ``[d_k, d_v]``)::
 
 ``hook_write`` is the input-determined rank-1 write (the paper's native write), and
 ``hook_write_factors`` its factors ``[k_t | b_t v_t]`` (observation only); ``hook_delta_v``
-is the state-dependent delta-form value. An edit of either, or of ``hook_state``, becomes an
-additive change of the state at that position and so reaches every later read exactly. Edits of
+is the state-dependent delta-form value. An edit of either becomes an additive change of the
+state at that position and persists: it reaches every later read exactly. An edit of ``hook_state``
+replaces: the state that position ``t`` reads is exactly what the hook returned for ``t``, and the
+recurrence continues from it (``recurrent_mixer``). Edits of
 ``hook_q/k/v/beta/decay`` flow into the scan as inputs (an edit of ``k`` also changes what the
 delta rule erases). Hooks are per value head, after grouped keys are expanded.
 """
@@ -28,14 +30,14 @@ from transformer_lens.hook_points import HookPoint
 
 from hooked_ssm.components.norms import GatedRMSNorm
 from hooked_ssm.components.padding import fill_pads, real_tokens
-from hooked_ssm.components.recurrent_mixer import (  # noqa: F401  (run_hook/changed_positions re-exported)
+from hooked_ssm.components.recurrent_mixer import (
     changed_positions,
     log_decay_through_hook,
     merge_edits,
     observe_write_factors,
     run_hook,
     runs_recurrent,
-    state_hook_edits,
+    scan_with_state_hooks,
     write_edits,
 )
 from hooked_ssm.config import HookedSSMConfig
@@ -76,6 +78,8 @@ class GatedDeltaNetMixer(nn.Module):
         self.hook_write_factors = HookPoint()  # [batch, pos, head, d_k+d_v]: [k_t | b_t v_t], observation only
         self.hook_delta_v = HookPoint()  # [batch, pos, head, d_v]: u_t = b_t (v_t - a_t S_{t-1}^T k_t)
         self.hook_state = HookPoint()  # [batch, pos or selected pos, head, d_k*d_v]: S_t after the update
+        # hook_state edits replace: position t reads exactly the returned state and the recurrence goes on
+        # from it (a returned S_t + E moves only t's read by E^T q_t). To make an edit persist, edit hook_write.
         self.hook_read = HookPoint()  # [batch, pos, head, d_v]: o_t = S_t^T q_t
         self.hook_z = HookPoint()  # [batch, pos, head, d_v]: gated-normed output entering out_proj
 
@@ -129,45 +133,30 @@ class GatedDeltaNetMixer(nn.Module):
         return log_decay_through_hook(self.hook_decay, fill_pads(g, real))
 
     def _scan(self, q, k, v, beta, g, initial_state, state_positions):
-        """Run the recurrence, honouring edits made through hook_write / hook_delta_v / hook_state."""
-        edits: dict[int, Tensor] = {}
-        if self.hook_write.has_hooks():
-            edits = self._write_edits(q.shape, k, v, beta)
-        want_states = self.hook_state.has_hooks()
-        want_delta_v = self.hook_delta_v.has_hooks()
-        if not (edits or want_states or want_delta_v):
+        """Run the recurrence: hook_write / hook_delta_v edits persist, hook_state returns replace."""
+        native_write = lambda: (beta[..., None, None] * k[..., :, None] * v[..., None, :]).flatten(-2)  # noqa: E731
+        edits = write_edits(self.hook_write, native_write, self.d_k, self.d_v)
+        if self.hook_delta_v.has_hooks():
+            edits = merge_edits(edits, self._delta_v_edits(q, k, v, beta, g, initial_state, edits))
+        if not (edits or self.hook_state.has_hooks()):
             if runs_recurrent(self.execution, q.shape[1], q.device):
                 return recurrent_gated_delta_rule(q, k, v, beta, g, initial_state)[:2]
             return chunked_gated_delta_rule(q, k, v, beta, g, initial_state, self.chunk_size)[:2]
 
-        positions = list(range(q.shape[1])) if state_positions is None else list(state_positions)
-        run = lambda edits, positions, delta_v: self._scan_with_edits(  # noqa: E731
-            q, k, v, beta, g, initial_state, edits, positions, delta_v
-        )
-        o, state, states, delta_v = run(edits, positions if want_states else None, want_delta_v)
+        def scan(segment, state, edits, positions):
+            inputs = (q[:, segment], k[:, segment], v[:, segment], beta[:, segment], g[:, segment], state, edits, positions)
+            if runs_recurrent(self.execution, segment.stop - segment.start, q.device):
+                return recurrent_gated_delta_rule(*inputs)[:3]
+            return gated_delta_rule_with_edits(*inputs, self.chunk_size)
 
-        # Observation hooks that may edit: their edits are additive state changes at their positions.
-        later_edits: dict[int, Tensor] = {}
-        if want_delta_v:
-            hooked = run_hook(self.hook_delta_v, delta_v)
-            if hooked is not None:
-                native = run(edits, None, True)[3]
-                diff = hooked - native
-                for t in changed_positions(diff):
-                    later_edits[t] = k[:, t, :, :, None] * diff[:, t, :, None, :]
-        if want_states and states is not None:
-            native_states = lambda: run(edits, positions, False)[2]  # noqa: E731
-            later_edits = merge_edits(later_edits, state_hook_edits(self.hook_state, states, positions, native_states))
-        if later_edits:
-            edits = merge_edits(edits, later_edits)
-            o, state = run(edits, None, False)[:2]
-        return o, state
+        return scan_with_state_hooks(self.hook_state, scan, q, initial_state, edits, state_positions)
 
-    def _write_edits(self, shape, k, v, beta) -> dict[int, Tensor]:
-        native = lambda: (beta[..., None, None] * k[..., :, None] * v[..., None, :]).flatten(-2)  # noqa: E731
-        return write_edits(self.hook_write, native, self.d_k, self.d_v)
-
-    def _scan_with_edits(self, q, k, v, beta, g, initial_state, edits, positions, delta_v):
-        if delta_v or runs_recurrent(self.execution, q.shape[1], q.device):
-            return recurrent_gated_delta_rule(q, k, v, beta, g, initial_state, edits, positions, delta_v)
-        return (*gated_delta_rule_with_edits(q, k, v, beta, g, initial_state, edits, positions, self.chunk_size), None)
+    def _delta_v_edits(self, q, k, v, beta, g, initial_state, edits) -> dict[int, Tensor]:
+        """Run ``hook_delta_v`` on ``u_t`` (the trajectory with the write edits); a change ``du`` at ``t``
+        is the additive state edit ``k_t du^T`` there (it persists, like a write edit)."""
+        delta_v = lambda: recurrent_gated_delta_rule(q, k, v, beta, g, initial_state, edits, None, True)[3]  # noqa: E731
+        hooked = run_hook(self.hook_delta_v, delta_v())
+        if hooked is None:
+            return {}
+        diff = hooked - delta_v()  # recomputed: the hook may have edited its input in place
+        return {t: k[:, t, :, :, None] * diff[:, t, :, None, :] for t in changed_positions(diff)}

@@ -23,8 +23,11 @@ Edit semantics:
 - ``hook_x`` edits move both the write (``v = dt * x``) and the D skip (``D`` uses ``hook_x``'s
   value); ``hook_v`` edits move only the write, the D skip keeps the unedited ``x``.
 - ``hook_dt`` edits move both the write and the decay; ``hook_decay`` edits only the decay.
-- ``hook_write`` and ``hook_state`` edits are additive state edits at their positions, applied
-  exactly (the chunked scan is split there) and read by every later token.
+- ``hook_write`` edits persist: an additive state edit at their position, applied exactly (the
+  chunked scan is split there) and carried, decayed, into every later state.
+- ``hook_state`` edits replace: the state that position ``t`` reads is exactly what the hook
+  returned for ``t``, and the recurrence continues from it (``recurrent_mixer``). The D skip and
+  the gate are outside the state and unchanged.
 
 ``execution="chunked"`` (default) runs the chunked SSD scan; ``"recurrent"`` runs the per-token
 loop. Both give the same answer (to float rounding). Short calls (decoding steps with a
@@ -48,6 +51,7 @@ from hooked_ssm.components.recurrent_mixer import (
     observe_write_factors,
     runs_recurrent,
     scan_with_state_hooks,
+    write_edits,
 )
 from hooked_ssm.config import HookedSSMConfig
 from hooked_ssm.ops.causal_conv import causal_depthwise_conv
@@ -102,6 +106,8 @@ class Mamba2Mixer(nn.Module):
         self.hook_write = HookPoint()  # [batch, pos, head, d_state*headdim]: B_t (dt_t x_t)^T, key-major
         self.hook_write_factors = HookPoint()  # [batch, pos, head, d_state+headdim]: [B_t | dt_t x_t], observation only
         self.hook_state = HookPoint()  # [batch, pos or selected pos, head, d_state*headdim]: H_t
+        # hook_state edits replace: position t reads exactly the returned state and the recurrence goes on
+        # from it (a returned S_t + E moves only t's read by E^T q_t). To make an edit persist, edit hook_write.
         self.hook_read = HookPoint()  # [batch, pos, head, headdim]: H_t^T C_t (before D skip and gate)
         self.hook_z = HookPoint()  # [batch, pos, head, headdim]: gated-normed output entering out_proj
 
@@ -151,20 +157,18 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(z.reshape(batch, length, self.d_inner).to(x.dtype))
 
     def _scan(self, q, k, v, log_decay, initial_state, state_positions):
-        """Run the recurrence, honouring edits made through hook_write / hook_state."""
-        recurrent = runs_recurrent(self.execution, q.shape[1], q.device)
-
-        def run(edits, positions):
-            if recurrent:
-                return recurrent_ssd(q, k, v, log_decay, initial_state, edits, positions)
-            return ssd_with_edits(q, k, v, log_decay, initial_state, edits, positions, self.chunk_size)
-
+        """Run the recurrence: hook_write edits persist, hook_state returns replace (recurrent_mixer)."""
         native_write = lambda: (k[..., :, None] * v[..., None, :]).flatten(-2)  # noqa: E731
-        hooked = scan_with_state_hooks(
-            self.hook_write, self.hook_state, native_write, self.d_state, self.headdim, run, q.shape[1], state_positions
-        )
-        if hooked is not None:
-            return hooked
-        if recurrent:
-            return recurrent_ssd(q, k, v, log_decay, initial_state)[:2]
-        return chunked_ssd(q, k, v, log_decay, initial_state, self.chunk_size)[:2]
+        edits = write_edits(self.hook_write, native_write, self.d_state, self.headdim)
+        if not (edits or self.hook_state.has_hooks()):
+            if runs_recurrent(self.execution, q.shape[1], q.device):
+                return recurrent_ssd(q, k, v, log_decay, initial_state)[:2]
+            return chunked_ssd(q, k, v, log_decay, initial_state, self.chunk_size)[:2]
+
+        def scan(segment, state, edits, positions):
+            inputs = (q[:, segment], k[:, segment], v[:, segment], log_decay[:, segment], state, edits, positions)
+            if runs_recurrent(self.execution, segment.stop - segment.start, q.device):
+                return recurrent_ssd(*inputs)
+            return ssd_with_edits(*inputs, self.chunk_size)
+
+        return scan_with_state_hooks(self.hook_state, scan, q, initial_state, edits, state_positions)

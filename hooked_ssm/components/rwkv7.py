@@ -20,9 +20,11 @@ the residual stream, ``x_prev`` the previous token's ``x``)::
 
 Semantics of edits:
 
-- ``hook_write`` / ``hook_state`` edits change the *state* only (exactly, at their positions, and
-  so every later read). The bonus term ``(r . (k~ * r_k)) v`` is a direct path from the current
-  token's ``k~`` and ``v`` that bypasses the state; it keeps using the unedited ``k~`` and ``v``.
+- ``hook_write`` edits change the *state* only, exactly, at their positions, and persist into every
+  later state. ``hook_state`` edits replace: the state that position ``t`` reads is exactly what the
+  hook returned for ``t`` and the recurrence continues from it (``recurrent_mixer``). The bonus
+  term ``(r . (k~ * r_k)) v`` is a direct path from the current token's ``k~`` and ``v`` that
+  bypasses the state; it keeps using the unedited ``k~`` and ``v``.
   To move the bonus too, edit ``hook_k`` / ``hook_v`` (which move write and bonus together).
 - ``v_first`` (the value residual): layer 0 produces it and ``blocks.0.mixer.hook_v_first`` is
   where it is produced; layer 0's own value *is* ``v_first``, so an edit there changes layer 0's
@@ -54,7 +56,12 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from hooked_ssm.components.padding import fill_pads, real_tokens
-from hooked_ssm.components.recurrent_mixer import observe_write_factors, runs_recurrent, scan_with_state_hooks
+from hooked_ssm.components.recurrent_mixer import (
+    observe_write_factors,
+    runs_recurrent,
+    scan_with_state_hooks,
+    write_edits,
+)
 from hooked_ssm.config import HookedSSMConfig
 from hooked_ssm.ops.rwkv7 import recurrent_rwkv7
 from hooked_ssm.ops.rwkv7_chunked import DEFAULT_CHUNK_SIZE, chunked_rwkv7
@@ -123,6 +130,8 @@ class RWKV7Mixer(nn.Module):
         self.hook_write = HookPoint()  # [batch, pos, head, d_k*d_v]: k~ v^T, key-major
         self.hook_write_factors = HookPoint()  # [batch, pos, head, d_k+d_v]: [k~ | v], observation only
         self.hook_state = HookPoint()  # [batch, pos or selected pos, head, d_k*d_v]: S_t, key-major
+        # hook_state edits replace: position t reads exactly the returned state and the recurrence goes on
+        # from it (a returned S_t + E moves only t's read by E^T q_t). To make an edit persist, edit hook_write.
         self.hook_read = HookPoint()  # [batch, pos, head, d_v]: S_t^T r (before GroupNorm)
         self.hook_z = HookPoint()  # [batch, pos, head, d_v]: (GroupNorm(o) + bonus) * g, entering o_proj
 
@@ -183,24 +192,23 @@ class RWKV7Mixer(nn.Module):
         return self.o_proj(y.flatten(-2))
 
     def _scan(self, r, w, k, v, kappa, a, initial_state, state_positions):
-        """Run the recurrence, honouring edits made through hook_write / hook_state."""
-        recurrent = runs_recurrent(self.execution, r.shape[1], r.device)
-
-        def chunked(segment, state, _positions):
-            return (*chunked_rwkv7(r[:, segment], w[:, segment], k[:, segment], v[:, segment],
-                                   kappa[:, segment], a[:, segment], state), None)
-
-        def run(edits, positions):
-            if recurrent or positions:  # states at chosen positions: only the recurrence yields them
-                return recurrent_rwkv7(r, w, k, v, kappa, a, initial_state, edits, positions)
-            exact = lambda: recurrent_rwkv7(r, w, k, v, kappa, a, initial_state, edits, None)  # noqa: E731
-            return scan_split_at_edits(chunked, exact, r, initial_state, edits, None, DEFAULT_CHUNK_SIZE)
-
+        """Run the recurrence: hook_write edits persist, hook_state returns replace (recurrent_mixer)."""
         native_write = lambda: (k[..., :, None] * v[..., None, :]).flatten(-2)  # noqa: E731
-        hooked = scan_with_state_hooks(
-            self.hook_write, self.hook_state, native_write, self.d_k, self.d_v, run, r.shape[1], state_positions
-        )
-        return hooked if hooked is not None else run({}, None)[:2]
+        edits = write_edits(self.hook_write, native_write, self.d_k, self.d_v)
+
+        def scan(segment, state, edits, positions):
+            inputs = tuple(x[:, segment] for x in (r, w, k, v, kappa, a))
+            if positions or runs_recurrent(self.execution, segment.stop - segment.start, r.device):
+                # states at chosen positions: only the recurrence yields them
+                return recurrent_rwkv7(*inputs, state, edits, positions)
+
+            def chunked(part, part_state, _positions):
+                return (*chunked_rwkv7(*(x[:, part] for x in inputs), part_state), None)
+
+            exact = lambda: recurrent_rwkv7(*inputs, state, edits, None)  # noqa: E731
+            return scan_split_at_edits(chunked, exact, inputs[0], state, edits, None, DEFAULT_CHUNK_SIZE)
+
+        return scan_with_state_hooks(self.hook_state, scan, r, initial_state, edits, state_positions)
 
 
 class RWKV7ChannelMix(nn.Module):

@@ -139,15 +139,19 @@ def test_state_positions_materialise_only_the_selected_states(model, tokens):
 
 @pytest.mark.parametrize("kind", ["state", "delta_v"])
 def test_state_and_delta_v_edits_equal_brute_force(qwen35, model, tokens, monkeypatch, kind):
+    """A state returned for the one selected position replaces the state there and the recurrence
+    continues from it; a delta_v edit is a persistent write-like edit."""
     value = random_matrix(model, 1) if kind == "state" else torch.randn(model.cfg.d_v)
+    # hook_state sees only the selected position POS (index 0); hook_delta_v sees every position.
+    at, selection = (0, {"state_positions": [POS]}) if kind == "state" else (POS, {})
 
     def edit(act, hook):
         act = act.clone()
-        act[:, POS, HEAD] = as_flat(value) if kind == "state" else value
+        act[:, at, HEAD] = as_flat(value) if kind == "state" else value
         return act
 
     with torch.no_grad():
-        edited = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{LAYER}.mixer.hook_{kind}", edit)])
+        edited = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{LAYER}.mixer.hook_{kind}", edit)], **selection)
     expected = reference_with(qwen35[1], tokens, {kind: (POS, HEAD, value)}, monkeypatch)
     assert (edited - expected).abs().max() <= 1e-4
 
@@ -178,7 +182,9 @@ def test_few_write_edits_never_fall_back_to_a_per_token_loop(model, tokens, monk
 def test_matrix_hooks_are_not_materialised_without_hooks(model, tokens, monkeypatch):
     import hooked_ssm.components.gated_deltanet as gdn
 
-    monkeypatch.setattr(gdn.GatedDeltaNetMixer, "_write_edits", lambda *a: pytest.fail("write materialised"))
+    real_write_edits = gdn.write_edits
+    monkeypatch.setattr(gdn, "write_edits", lambda hook, native_write, *dims: real_write_edits(
+        hook, lambda: pytest.fail("write materialised"), *dims))
     monkeypatch.setattr(gdn, "gated_delta_rule_with_edits", lambda *a, **k: pytest.fail("split scan used"))
     with torch.no_grad():
         model(tokens)
@@ -195,8 +201,9 @@ def test_unknown_hook_names_suggest_close_matches(model, tokens):
 
 
 def test_transformer_lens_4_aliases_resolve(model, tokens):
+    # TransformerLens 4's hook_ssm_write on a Gated DeltaNet mixer is the write strength beta.
     _, cache = model.run_with_cache(tokens[:, :10], names_filter=["blocks.0.mixer.hook_ssm_write"])
-    assert list(cache.keys()) == ["blocks.0.mixer.hook_write"]
+    assert list(cache.keys()) == ["blocks.0.mixer.hook_beta"]
 
 
 def test_hooks_are_removed_after_an_exception(model, tokens):

@@ -245,9 +245,15 @@ def test_state_edit_equals_the_same_write_edit(mamba2_g1):
         x[:, t] += delta
         return x
 
+    def add_at_selected(x, hook):
+        return x + delta[:, None]
+
     with torch.no_grad():
         via_write = model.run_with_hooks(tokens, fwd_hooks=[("blocks.2.mixer.hook_write", add)])
-        via_state = model.run_with_hooks(tokens, fwd_hooks=[("blocks.2.mixer.hook_state", add)])
+        # hook_state at the one selected position t: the returned S_t + delta replaces S_t and the
+        # recurrence continues from it, which is what a write edit of delta at t does.
+        via_state = model.run_with_hooks(tokens, fwd_hooks=[("blocks.2.mixer.hook_state", add_at_selected)],
+                                         state_positions=[t])
     torch.testing.assert_close(via_write, via_state, atol=1e-5, rtol=1e-5)
 
 

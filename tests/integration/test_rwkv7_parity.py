@@ -304,10 +304,17 @@ def test_state_edit_equals_the_same_write_edit(model):
         x[:, t] += delta
         return x
 
+    def add_at_selected(x, hook):
+        return x + delta[:, None]
+
     with torch.no_grad():
         via_write = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.mixer.hook_write", add)])
-        via_state = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.mixer.hook_state", add)])
-    torch.testing.assert_close(via_write, via_state, atol=1e-5, rtol=1e-5)
+        # hook_state at the one selected position t: the returned S_t + delta replaces S_t and the
+        # recurrence continues from it, which is what a write edit of delta at t does.
+        via_state = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.mixer.hook_state", add_at_selected)],
+                                         state_positions=[t])
+    # RWKV-7's states come from its per-token form, the write edit runs the chunked one: float32 rounding apart.
+    torch.testing.assert_close(via_write, via_state, atol=5e-5, rtol=1e-5)
 
 
 def test_v_first_semantics(model):

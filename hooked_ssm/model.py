@@ -93,39 +93,60 @@ class HookedSSM(HookedRootModule):
         prepend_bos: bool | None = USE_DEFAULT_VALUE,
         padding_side: Literal["left", "right"] | None = USE_DEFAULT_VALUE,
         attention_mask: Int[Tensor, "batch pos"] | None = None,
+        start_at_layer: int | None = None,
         stop_at_layer: int | None = None,
         past_state: RecurrentState | None = None,
         state_positions: Sequence[int] | None = None,
+        v_first: Float[Tensor, "batch pos head d_v"] | None = None,
     ) -> Any:
         """Run the model.
 
         Args:
-            input: text, a list of texts, or token ids ``[batch, pos]`` / ``[pos]``.
+            input: text, a list of texts, or token ids ``[batch, pos]`` / ``[pos]``; with
+                ``start_at_layer``, the residual stream entering that block ``[batch, pos, d_model]``.
             return_type: "logits", "loss" (mean next-token loss), "both" (``Output(logits, loss)``) or None.
-            stop_at_layer: run only blocks ``[0, stop_at_layer)`` and return the residual stream.
+            start_at_layer: run only blocks ``[start_at_layer, ...)`` on the residual stream ``input``
+                (TransformerLens's convention); only those blocks' caches in ``past_state`` are read
+                and advanced. ``return_type="loss"`` needs tokens, so it is refused here.
+            stop_at_layer: run only blocks ``[.., stop_at_layer)`` and return the residual stream.
+                ``past_state.n_tokens`` advances when the run reaches the last block (every cache
+                has then consumed the tokens), also when ``stop_at_layer == n_layers``.
             past_state: a ``RecurrentState`` to continue from; it is updated in place.
+            v_first: RWKV-7 with ``start_at_layer >= 1``: layer 0's value for these positions (the
+                value residual later layers mix in; ``blocks.0.mixer.hook_v_first``).
             state_positions: positions (of this call) at which ``hook_state`` materialises the state.
                 Default: every position. Only paid for when ``hook_state`` has hooks.
         """
-        if isinstance(input, (str, list)):
-            tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
+        first = 0 if start_at_layer is None else self._check_start_layer(start_at_layer, input, return_type, v_first)
+        if first > 0:
+            resid = input.to(self.cfg.device)
+            tokens = None
         else:
-            tokens = input if input.dim() == 2 else input.unsqueeze(0)
-        tokens = self._check_tokens(tokens)
+            if isinstance(input, (str, list)):
+                tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
+            else:
+                tokens = input if input.dim() == 2 else input.unsqueeze(0)
+            tokens = self._check_tokens(tokens)
+            resid = None
+        length = resid.shape[1] if tokens is None else tokens.shape[1]
         if state_positions is not None:
-            state_positions = self._check_positions(state_positions, tokens.shape[1])
+            state_positions = self._check_positions(state_positions, length)
         if attention_mask is not None:
-            attention_mask = attention_mask.to(tokens.device)
+            attention_mask = attention_mask.to(self.cfg.device)
         self.current_position_offset = 0 if past_state is None else past_state.n_tokens
 
-        resid = self.hook_embed(self.embed(tokens))
-        for layer, block in enumerate(self.blocks[:stop_at_layer]):
+        if tokens is not None:
+            resid = self.hook_embed(self.embed(tokens))
+        if v_first is not None:
+            self.blocks[0].mixer.value_residual.value = v_first.to(self.cfg.device)
+        last = len(self.blocks) if stop_at_layer is None else stop_at_layer
+        for layer in range(first, last):
             cache = None if past_state is None else past_state.layers[layer]
-            resid = block(resid, cache, attention_mask, state_positions)
+            resid = self.blocks[layer](resid, cache, attention_mask, state_positions)
+        if past_state is not None and last == len(self.blocks):
+            past_state.n_tokens += length
         if stop_at_layer is not None:
             return resid
-        if past_state is not None:
-            past_state.n_tokens += tokens.shape[1]
         if return_type is None:
             return None
         logits = self.unembed(self.ln_final(resid))
@@ -133,6 +154,20 @@ class HookedSSM(HookedRootModule):
             return logits
         loss = lm_cross_entropy_loss(logits, tokens, attention_mask, per_token=loss_per_token)
         return loss if return_type == "loss" else Output(logits, loss)
+
+    def _check_start_layer(self, start_at_layer: int, input: Any, return_type: ReturnType, v_first: Tensor | None) -> int:
+        if not 0 <= start_at_layer <= len(self.blocks):
+            raise ValueError(f"start_at_layer={start_at_layer} is outside [0, {len(self.blocks)}] (the model has {len(self.blocks)} blocks).")
+        if start_at_layer == 0:
+            return 0
+        if not isinstance(input, Tensor) or input.dim() != 3 or input.shape[-1] != self.cfg.d_model:
+            raise TypeError(f"With start_at_layer={start_at_layer}, input must be the residual stream [batch, pos, d_model={self.cfg.d_model}] "
+                            f"entering that block (e.g. from stop_at_layer={start_at_layer} or hook_resid_pre).")
+        if return_type in ("loss", "both"):
+            raise ValueError("return_type='loss' needs token ids; with start_at_layer use return_type='logits' and your own targets.")
+        if "rwkv7" in self.cfg.layer_types and v_first is None:
+            raise ValueError("RWKV-7 blocks >= 1 mix in layer 0's value: pass v_first= (blocks.0.mixer.hook_v_first of these positions).")
+        return start_at_layer
 
     def _check_tokens(self, tokens: Tensor) -> Tensor:
         if tokens.dtype not in (torch.int64, torch.int32):

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
@@ -66,8 +67,13 @@ def run_hook(hook: HookPoint, x: Tensor) -> Tensor | None:
 
 
 def changed_positions(delta: Float[Tensor, "batch pos ..."]) -> list[int]:
-    """Positions (dim 1) where ``delta`` is non-zero for some batch element or feature."""
-    return torch.nonzero(delta.flatten(2).ne(0).any(dim=(0, 2))).flatten().tolist()
+    """Positions (dim 1) where ``delta`` (or its forward-mode tangent, for a jvp through an edit)
+    is non-zero for some batch element or feature."""
+    changed = delta.flatten(2).ne(0).any(dim=(0, 2))
+    tangent = fwAD.unpack_dual(delta).tangent
+    if tangent is not None:
+        changed |= tangent.flatten(2).ne(0).any(dim=(0, 2))
+    return torch.nonzero(changed).flatten().tolist()
 
 
 def log_decay_through_hook(hook: HookPoint, log_decay: Tensor) -> Tensor:

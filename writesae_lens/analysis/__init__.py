@@ -17,13 +17,11 @@ from writesae_lens.analysis.report import (
 )
 from writesae_lens.analysis.stats import (
     bootstrap_ci,
-    cliffs_delta,
     cluster_bootstrap_ci,
-    compare_gmm_bic,
-    fit_gmm_1d,
     median_mad,
+    paired_cliffs_delta,
     r_squared,
-    wilcoxon_signed_rank,
+    signed_rank_test,
     wilson_interval,
 )
 
@@ -44,11 +42,9 @@ __all__ = [
     "format_steering_table",
     "wilson_interval",
     "median_mad",
-    "wilcoxon_signed_rank",
-    "cliffs_delta",
+    "signed_rank_test",
+    "paired_cliffs_delta",
     "bootstrap_ci",
     "cluster_bootstrap_ci",
     "r_squared",
-    "fit_gmm_1d",
-    "compare_gmm_bic",
 ]

@@ -3,7 +3,8 @@
 For every alive atom ``i`` (at least ``min_firings`` firings), the **median cosine** between the
 atom (``u_i w_i^T``) and the native write ``D_nat(t) = b_t k_t v_t^T`` over its firing positions
 ``t`` (code ``a_i(t) > 0``). A two-component 1-D Gaussian mixture on those medians is compared with
-the one-component null by BIC (``delta_bic = BIC(2) - BIC(1)``; negative favours two classes).
+the one-component null by BIC (scikit-learn's ``GaussianMixture`` and its ``bic``;
+``delta_bic = BIC(2) - BIC(1)``, negative favours two classes).
 **Registers** are the atoms assigned to the high-cosine component (their decoded direction matches
 a native rank-1 write); **bundles** are the other alive atoms; the rest are dead ("null"). When
 the null wins (``delta_bic >= 0``) there are no registers (``partitioned=False``).
@@ -25,13 +26,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from writesae_lens.analysis.report import format_partition_table
-from writesae_lens.analysis.stats import compare_gmm_bic
-from writesae_lens.interventions.firings import (
-    as_prompt_list,
-    observe_site,
-    prompt_batches,
-    resolve_site,
-)
+from sklearn.mixture import GaussianMixture
+
+from writesae_lens.interventions.engine import as_prompt_list, prompt_batches
+from writesae_lens.interventions.observe import observe_site
+from writesae_lens.interventions.sites import resolve_site
 
 
 @torch.no_grad()
@@ -112,6 +111,22 @@ def register_bundle_partition(
     return rows, summary
 
 
+def compare_mixtures(values: np.ndarray, seed: int = 0, n_init: int = 10) -> dict[str, Any]:
+    """One- vs two-component 1-D Gaussian mixtures (``sklearn.mixture.GaussianMixture``):
+    ``delta_bic = BIC(2) - BIC(1)``, the two-component fit's parameters (components sorted by
+    mean) and each value's responsibility of the high component (``p_high``)."""
+    x = np.asarray(values, dtype=float).reshape(-1, 1)
+    one = GaussianMixture(1, random_state=seed).fit(x)
+    two = GaussianMixture(2, n_init=n_init, random_state=seed).fit(x)
+    order = np.argsort(two.means_.ravel())
+    return dict(
+        delta_bic=float(two.bic(x) - one.bic(x)), bic_one=float(one.bic(x)), bic_two=float(two.bic(x)),
+        mixture=dict(weights=two.weights_[order].tolist(), means=two.means_.ravel()[order].tolist(),
+                     variances=two.covariances_.ravel()[order].tolist()),
+        p_high=two.predict_proba(x)[:, order[1]],
+    )
+
+
 def partition_atoms(
     cosines: dict[int, np.ndarray],
     d_sae: int,
@@ -142,17 +157,12 @@ def partition_atoms(
         x = np.array([medians[a] for a in alive])
         if transform == "log":
             x = np.log(np.abs(x).clip(min=1e-12))
-        fit = compare_gmm_bic(x, seed=seed)
-        p_reg = fit["two"]["responsibilities"][:, 1]
+        fit = compare_mixtures(x, seed=seed)
         partitioned = bool(fit["delta_bic"] < 0)  # the one-component null is kept otherwise
-        for atom, p in zip(alive, p_reg):
+        for atom, p in zip(alive, fit["p_high"]):
             rows[atom]["p_register"] = float(p)
             rows[atom]["cls"] = "register" if (partitioned and p > 0.5) else "bundle"
-        summary.update(
-            partitioned=partitioned,
-            delta_bic=float(fit["delta_bic"]), bic_one=float(fit["one"]["bic"]), bic_two=float(fit["two"]["bic"]),
-            mixture={k: fit["two"][k] for k in ("weights", "means", "variances")},
-        )
+        summary.update(partitioned=partitioned, **{k: fit[k] for k in ("delta_bic", "bic_one", "bic_two", "mixture")})
     regs = [medians[a] for a in alive if rows[a]["cls"] == "register"]
     buns = [medians[a] for a in alive if rows[a]["cls"] == "bundle"]
     summary.update(
@@ -163,4 +173,4 @@ def partition_atoms(
     return rows, summary
 
 
-__all__ = ["atom_write_cosines", "partition_atoms", "register_bundle_partition", "format_partition_table"]
+__all__ = ["atom_write_cosines", "compare_mixtures", "partition_atoms", "register_bundle_partition", "format_partition_table"]

@@ -14,15 +14,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-#: Paper headline: Qwen3.5-0.8B L1/L9/L17 H4 substitution test (section 3.2, App. F.2).
+#: Paper headline: Qwen3.5-0.8B, L1/L9/L17 head 4 pooled (section 3.2, Table 2, App. F.2).
 PAPER_SUBSTITUTION: dict[str, Any] = {
-    "label": "paper (Qwen3.5-0.8B L1/L9/L17 H4)",
+    "label": "paper: Qwen3.5-0.8B L1/L9/L17 H4",
     "n": 4851,
     "win_rate": 0.924,
     "win_ci": (0.916, 0.931),
     "chain_rate": 0.895,
     "ratio_of_medians": {"atom": 1.0, "delete": 2.70, "random": 4.90},
-    "cliffs_delta": 0.825,  # at L9
+    "ratio_note": "L9 only (about 1 : 1.4 : 1.7 at L1, L17)",
+    "paired_cliffs_delta": 0.825,  # at L9: 2 * 0.9125 - 1
+    "cliffs_note": "L9",
     "wilcoxon_p": "< 1e-200",
     "population": {"n_atoms": 87, "mean_win_rate": 0.898, "ci": (0.881, 0.913)},
     "per_layer": {1: 0.939, 9: 0.912, 17: 0.923},
@@ -30,24 +32,26 @@ PAPER_SUBSTITUTION: dict[str, Any] = {
 
 #: Paper: Mamba-2-370M L24 H0 (section 3.3).
 PAPER_SUBSTITUTION_MAMBA2: dict[str, Any] = {
-    "label": "paper (Mamba-2-370M L24 H0)",
+    "label": "paper: Mamba-2-370M L24 H0",
     "n": 2500,
     "win_rate": 0.8808,
     "win_ci": (0.868, 0.893),
     "population": {"n_atoms": 100},
+    "per_layer": {24: 0.8808},
 }
 
 #: Paper: closed-form logit shift audit (App. A): 50 atoms x 4 eps, three-factor (fitted) form.
 PAPER_LOGIT_SHIFT: dict[str, Any] = {
-    "label": "paper (Qwen3.5-0.8B L9 H4, fitted G)",
-    "median_atom_r2": 0.983,
-    "atom_r2_iqr": (0.977, 0.990),
+    "label": "paper: Qwen3.5-0.8B L9 H4",
+    "form": "fitted",
+    "median_cell_r2": 0.983,
+    "cell_r2_iqr": (0.977, 0.990),
     "eps": (0.1, 0.3, 1.0, 3.0),
 }
 
 #: Paper: register/bundle partition at Qwen3.5-0.8B L9 H4 (section 3.1).
 PAPER_PARTITION: dict[str, Any] = {
-    "label": "paper (Qwen3.5-0.8B L9 H4)",
+    "label": "paper: Qwen3.5-0.8B L9 H4",
     "n_atoms": 2048,
     "alive": 316,
     "registers": 222,
@@ -58,7 +62,7 @@ PAPER_PARTITION: dict[str, Any] = {
 
 #: Paper: sustained installs (section 4, App. I.6), mid-rank (100-1000) targets.
 PAPER_STEERING: dict[str, Any] = {
-    "label": "paper (Qwen3.5-0.8B, greedy, 20 tokens)",
+    "label": "paper: Qwen3.5-0.8B, greedy, 20 tokens",
     "mid_rank_inclusion": {"base": 0.333, 1.5: 0.667, 3.0: 1.0},
     "pooled_inclusion": {"base": 0.083, 3.0: 0.25},
     "first_step_logprob_lift": 1.27,
@@ -140,68 +144,117 @@ def render_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: st
     return "\n".join(out)
 
 
-def format_summary_table(summary: Mapping[str, Any], paper: Mapping[str, Any] | None = PAPER_SUBSTITUTION, title: str | None = None) -> str:
-    """The substitution summary (from ``summarize_substitution``) as a text table, with a column
-    of the paper's numbers when ``paper`` is given (``None`` to omit it)."""
+def _variant(cfg: Mapping[str, Any]) -> str:
+    """The options a substitution run used, as its header states them."""
+    direction = "KL(p_patched || p_base)" if cfg.get("kl_direction", "patched_base") == "patched_base" else "KL(p_base || p_patched)"
+    score = cfg.get("score", "last")
+    score_text = {"last": "KL at the window's last position (t+1 reported beside it)", "next": "KL at t+1",
+                  "mean_after": "mean KL over t+1..end", "current": "KL at t"}.get(score, score)
+    horizon = cfg.get("horizon")
+    return (f"variant: scale={cfg.get('scale_mode', '?')}, atoms={cfg.get('selection', '?')} "
+            f"(features with >= {cfg.get('min_firings_per_atom', '?')} firings, <= {cfg.get('max_per_atom', '?')} each), "
+            f"random control={cfg.get('random_control', '?')}, {direction}, {score_text}"
+            + (f", window t..t+{horizon}" if horizon else ", window t..end of prompt"))
+
+
+def format_summary_table(summary: Mapping[str, Any], paper: Mapping[str, Any] | None = PAPER_SUBSTITUTION,
+                         title: str | None = None) -> str:
+    """The substitution summary (``summarize_substitution``) as a text table: each statistic named
+    as the paper defines it, this run's value, and the paper's value with the model and layer it
+    belongs to (``paper=None`` omits that column). The header names both models and the variant."""
     p = paper or {}
-    ratio = summary.get("ratio_of_medians", {})
-    p_ratio = p.get("ratio_of_medians", {})
-    med = summary.get("median_kl", {})
-    se = summary.get("median_kl_se", {})
-    pop = summary.get("population", {})
-    p_pop = p.get("population", {})
+    cfg = summary.get("config", {})
+    ratio, p_ratio = summary.get("ratio_of_medians", {}), p.get("ratio_of_medians", {})
+    med, se = summary.get("median_kl", {}), summary.get("median_kl_se", {})
+    pop, p_pop = summary.get("population", {}), p.get("population", {})
     wil = summary.get("wilcoxon", {})
+    nxt = summary.get("next_position", {})
 
     def ratio_str(r: Mapping[str, Any]) -> str:
-        if not r:
-            return "-"
-        return " : ".join(_num(r.get(c), ".2f") for c in ("atom", "delete", "random"))
+        return " : ".join(_num(r.get(c), ".2f") for c in ("atom", "delete", "random")) if r else "-"
 
+    def note(value: str, key: str) -> str:
+        return f"{value} ({p[key]})" if value != "-" and key in p else value
+
+    wil_text = "-"
+    if wil:
+        wil_text = f"p={_num(wil.get('p_value'), '.2g')} (R+={_num(wil.get('statistic'), '.6g')}, {wil.get('method')}, n={wil.get('n')})"
     rows = [
         ["firings (n)", str(summary.get("n", "-")), str(p.get("n", "-"))],
-        ["atom beats delete", _pct(summary.get("win_rate")), _pct(p.get("win_rate"))],
+        ["win rate P(KL_atom < KL_delete)", _pct(summary.get("win_rate")), _pct(p.get("win_rate"))],
         ["  Wilson 95% CI", _ci(summary.get("win_ci")), _ci(p.get("win_ci"))],
-        ["  cluster bootstrap CI (by atom)", _ci(summary.get("win_ci_cluster")), "-"],
-        ["strict chain atom < delete < random", _pct(summary.get("chain_rate")), _pct(p.get("chain_rate"))],
-        ["median KL atom", f"{_num(med.get('atom'))} +- {_num(se.get('atom'), '.2g')}", "-"],
-        ["median KL delete", f"{_num(med.get('delete'))} +- {_num(se.get('delete'), '.2g')}", "-"],
-        ["median KL random", f"{_num(med.get('random'))} +- {_num(se.get('random'), '.2g')}", "-"],
-        ["ratio of medians atom : delete : random", ratio_str(ratio), ratio_str(p_ratio)],
-        ["paired Wilcoxon p (atom vs delete)", _num(wil.get("p_value"), ".2g"), _num(p.get("wilcoxon_p"))],
-        ["Cliff's delta (delete vs atom)", _num(summary.get("cliffs_delta"), "+.3f"), _num(p.get("cliffs_delta"), "+.3f")],
-        ["population: alive atoms", str(pop.get("n_atoms", "-")), str(p_pop.get("n_atoms", "-"))],
-        ["population: mean win rate", _pct(pop.get("mean_win_rate")), _pct(p_pop.get("mean_win_rate"))],
-        ["  95% CI over atoms", _ci(pop.get("ci")), _ci(p_pop.get("ci"))],
+        ["  95% CI, bootstrap over prompts", _ci(summary.get("win_ci_prompt_bootstrap")), "-"],
+        ["  win rate at t+1 [Wilson 95% CI]", f"{_pct(nxt.get('win_rate'))} {_ci(nxt.get('win_ci'))}" if nxt else "-", "-"],
+        ["strict chain KL_atom < KL_delete < KL_random", _pct(summary.get("chain_rate")), _pct(p.get("chain_rate"))],
+        ["median KL atom +- MAD/sqrt(n)", f"{_num(med.get('atom'))} +- {_num(se.get('atom'), '.2g')}", "-"],
+        ["median KL delete +- MAD/sqrt(n)", f"{_num(med.get('delete'))} +- {_num(se.get('delete'), '.2g')}", "-"],
+        ["median KL random +- MAD/sqrt(n)", f"{_num(med.get('random'))} +- {_num(se.get('random'), '.2g')}", "-"],
+        ["ratio of medians atom : delete : random", ratio_str(ratio), note(ratio_str(p_ratio), "ratio_note")],
+        ["Wilcoxon signed-rank, one-sided, H1: KL_atom < KL_delete", wil_text,
+         f"p {p['wilcoxon_p']}" if "wilcoxon_p" in p else "-"],
+        ["paired Cliff's delta P(atom<delete) - P(atom>delete)", _num(summary.get("paired_cliffs_delta"), "+.3f"),
+         note(_num(p.get("paired_cliffs_delta"), "+.3f"), "cliffs_note")],
+        [f"population: features with >= {pop.get('min_firings_per_atom', '?')} firings "
+         f"(<= {pop.get('max_firings_per_atom', '?')} each)", str(pop.get("n_atoms", "-")), str(p_pop.get("n_atoms", "-"))],
+        ["population: mean per-feature win rate", _pct(pop.get("mean_win_rate")), _pct(p_pop.get("mean_win_rate"))],
+        ["  95% bootstrap CI over features", _ci(pop.get("ci")), _ci(p_pop.get("ci"))],
     ]
     p_layers = p.get("per_layer", {})
-    for layer, stats in sorted(summary.get("per_layer", {}).items(), key=lambda kv: int(kv[0])):
-        rows.append([f"layer {layer}: win rate (n={stats['n']})", f"{_pct(stats['win_rate'])} {_ci(stats['win_ci'])}",
-                     _pct(p_layers.get(int(layer)))])
-    header = ["metric", "this run", p.get("label", "paper")] if paper else ["metric", "this run"]
-    if not paper:
-        rows = [r[:2] for r in rows]
-    cfg = summary.get("config", {})
-    default_title = "Substitution test" + (f" ({', '.join(f'{k}={v}' for k, v in cfg.items())})" if cfg else "")
-    return render_table(header, rows, title or default_title)
-
-
-def format_logit_shift_table(summary: Mapping[str, Any], paper: Mapping[str, Any] | None = PAPER_LOGIT_SHIFT, title: str | None = None) -> str:
-    """R^2 of each closed-form variant (from ``summarize_logit_shift``), with the paper's number."""
-    header = ["form", "pooled R^2", "median atom R^2", "atom R^2 IQR", "pooled r", "n atoms"]
-    rows = []
-    for form, stats in summary.get("forms", {}).items():
-        iqr = stats.get("atom_r2_iqr")
-        rows.append([form, _num(stats.get("pooled_r2"), ".4f"), _num(stats.get("median_atom_r2"), ".4f"),
-                     "-" if not iqr else f"[{_num(iqr[0], '.3f')}, {_num(iqr[1], '.3f')}]",
-                     _num(stats.get("pearson_r"), ".3f"), str(stats.get("n_atoms", "-"))])
-        for eps, by_eps in sorted(stats.get("by_eps", {}).items(), key=lambda kv: float(kv[0])):
-            rows.append([f"  eps={eps}", _num(by_eps.get("pooled_r2"), ".4f"), _num(by_eps.get("median_atom_r2"), ".4f"),
-                         "-", "", ""])
+    paper_layers = ", ".join(f"L{layer} {_pct(rate)}" for layer, rate in sorted(p_layers.items()))
+    for i, (layer, stats) in enumerate(sorted(summary.get("per_layer", {}).items(), key=lambda kv: int(kv[0]))):
+        rows.append([f"win rate at this run's L{layer} (n={stats['n']})", f"{_pct(stats['win_rate'])} {_ci(stats['win_ci'])}",
+                     f"per layer: {paper_layers}" if i == 0 and paper_layers else ""])
+    model = cfg.get("model", "this run")
+    where = f"L{cfg['layer']} H{cfg['head']} hook_{cfg.get('site', 'write')}" if "layer" in cfg else \
+        ", ".join(f"L{l} H{h}" for l, h in cfg.get("sites", []))
+    header = ["statistic (as the paper defines it)", f"{model} {where}".strip()]
     if paper:
-        iqr = paper.get("atom_r2_iqr")
-        rows.append([paper.get("label", "paper"), "-", _num(paper.get("median_atom_r2"), ".3f"),
-                     "-" if not iqr else f"[{iqr[0]:.3f}, {iqr[1]:.3f}]", "-", "50"])
-    return render_table(header, rows, title or f"Closed-form logit shift ({summary.get('n', 0)} measured shifts)")
+        header.append(p.get("label", "paper"))
+    else:
+        rows = [r[:2] for r in rows]
+    lines = [title or "Substitution test", f"this run: {model} {where}" + (f"; {p.get('label')}" if paper else ""),
+             _variant(cfg)]
+    return render_table(header, rows, "\n".join(lines))
+
+
+_FORM_NAMES = {
+    "gate": "gate: eps G (u.q_t) <W_O w, W_U[:, tok]>, nothing fitted",
+    "jvp": "jvp: exact first-order term (forward-mode)",
+    "fitted": "fitted: gate x one least-squares G per (prompt, atom, token)",
+    "fitted_null": "  null baseline: the same fit on noise x eps",
+}
+
+
+def format_logit_shift_table(summary: Mapping[str, Any], paper: Mapping[str, Any] | None = PAPER_LOGIT_SHIFT,
+                             title: str | None = None) -> str:
+    """R^2 of each closed-form variant (``summarize_logit_shift``): the median over (atom, eps)
+    cells of each cell's R^2 (the paper's unit), gate and jvp first, the fitted form beside its
+    null baseline, and the paper's value (its fitted form) on the fitted row."""
+    cfg = summary.get("config", {})
+    header = ["form", "median cell R^2 [IQR]", "cells", "pooled R^2", "pooled r"]
+    if paper:
+        header.append(f"{paper.get('label', 'paper')} (median cell R^2 [IQR])")
+    rows = []
+    for form in ("gate", "jvp", "fitted", "fitted_null"):
+        stats = summary.get("forms", {}).get(form)
+        if stats is None:
+            continue
+        iqr = stats.get("cell_r2_iqr")
+        row = [_FORM_NAMES[form],
+               f"{_num(stats.get('median_cell_r2'), '.4f')} " + ("-" if not iqr else f"[{_num(iqr[0], '.3f')}, {_num(iqr[1], '.3f')}]"),
+               str(stats.get("n_cells", "-")), _num(stats.get("pooled_r2"), ".4f"), _num(stats.get("pearson_r"), ".3f")]
+        if paper:
+            piqr = paper.get("cell_r2_iqr")
+            row.append(f"{_num(paper.get('median_cell_r2'), '.3f')} [{piqr[0]:.3f}, {piqr[1]:.3f}]"
+                       if form == paper.get("form") and piqr else "-")
+        rows.append(row)
+    model = cfg.get("model", "this run")
+    where = f"L{cfg.get('layer', '?')} H{cfg.get('head', '?')}"
+    lines = [title or f"Closed-form logit shift ({summary.get('n', 0)} measured shifts)",
+             f"this run: {model} {where}, eps={cfg.get('eps')} x {cfg.get('eps_unit', '?')}, "
+             f"t0={cfg.get('t0')}, horizon {cfg.get('horizon')}, token ranks {cfg.get('token_ranks')}"
+             + (f"; {paper.get('label')}: 50 atoms x eps (0.1, 0.3, 1, 3), top-1 token" if paper else "")]
+    return render_table(header, rows, "\n".join(lines))
 
 
 def format_partition_table(summary: Mapping[str, Any], paper: Mapping[str, Any] | None = PAPER_PARTITION, title: str | None = None) -> str:
@@ -210,10 +263,11 @@ def format_partition_table(summary: Mapping[str, Any], paper: Mapping[str, Any] 
             ("delta BIC (2 vs 1 comp.)", "delta_bic"), ("register mean cosine", "register_mean_cos"),
             ("bundle mean cosine", "bundle_mean_cos")]
     rows = [[label, _num(summary.get(key), ".4g"), _num(p.get(key), ".4g")] for label, key in keys]
-    header = ["", "this run", p.get("label", "paper")]
+    where = f"L{summary.get('layer', '?')} H{summary.get('head', '?')}"
+    header = ["", f"{summary.get('model', 'this run')} {where}", p.get("label", "paper")]
     if not paper:
         rows, header = [r[:2] for r in rows], header[:2]
-    return render_table(header, rows, title or "Register / bundle partition")
+    return render_table(header, rows, title or "Register / bundle partition (2- vs 1-component Gaussian mixture, BIC)")
 
 
 def format_steering_table(summary: Mapping[str, Any], title: str | None = None) -> str:

@@ -7,21 +7,31 @@
 - :func:`run_erasure`, :func:`run_sign_prediction`, :func:`sustained_install`,
   :func:`run_install_experiment`: the cache intervention probes of section 4.
 
-Orientation: atoms are ``u w^T`` with ``u`` on the key side and ``w`` on the value side (see
-:mod:`writesae_lens.interventions.firings`).
+Every protocol runs its patched continuations on :class:`InterventionEngine`
+(:mod:`writesae_lens.interventions.engine`). Orientation: atoms are ``u w^T`` with ``u`` on the key
+side and ``w`` on the value side (see :mod:`writesae_lens.interventions.atoms`).
 """
 
 from writesae_lens.analysis.report import format_logit_shift_table, format_summary_table
 from writesae_lens.interventions.amplification import amplified, amplified_generate
 from writesae_lens.interventions.erasure import run_erasure, summarize_erasure
-from writesae_lens.interventions.firings import (
-    Firing,
-    Site,
-    find_firings,
-    resolve_site,
-    token_windows,
-    toy_validation_texts,
+from writesae_lens.interventions.engine import (
+    KL,
+    Branch,
+    BranchResult,
+    Edit,
+    InterventionEngine,
+    LogitShift,
+    Tangent,
+    TokenLogProbs,
+    add_to_state,
+    add_write,
+    install,
+    replace_write,
 )
+from writesae_lens.interventions.firings import Firing, find_firings
+from writesae_lens.interventions.sites import Site, resolve_site
+from writesae_lens.interventions.tokens import token_windows, toy_validation_texts
 from writesae_lens.interventions.logit_shift import (
     FORMS,
     closed_form_gate,
@@ -47,6 +57,18 @@ from writesae_lens.interventions.substitution import (
 )
 
 __all__ = [
+    "InterventionEngine",
+    "Branch",
+    "BranchResult",
+    "Edit",
+    "replace_write",
+    "add_write",
+    "add_to_state",
+    "install",
+    "KL",
+    "LogitShift",
+    "Tangent",
+    "TokenLogProbs",
     "amplified",
     "amplified_generate",
     "format_summary_table",

@@ -27,18 +27,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from writesae_lens.analysis.stats import bootstrap_ci, wilcoxon_signed_rank
-from writesae_lens.interventions.firings import (
-    as_prompt_list,
-    branch_logits,
-    contribution_norms,
-    observe_site,
-    prefix_states,
-    prompt_batches,
-    resolve_site,
-    unit_atoms,
-    write_addition_hook,
-)
+from writesae_lens.analysis.stats import bootstrap_ci, signed_rank_test
+from writesae_lens.interventions._legacy_walk import branch_logits, prefix_states, write_addition_hook
+from writesae_lens.interventions.atoms import contribution_norms, unit_atoms
+from writesae_lens.interventions.engine import as_prompt_list, prompt_batches
+from writesae_lens.interventions.observe import observe_site
+from writesae_lens.interventions.sites import resolve_site
 from writesae_lens.interventions.logit_shift import readout_matrix
 
 
@@ -147,7 +141,7 @@ def summarize_erasure(rows: Sequence[Mapping[str, Any]], seed: int = 0) -> dict[
             n=int(x.size),
             median_delta_logp=float(np.median(x)),
             median_ci=bootstrap_ci(x, np.median, seed=seed),
-            wilcoxon_p=wilcoxon_signed_rank(x)["p_value"],
+            wilcoxon_p=signed_rank_test(x, np.zeros_like(x))["p_value"],
             fraction_negative=float((x < 0).mean()),
         )
     return out

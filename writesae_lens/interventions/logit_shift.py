@@ -19,51 +19,62 @@ Three forms are offered (``forms=``):
   later layer (later Gated DeltaNet layers, attention); and the **final RMSNorm** (its
   ``1 / rms`` and its ``1 + w`` weight, and the component along the residual). It is exact when
   those are linear identities (see the tests, which linearise them with hooks).
-- ``"fitted"`` (the paper's App. A): the gate prediction times one least-squares scalar per
-  ``(prompt, atom, eval token)``, fitted over that group's eval positions and eps values
-  (an in-sample fit, as the paper's "empirical G").
 - ``"jvp"`` (beyond the paper): the exact first-order term ``eps * d logit / d eps`` at ``eps = 0``,
-  by forward-mode autodiff through the rest of the model (one dual pass per ``(prompt, atom)``).
+  by forward-mode autodiff through the rest of the model (a dual edit on the engine).
+- ``"fitted"`` (the paper's App. A): the gate prediction times one least-squares scalar per
+  ``(prompt, atom, eval token)``, fitted over that group's eval positions and eps values (an
+  in-sample fit, as the paper's "empirical G"). With few positions per group this fit is nearly
+  tautological (AUDIT item 6: pure noise times eps scores 0.93), so it is reported only beside
+  ``fitted_null``: the same fit applied to a seeded Gaussian-noise "prediction" times eps.
 
-Everything the gate form needs (``q_t``, ``a_s``, native write norms, base logits, SAE codes) comes
-from one cached forward per batch of prompts; measured shifts reuse the unpatched prefix with a
-``RecurrentState`` as the substitution test does.
+R^2 is reported as the paper does: per ``(atom, eps)`` cell (all prompts, positions and tokens of
+that cell), then the median (and IQR) over cells (docs/method.md, "Closed-form logit shift").
+
+Measured shifts and the jvp run on the :class:`InterventionEngine` (``add_to_state`` edits at
+``t0``, scored at ``t0 .. t0 + horizon``); the gate form's inputs (``q_t``, ``a_s``, native write
+norms, SAE codes) come from one observing forward per batch of prompts.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hooked_ssm.state import RecurrentState
-from writesae_lens.analysis.report import format_logit_shift_table
 from writesae_lens.analysis.stats import r_squared
-from writesae_lens.interventions.firings import (
+from writesae_lens.interventions.atoms import unit_factors
+from writesae_lens.interventions.engine import (
+    Branch,
+    InterventionEngine,
+    LogitShift,
+    Tangent,
+    add_to_state,
     as_prompt_list,
-    branch_logits,
-    continue_run,
-    observe_site,
     prompt_batches,
-    resolve_site,
-    select_rows,
-    unit_factors,
-    write_addition_hook,
 )
+from writesae_lens.interventions.observe import observe_site
+from writesae_lens.interventions.sites import resolve_site
 
-FORMS: tuple[str, ...] = ("gate", "fitted", "jvp")
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+    from hooked_ssm import HookedSSM
+
+FORMS: tuple[str, ...] = ("gate", "jvp", "fitted")
 Hooks = Sequence[tuple[str, Callable]]
+Record = dict[str, float | int]
 
 
 # ---------------------------------------------------------------- the closed form itself
-def readout_matrix(model: Any, layer: int, head: int) -> Float[Tensor, "d_v d_vocab"]:
+def readout_matrix(model: HookedSSM, layer: int, head: int) -> Float[Tensor, "d_v d_vocab"]:
     """``W_O[h] W_U``: the logit direction of each value-side unit vector when ``J`` = identity."""
     return (model.W_O[layer][head].float() @ model.W_U.float()).detach()
 
@@ -99,45 +110,21 @@ def closed_form_gate(
     return (gate * uq)[..., None] * wr[:, tok.to(wr.device)]  # [atom, n_pos, n_tok]
 
 
-# ---------------------------------------------------------------- measured and jvp shifts
-def _measured_shifts(model, site, batch, state, rows, t0, end, deltas, extra_hooks):
-    """Logits over ``t0..end`` for ``rows`` of ``state`` with ``deltas`` added to the write at ``t0``."""
-    hook = write_addition_hook(site.head, 0, deltas)
-    return branch_logits(model, site, batch, state, rows, t0, end, hook, extra_hooks)
+# ---------------------------------------------------------------- the audit
+@dataclass
+class _Perturbation:
+    """One (prompt, atom) perturbed at ``t0`` and read over ``t0 .. end`` at each eps."""
 
+    prompt: int
+    atom: int
+    slot: int
+    t0: int
+    end: int
+    eps_abs: list[float]
 
-def _jvp_shifts(model, site, batch, state, rows, t0, end, u, w, q_t0, extra_hooks):
-    """``d logits[t0..end] / d eps`` for ``eps * u w^T`` added to the state at ``t0`` (one row each).
-
-    The read at ``t0`` gets the tangent ``(u . q_t0) w`` (the read ``S_t0^T q_t0`` happens after the
-    update, so it sees the perturbation); the layer's carried state after ``t0`` gets the tangent
-    ``u w^T``; forward-mode autodiff carries both through every later position and layer.
-    """
-    branch = select_rows(state, rows)
-    suffix = batch[rows, t0 : end + 1]
-    head = site.head
-    read_tangent = (u * q_t0).sum(-1, keepdim=True) * w  # [rows, d_v]
-
-    def read_hook(act: Tensor, hook: Any) -> Tensor:
-        tangent = torch.zeros_like(act)
-        tangent[:, 0, head] = read_tangent.to(act)
-        return fwAD.make_dual(act, tangent)
-
-    with fwAD.dual_level():
-        # The tangent goes in first, so that extra hooks on hook_read see (and pass on) the dual read.
-        first = continue_run(model, suffix[:, :1], branch, [(site.mixer_hook("hook_read"), read_hook), *extra_hooks])
-        cache = branch.layers[site.layer]
-        primal, tangent = fwAD.unpack_dual(cache.ssm_state)
-        tangent = torch.zeros_like(primal) if tangent is None else tangent.clone()
-        tangent[:, head] += (u[:, :, None] * w[:, None, :]).to(tangent)
-        cache.ssm_state = fwAD.make_dual(primal, tangent)
-        rest = continue_run(model, suffix[:, 1:], branch, extra_hooks)
-        parts = [first] if rest is None else [first, rest]
-        tangents = []
-        for part in parts:
-            t = fwAD.unpack_dual(part).tangent
-            tangents.append(torch.zeros_like(fwAD.unpack_dual(part).primal) if t is None else t)
-    return torch.cat(tangents, dim=1).detach()
+    @property
+    def positions(self) -> list[int]:
+        return list(range(self.t0, self.end + 1))
 
 
 def _choose_atoms(codes: Iterable[Tensor], n_atoms: int) -> list[int]:
@@ -147,10 +134,39 @@ def _choose_atoms(codes: Iterable[Tensor], n_atoms: int) -> list[int]:
     return [i for i in order[:n_atoms] if fires[i] > 0]
 
 
+def _plan(model, site, sae, prompts, atom_ids, t0, eps, eps_unit, horizon, max_prompts_per_atom, batch_size,
+          extra_hooks):
+    """Observe every prompt once (q, decay, write norms, codes) and list the perturbations."""
+    plans: list[_Perturbation] = []
+    seen_by_prompt: dict[int, dict[str, Tensor]] = {}
+    per_atom = {a: 0 for a in atom_ids}
+    for ids, batch in prompt_batches(prompts, batch_size):
+        seen = observe_site(model, batch, site, sae if t0 == "firing" else None, leaves=("hook_q", "hook_decay"),
+                            logits=False, extra_hooks=extra_hooks)
+        length = batch.shape[1]
+        for row, prompt in enumerate(ids):
+            seen_by_prompt[prompt] = {k: seen[k][row].cpu() for k in ("hook_q", "hook_decay", "write_norm")}
+            for slot, atom in enumerate(atom_ids):
+                if t0 == "firing":
+                    code = seen["codes"][row, :, atom]
+                    if code.max() <= 0:
+                        continue
+                    start = int(code.argmax())
+                else:
+                    start = int(t0) if int(t0) >= 0 else length + int(t0)
+                if max_prompts_per_atom is not None and per_atom[atom] >= max_prompts_per_atom:
+                    continue
+                per_atom[atom] += 1
+                scale = float(seen["write_norm"][row, start]) if eps_unit == "native_norm" else 1.0
+                plans.append(_Perturbation(prompt, atom, slot, start, min(start + horizon, length - 1),
+                                           [scale * float(e) for e in eps]))
+    return plans, seen_by_prompt
+
+
 @torch.no_grad()
 def run_logit_shift_audit(
-    model: Any,
-    sae: Any = None,
+    model: HookedSSM,
+    sae: SAE | None = None,
     layer: int | None = None,
     head: int | None = None,
     tokens: Tensor | Sequence[Tensor] | None = None,
@@ -166,10 +182,11 @@ def run_logit_shift_audit(
     forms: Sequence[str] = FORMS,
     max_prompts_per_atom: int | None = None,
     batch_size: int = 8,
-    max_rows: int = 64,
+    max_rows: int | None = None,
     extra_hooks: Hooks = (),
+    seed: int = 0,
     progress: bool = True,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+) -> tuple[list[Record], dict[str, object]]:
     """Measured vs closed-form logit shifts for many ``(prompt, atom, eps, position, token)``.
 
     Args:
@@ -182,8 +199,9 @@ def run_logit_shift_audit(
             Frobenius norm of the native write at ``(prompt, t0)``, ``"absolute"`` uses them as is.
         horizon: eval positions are ``t0 .. t0 + horizon`` (clipped at the end of the prompt).
         token_ranks: eval tokens at each position, by rank under the unperturbed model (0 = top-1).
-        forms: any of ``"gate"``, ``"fitted"``, ``"jvp"`` (the fitted form needs the gate form).
-        extra_hooks: hooks live in every pass (base, measured, jvp), e.g. to force ``b_s = 0``;
+        forms: any of ``"gate"``, ``"jvp"``, ``"fitted"`` (the fitted form needs the gate form and
+            comes with its ``fitted_null`` baseline).
+        extra_hooks: hooks live in every pass (observing, measured, jvp), e.g. to force ``b_s = 0``;
             positions inside a hook are relative to the call: add ``model.current_position_offset``.
 
     Returns:
@@ -193,163 +211,165 @@ def run_logit_shift_audit(
     if tokens is None:
         raise ValueError("Pass tokens=.")
     forms = tuple(forms)
+    unknown = set(forms) - set(FORMS)
+    if unknown:
+        raise ValueError(f"Unknown forms {sorted(unknown)}; choose from {FORMS}.")
     if "fitted" in forms and "gate" not in forms:
         forms = ("gate", *forms)
+    if t0 == "firing" and sae is None:
+        raise ValueError("t0='firing' needs an SAE; pass an integer t0 with factors=.")
     site = resolve_site(model, sae, layer, head)
     prompts = as_prompt_list(tokens)
-    readout = readout_matrix(model, site.layer, site.head)
     if factors is not None:
         u_all = factors[0].float() / factors[0].float().norm(dim=-1, keepdim=True)
         w_all = factors[1].float() / factors[1].float().norm(dim=-1, keepdim=True)
         atom_ids = list(range(u_all.shape[0])) if atoms is None else [int(a) for a in atoms]
     elif sae is not None:
+        u_all, w_all = (x.float().cpu() for x in unit_factors(sae, torch.arange(sae.cfg.d_sae)))
         atom_ids = None if atoms is None else [int(a) for a in atoms]
     else:
         raise ValueError("Pass an SAE or factors=(u, w).")
-    if t0 == "firing" and sae is None:
-        raise ValueError("t0='firing' needs an SAE; pass an integer t0 with factors=.")
+    if atom_ids is None:  # a light first pass (codes only) ranks the atoms by how often they fire
+        atom_ids = _choose_atoms([observe_site(model, batch, site, sae, logits=False, extra_hooks=extra_hooks)["codes"]
+                                  for _, batch in prompt_batches(prompts, batch_size)], n_atoms)
+    u_sel, w_sel = u_all[atom_ids].cpu(), w_all[atom_ids].cpu()
+    plans, seen = _plan(model, site, sae, prompts, atom_ids, t0, eps, eps_unit, horizon, max_prompts_per_atom,
+                        batch_size, extra_hooks)
+    atom_matrix = [torch.outer(u_sel[p.slot], w_sel[p.slot]) for p in plans]
+    engine = InterventionEngine(model, max_rows=max_rows, extra_hooks=extra_hooks)
+    progress_bar = tqdm(total=3 if "jvp" in forms else 2, disable=not progress, desc=f"logit shift L{site.layer}H{site.head}")
 
-    if atom_ids is None:  # a first, light pass (codes only) to rank the atoms by how often they fire
-        atom_ids = _choose_atoms(
-            [observe_site(model, batch, site, sae, logits=False, extra_hooks=extra_hooks)["codes"]
-             for _, batch in prompt_batches(prompts, batch_size)],
-            n_atoms,
-        )
-    if factors is None:
-        u_all, w_all = (x.float().cpu() for x in unit_factors(sae, torch.arange(sae.cfg.d_sae)))
-    device = torch.device(model.cfg.device)
-    u_sel, w_sel = u_all[atom_ids].to(device), w_all[atom_ids].to(device)
+    # Measured shifts: eps * u w^T added to the state at t0, one branch per (plan, eps).
+    branches = [Branch(p.prompt, [add_to_state(site.layer, site.head, p.t0, e * m)], scored=p.positions, end=p.end)
+                for p, m in zip(plans, atom_matrix) for e in p.eps_abs]
+    measured = engine.run(prompts, branches, LogitShift(tuple(token_ranks)), batch_size)
+    progress_bar.update(1)
+    n_eps = len(eps)
+    eval_tokens = [measured[i * n_eps].scores["token"] for i in range(len(plans))]  # [n_pos, n_rank] per plan
 
-    records: list[dict[str, Any]] = []
-    per_atom_prompts: dict[int, int] = {a: 0 for a in atom_ids}
-    bar = tqdm(total=len(prompts), disable=not progress, desc=f"logit shift L{site.layer}H{site.head}")
-    eps_t = torch.tensor(list(eps), dtype=torch.float32)
-    for ids, batch in prompt_batches(prompts, batch_size):
-        # One observing pass per batch: q, decay, write norms, codes, base logits.
-        seen = observe_site(model, batch, site, sae if t0 == "firing" else None,
-                            leaves=("hook_q", "hook_decay"), extra_hooks=extra_hooks)
-        length = batch.shape[1]
-        # (row, atom slot) pairs grouped by t0.
-        by_t0: dict[int, list[tuple[int, int]]] = {}
-        for row in range(len(ids)):
-            for slot, atom in enumerate(atom_ids):
-                if t0 == "firing":
-                    code = seen["codes"][row, :, atom]
-                    if code.max() <= 0:
-                        continue
-                    start = int(code.argmax())
-                else:
-                    start = int(t0) if int(t0) >= 0 else length + int(t0)
-                if max_prompts_per_atom is not None and per_atom_prompts[atom] >= max_prompts_per_atom:
-                    continue
-                per_atom_prompts[atom] += 1
-                by_t0.setdefault(start, []).append((row, slot))
-        state = RecurrentState.empty(model.cfg.layer_types)
-        done = 0
-        for start in sorted(by_t0):
-            continue_run(model, batch[:, done:start], state, extra_hooks, return_type=None)
-            done = start
-            end = min(start + horizon, length - 1)
-            positions = list(range(start, end + 1))
-            pairs = by_t0[start]
-            per_chunk = max(1, max_rows // len(eps))
-            for c0 in range(0, len(pairs), per_chunk):
-                chunk = pairs[c0 : c0 + per_chunk]
-                rows = torch.tensor([r for r, _ in chunk])
-                slots = torch.tensor([s for _, s in chunk])
-                base = seen["logits"][rows][:, positions]  # [n, n_pos, vocab]
-                eval_tokens = base.argsort(dim=-1, descending=True)[..., list(token_ranks)]  # [n, n_pos, n_rank]
-                scale = seen["write_norm"][rows, start].cpu() if eps_unit == "native_norm" else torch.ones(len(chunk))
-                eps_abs = scale.float()[:, None] * eps_t[None, :]  # [n, n_eps]
-                u, w = u_sel[slots.to(device)], w_sel[slots.to(device)]
-                atom_mats = (u[:, :, None] * w[:, None, :]).flatten(1).cpu()  # [n, dk*dv]
-                deltas = (eps_abs[:, :, None] * atom_mats[:, None, :]).flatten(0, 1)
-                rep = rows.repeat_interleave(len(eps))
-                logits = _measured_shifts(model, site, batch, state, rep, start, end, deltas, extra_hooks)
-                logits = logits.view(len(chunk), len(eps), len(positions), -1)
-                gathered = logits.gather(-1, eval_tokens[:, None].expand(-1, len(eps), -1, -1).to(logits.device))
-                base_vals = base.gather(-1, eval_tokens)[:, None]
-                measured = (gathered - base_vals).double().cpu()  # [n, n_eps, n_pos, n_rank]
-                gate = jvp = None
-                if "gate" in forms:
-                    gate = torch.stack([
-                        closed_form_gate(seen["hook_q"][r], seen["hook_decay"][r].clamp_min(1e-30).log(), readout,
-                                         u[i : i + 1], w[i : i + 1], start, positions, eval_tokens[i])[0]
-                        for i, r in enumerate(rows.tolist())
-                    ]).double().cpu()  # [n, n_pos, n_rank]
-                if "jvp" in forms:
-                    q_t0 = seen["hook_q"][rows, start].float()
-                    tangent = _jvp_shifts(model, site, batch, state, rows, start, end, u, w, q_t0, extra_hooks)
-                    jvp = tangent.gather(-1, eval_tokens.to(tangent.device)).double().cpu()  # [n, n_pos, n_rank]
-                for i, (row, slot) in enumerate(chunk):
-                    G = gate_products(seen["hook_decay"][row].clamp_min(1e-30).log(), start, positions).tolist()
-                    for e, eps_value in enumerate(eps):
-                        for p, pos in enumerate(positions):
-                            for k, rank in enumerate(token_ranks):
-                                rec = dict(
-                                    prompt=ids[row], atom=atom_ids[slot], layer=site.layer, head=site.head,
-                                    t0=start, t=pos, lag=pos - start, eps=float(eps_value),
-                                    eps_abs=float(eps_abs[i, e]), rank=int(rank), token=int(eval_tokens[i, p, k]),
-                                    gate_product=float(G[p]), measured=float(measured[i, e, p, k]),
-                                )
-                                if gate is not None:
-                                    rec["gate"] = float(eps_abs[i, e]) * float(gate[i, p, k])
-                                if jvp is not None:
-                                    rec["jvp"] = float(eps_abs[i, e]) * float(jvp[i, p, k])
-                                records.append(rec)
-        bar.update(len(ids))
-    bar.close()
+    jvp = None
+    if "jvp" in forms:
+        jvp = _jvp(engine, prompts, plans, atom_matrix, eval_tokens, site, batch_size)
+    progress_bar.update(1)
+    readout = readout_matrix(model, site.layer, site.head).cpu()
+    records: list[Record] = []
+    for i, p in enumerate(plans):
+        obs = seen[p.prompt]
+        log_decay = obs["hook_decay"].clamp_min(1e-30).log()
+        G = gate_products(log_decay, p.t0, p.positions).tolist()
+        gate = None
+        if "gate" in forms:
+            gate = closed_form_gate(obs["hook_q"], log_decay, readout, u_sel[p.slot : p.slot + 1],
+                                    w_sel[p.slot : p.slot + 1], p.t0, p.positions, eval_tokens[i])[0].double()
+        for e, eps_value in enumerate(eps):
+            shift = measured[i * n_eps + e].scores["shift"]
+            for k, pos in enumerate(p.positions):
+                for r, rank in enumerate(token_ranks):
+                    rec: Record = dict(prompt=p.prompt, atom=p.atom, layer=site.layer, head=site.head, t0=p.t0, t=pos,
+                                       lag=pos - p.t0, eps=float(eps_value), eps_abs=p.eps_abs[e], rank=int(rank),
+                                       token=int(eval_tokens[i][k, r]), gate_product=float(G[k]),
+                                       measured=float(shift[k, r]))
+                    if gate is not None:
+                        rec["gate"] = p.eps_abs[e] * float(gate[k, r])
+                    if jvp is not None:
+                        rec["jvp"] = p.eps_abs[e] * float(jvp[i][k, r])
+                    records.append(rec)
     if "fitted" in forms:
         add_fitted_form(records)
+        add_null_fitted_form(records, seed=seed)
+    progress_bar.update(1)
+    progress_bar.close()
     summary = summarize_logit_shift(records, forms)
     summary["config"] = dict(layer=site.layer, head=site.head, eps=list(eps), eps_unit=eps_unit, horizon=horizon,
                              token_ranks=list(token_ranks), t0=t0, n_atoms=len(atom_ids))
     return records, summary
 
 
-def add_fitted_form(records: list[dict[str, Any]], group_by: Sequence[str] = ("prompt", "atom", "token")) -> None:
-    """The paper's fitted form: ``fitted = c * gate`` with one least-squares ``c`` per group
+def _jvp(engine, prompts, plans, atom_matrix, eval_tokens, site, batch_size) -> list[Tensor]:
+    """``d logit / d eps`` at ``eps = 0`` at each plan's eval tokens: one dual edit per plan (primal
+    0, tangent ``u w^T`` added to the state at ``t0``), forward-mode through the rest of the model."""
+    width = max(len(p.positions) for p in plans)
+    tokens = torch.zeros(len(plans), width, eval_tokens[0].shape[-1], dtype=torch.long)
+    for i, t in enumerate(eval_tokens):
+        tokens[i, : t.shape[0]] = t
+    with fwAD.dual_level():
+        branches = [Branch(p.prompt, [add_to_state(site.layer, site.head, p.t0, fwAD.make_dual(torch.zeros_like(m), m))],
+                           scored=p.positions, end=p.end) for p, m in zip(plans, atom_matrix)]
+        results = engine.run(prompts, branches, Tangent(tokens, [p.positions for p in plans]), batch_size)
+    return [r.scores["tangent"] for r in results]
+
+
+def add_fitted_form(records: list[Record], prediction: str = "gate", name: str = "fitted",
+                    group_by: Sequence[str] = ("prompt", "atom", "token")) -> None:
+    """The paper's fitted form: ``name = c * prediction`` with one least-squares ``c`` per group
     (default ``(prompt, atom, eval token)``), pooled over that group's positions and eps values."""
     sums: dict[tuple, list[float]] = {}
     for r in records:
-        key = tuple(r[g] for g in group_by)
-        acc = sums.setdefault(key, [0.0, 0.0])
-        acc[0] += r["gate"] * r["measured"]
-        acc[1] += r["gate"] * r["gate"]
+        acc = sums.setdefault(tuple(r[g] for g in group_by), [0.0, 0.0])
+        acc[0] += r[prediction] * r["measured"]
+        acc[1] += r[prediction] * r[prediction]
     for r in records:
         xy, xx = sums[tuple(r[g] for g in group_by)]
-        r["fitted"] = (xy / xx) * r["gate"] if xx > 0 else 0.0
+        r[name] = (xy / xx) * r[prediction] if xx > 0 else 0.0
 
 
-def summarize_logit_shift(records: Sequence[Mapping[str, Any]], forms: Sequence[str] = FORMS) -> dict[str, Any]:
-    """R^2 of each form against the measured shifts: pooled, per atom (median, IQR), per eps, per lag."""
-    summary: dict[str, Any] = {"n": len(records), "forms": {}}
+def add_null_fitted_form(records: list[Record], seed: int = 0) -> None:
+    """``fitted_null``: the fitted form's procedure applied to a prediction that knows nothing but
+    eps (seeded standard-normal noise per (prompt, atom, position, token), times ``eps_abs``). What
+    the fit alone explains; the fitted form means something only where it clearly beats this."""
+    rng = np.random.default_rng(seed)
+    noise: dict[tuple, float] = {}
+    for r in records:
+        key = (r["prompt"], r["atom"], r["t"], r["token"])
+        if key not in noise:
+            noise[key] = float(rng.standard_normal())
+        r["null"] = r["eps_abs"] * noise[key]
+    add_fitted_form(records, prediction="null", name="fitted_null")
+    for r in records:
+        del r["null"]
+
+
+def _cell_r2(y: np.ndarray, f: np.ndarray, atoms: np.ndarray, eps: np.ndarray) -> dict[tuple[int, float], float]:
+    """R^2 of each (atom, eps) cell with at least two measurements."""
+    cells = {}
+    for a in np.unique(atoms):
+        for e in np.unique(eps):
+            sel = (atoms == a) & (eps == e)
+            if sel.sum() >= 2:
+                cells[(int(a), float(e))] = r_squared(y[sel], f[sel])
+    return cells
+
+
+def summarize_logit_shift(records: Sequence[Mapping[str, float | int]], forms: Sequence[str] = FORMS) -> dict[str, object]:
+    """R^2 of each form against the measured shifts, as the paper reports it: per (atom, eps) cell,
+    then ``median_cell_r2`` and its IQR over cells; also ``pooled_r2``, ``pearson_r``, per-eps
+    medians over atoms and pooled R^2 per lag. ``fitted_null`` comes with ``fitted``."""
+    summary: dict[str, object] = {"n": len(records), "forms": {}}
     if not records:
         return summary
     y = np.array([r["measured"] for r in records])
     atoms = np.array([r["atom"] for r in records])
     eps = np.array([r["eps"] for r in records])
     lags = np.array([r["lag"] for r in records])
-    for form in forms:
+    names = [*forms, *(["fitted_null"] if "fitted" in forms else [])]
+    for form in names:
         if form not in records[0]:
             continue
         f = np.array([r[form] for r in records])
-        per_atom = [r_squared(y[atoms == a], f[atoms == a]) for a in np.unique(atoms)]
-        stats: dict[str, Any] = dict(
+        cells = _cell_r2(y, f, atoms, eps)
+        values = np.array(list(cells.values()))
+        summary["forms"][form] = dict(
+            median_cell_r2=float(np.median(values)) if values.size else math.nan,
+            cell_r2_iqr=(float(np.quantile(values, 0.25)), float(np.quantile(values, 0.75))) if values.size else None,
+            n_cells=len(cells),
+            n_atoms=len({a for a, _ in cells}),
             pooled_r2=r_squared(y, f),
             # Scale-free companion of R^2: the gate form can point the right way at the wrong size.
             pearson_r=float(np.corrcoef(y, f)[0, 1]) if y.size > 1 and f.std() > 0 and y.std() > 0 else math.nan,
-            median_atom_r2=float(np.median(per_atom)),
-            atom_r2_iqr=(float(np.quantile(per_atom, 0.25)), float(np.quantile(per_atom, 0.75))),
-            n_atoms=len(per_atom),
-            by_eps={},
-            by_lag={int(l): r_squared(y[lags == l], f[lags == l]) for l in np.unique(lags)},
+            by_eps={float(e): float(np.median([v for (a, ce), v in cells.items() if ce == e]))
+                    for e in np.unique(eps) if any(ce == e for _, ce in cells)},
+            by_lag={int(lag): r_squared(y[lags == lag], f[lags == lag]) for lag in np.unique(lags)},
         )
-        for e in np.unique(eps):
-            sel = eps == e
-            cells = [r_squared(y[sel & (atoms == a)], f[sel & (atoms == a)]) for a in np.unique(atoms[sel])]
-            stats["by_eps"][float(e)] = dict(pooled_r2=r_squared(y[sel], f[sel]), median_atom_r2=float(np.median(cells)))
-        summary["forms"][form] = stats
     summary["median_abs_measured"] = float(np.median(np.abs(y)))
     return summary
 
@@ -361,6 +381,6 @@ __all__ = [
     "closed_form_gate",
     "run_logit_shift_audit",
     "add_fitted_form",
+    "add_null_fitted_form",
     "summarize_logit_shift",
-    "format_logit_shift_table",
 ]

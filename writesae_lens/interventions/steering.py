@@ -32,16 +32,10 @@ from tqdm.auto import tqdm
 
 from writesae_lens.analysis.report import format_steering_table
 from writesae_lens.analysis.stats import r_squared, wilson_interval
-from writesae_lens.interventions.firings import (
-    Site,
-    as_prompt_list,
-    branch_logits,
-    observe_site,
-    prefix_states,
-    prompt_batches,
-    resolve_site,
-    write_addition_hook,
-)
+from writesae_lens.interventions._legacy_walk import branch_logits, prefix_states, write_addition_hook
+from writesae_lens.interventions.engine import as_prompt_list, prompt_batches
+from writesae_lens.interventions.observe import observe_site
+from writesae_lens.interventions.sites import Site, resolve_site
 from writesae_lens.interventions.logit_shift import gate_products, readout_matrix
 
 Key = Literal["native", "query", "random"] | Tensor

@@ -10,7 +10,8 @@ import writesae_lens.saes  # noqa: F401  (registers the architectures)
 from hooked_ssm import HookedSSM
 from writesae_lens.analysis.report import format_summary_table
 from writesae_lens.interventions import find_firings, run_substitution_test
-from writesae_lens.interventions.firings import resolve_site, select_rows
+from writesae_lens.interventions.engine import select_rows
+from writesae_lens.interventions.sites import resolve_site
 from writesae_lens.interventions.substitution import condition_writes, summarize_substitution
 from writesae_lens.saes import WriteSAE, WriteSAEConfig
 
@@ -52,7 +53,8 @@ def kls(rows):
 )
 def test_fast_path_equals_naive_full_reruns(model, tokens, site, scale, score, horizon):
     sae = random_sae(model, site)
-    kwargs = dict(tokens=tokens, scale=scale, score=score, horizon=horizon, max_firings=14, progress=False, max_rows=9)
+    kwargs = dict(tokens=tokens, scale=scale, score=score, horizon=horizon, max_firings=14, progress=False, max_rows=9,
+                  min_firings_per_atom=1)
     fast, summary = run_substitution_test(model, sae, **kwargs)
     naive, _ = run_substitution_test(model, sae, method="naive", **kwargs)
     assert len(fast) == len(naive) == 14
@@ -81,7 +83,7 @@ def test_fast_path_reuses_one_prefix_state_per_batch(model, tokens):
 
 def test_results_do_not_depend_on_condition_order(model, tokens):
     sae = random_sae(model)
-    kwargs = dict(tokens=tokens, max_firings=8, progress=False)
+    kwargs = dict(tokens=tokens, max_firings=8, progress=False, min_firings_per_atom=1)
     rows, _ = run_substitution_test(model, sae, **kwargs)
     swapped, _ = run_substitution_test(model, sae, conditions=("random", "delete", "atom"), **kwargs)
     torch.testing.assert_close(kls(rows), kls(swapped), atol=1e-7, rtol=1e-6)
@@ -93,10 +95,11 @@ def test_results_do_not_depend_on_condition_order(model, tokens):
 def test_condition_writes_match_the_protocol(model, tokens):
     sae = random_sae(model)
     site = resolve_site(model, sae)
-    firings = find_firings(model, sae, tokens, site, max_firings=6)
+    firings = find_firings(model, sae, tokens, site, max_firings=6, min_firings_per_atom=1)
     d_k, d_v = model.cfg.d_k, model.cfg.d_v
+    prompts = list(tokens)
     for scale in ("native_norm", "coefficient"):
-        writes = condition_writes(firings, sae, d_k, d_v, scale).view(len(firings), 3, d_k, d_v)
+        writes = condition_writes(model, sae, site, prompts, firings, scale).view(len(firings), 3, d_k, d_v)
         target = torch.tensor([f.native_norm if scale == "native_norm" else f.contribution_norm for f in firings])
         torch.testing.assert_close(writes[:, 0].flatten(1).norm(dim=-1), target)
         torch.testing.assert_close(writes[:, 2].flatten(1).norm(dim=-1), target)  # random: same norm as atom
@@ -106,25 +109,32 @@ def test_condition_writes_match_the_protocol(model, tokens):
         for f, atom in zip(firings, writes[:, 0]):
             expected = torch.outer(u[f.atom], w[f.atom]) * atom.norm()
             torch.testing.assert_close(atom, expected.detach())
+        # The default random control is the atom of a feature that does not fire there.
+        control = [f.control_atom for f in firings]
+        assert all(c is not None and c != f.atom for c, f in zip(control, firings))
+        expected = torch.stack([torch.outer(u[c], w[c]) for c in control]).detach()
+        torch.testing.assert_close(writes[:, 2] / target[:, None, None], expected)
     # The random control is a fixed function of the firing (not of batching or order).
-    again = condition_writes(list(reversed(firings)), sae, d_k, d_v)
-    torch.testing.assert_close(again.flip(0), condition_writes(firings, sae, d_k, d_v))
+    again = condition_writes(model, sae, site, prompts, list(reversed(firings)))
+    torch.testing.assert_close(again.flip(0), condition_writes(model, sae, site, prompts, firings))
 
 
 def test_resume_skips_finished_firings(model, tokens, tmp_path):
     sae = random_sae(model)
     out = tmp_path / "rows.jsonl"
-    full, full_summary = run_substitution_test(model, sae, tokens=tokens, max_firings=10, progress=False)
-    firings = find_firings(model, sae, tokens, max_firings=10)
+    full, full_summary = run_substitution_test(model, sae, tokens=tokens, max_firings=10, progress=False,
+                                               min_firings_per_atom=1)
+    firings = find_firings(model, sae, tokens, max_firings=10, min_firings_per_atom=1)
     # An interrupted run: the first 4 firings finished, then half a line was written.
     run_substitution_test(model, sae, tokens=tokens, firings=firings[:4], out=out, progress=False)
     with open(out, "a") as handle:
         handle.write('{"prompt": 0, "posi')
-    rows, summary = run_substitution_test(model, sae, tokens=tokens, firings=firings, out=out, resume=True, progress=False)
+    rows, summary = run_substitution_test(model, sae, tokens=tokens, firings=firings, out=out, resume=True, progress=False,
+                                          min_firings_per_atom=1)
     assert len(rows) == 10
     torch.testing.assert_close(kls(rows), kls(full), atol=1e-7, rtol=1e-6)
     on_disk = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(on_disk) == 10 and len({(r["prompt"], r["position"]) for r in on_disk}) == 10
+    assert len(on_disk) == 10 and len({(r["prompt"], r["position"], r["atom"]) for r in on_disk}) == 10
     assert summary["win_rate"] == full_summary["win_rate"]
     with pytest.raises(ValueError, match="cannot resume"):
         run_substitution_test(model, sae, tokens=tokens, firings=firings, out=out, resume=True, scale="coefficient",
@@ -144,12 +154,13 @@ def test_oracle_dictionary_of_native_writes_wins(model, tokens):
         sae.A_enc.copy_(sae.U_dec)
         sae.B_enc.copy_(sae.V_dec)
         sae.b_dec.zero_()
-    rows, summary = run_substitution_test(model, sae, tokens=tokens, max_firings=20, progress=False)
+    rows, summary = run_substitution_test(model, sae, tokens=tokens, max_firings=20, progress=False,
+                                          selection="dominant", min_firings_per_atom=1)
     assert summary["win_rate"] >= 0.9
     assert summary["median_kl"]["atom"] < 1e-3 * summary["median_kl"]["delete"]
     table = format_summary_table(summary)
-    assert "Wilson 95% CI" in table and "92.4%" in table
-    assert summarize_substitution(rows)["population"]["n_atoms"] == summary["population"]["n_atoms"]
+    assert "Wilson 95% CI" in table and "92.4%" in table and "Qwen3.5-0.8B" in table
+    assert summarize_substitution(rows, min_firings_per_atom=1)["population"]["n_atoms"] == summary["population"]["n_atoms"]
 
 
 def test_suite_over_several_sites_reports_per_layer_rows(model, tokens, tmp_path):
@@ -157,8 +168,10 @@ def test_suite_over_several_sites_reports_per_layer_rows(model, tokens, tmp_path
 
     saes = [random_sae(model, layer=0, head=1, seed=1), random_sae(model, layer=LAYER, head=HEAD)]
     out = tmp_path / "suite.jsonl"
-    rows, summary = run_substitution_suite(model, saes, tokens, max_firings=4, out=out, progress=False)
+    rows, summary = run_substitution_suite(model, saes, tokens, max_firings=4, out=out, progress=False,
+                                           min_firings_per_atom=1, max_per_atom=4)
     assert len(rows) == 8 and set(summary["per_layer"]) == {0, LAYER}
-    again, _ = run_substitution_suite(model, saes, tokens, max_firings=4, out=out, resume=True, progress=False)
+    again, _ = run_substitution_suite(model, saes, tokens, max_firings=4, out=out, resume=True, progress=False,
+                                      min_firings_per_atom=1, max_per_atom=4)
     torch.testing.assert_close(kls(again), kls(rows))
     assert len(out.read_text().splitlines()) == 8

@@ -10,8 +10,10 @@ import writesae_lens.saes  # noqa: F401  (registers the architectures)
 from hooked_ssm import HookedSSM
 from hooked_ssm.state import RecurrentState
 from writesae_lens.interventions import substitute_firings
-from writesae_lens.interventions import substitution as substitution_module
-from writesae_lens.interventions.firings import Firing, Site, run_layers, select_rows, stack_states
+from writesae_lens.interventions import engine as engine_module
+from writesae_lens.interventions.engine import select_rows, stack_states
+from writesae_lens.interventions.firings import Firing
+from writesae_lens.interventions.sites import Site
 from writesae_lens.saes import WriteSAE, WriteSAEConfig
 
 CONDITIONS = ("atom", "delete", "random")
@@ -83,9 +85,9 @@ def test_ragged_state_continues_each_prefix(hybrid):
     order = [prefixes[i] for i in (2, 0, 1, 2)]
     suffix = torch.stack([tokens[t : t + more] for t in order])
     with torch.no_grad():
-        first = run_layers(hybrid, suffix[:, :1], stacked)
-        rest = run_layers(hybrid, suffix[:, 1:], stacked)
-        got = hybrid.unembed(hybrid.ln_final(torch.cat([first, rest], dim=1)))
+        first = hybrid(suffix[:, :1], past_state=stacked)
+        rest = hybrid(suffix[:, 1:], past_state=stacked)
+        got = torch.cat([first, rest], dim=1)
         for row, t in enumerate(order):
             full = hybrid(tokens[None, : t + more])[0, t:]
             torch.testing.assert_close(got[row], full, atol=1e-5, rtol=1e-5)
@@ -103,8 +105,9 @@ def test_batched_fast_path_equals_naive_on_the_hybrid(hybrid, layer, score, hori
     ``max_rows`` splits each batch into several groups, and the windows of one group end at
     different positions (finished rows are dropped between segments)."""
     clean_passes = []
-    real_clean_pass = substitution_module._clean_pass
-    monkeypatch.setattr(substitution_module, "_clean_pass", lambda *a: clean_passes.append(1) or real_clean_pass(*a))
+    real_clean_pass = engine_module.InterventionEngine._base_logits
+    monkeypatch.setattr(engine_module.InterventionEngine, "_base_logits",
+                        lambda *a: clean_passes.append(1) or real_clean_pass(*a))
     prompts = prompts_of([20, 20, 13, 17, 13], hybrid.cfg.d_vocab)
     sae = random_sae(hybrid)
     firings = firings_at(prompts, layer, 2)

@@ -28,7 +28,7 @@ def test_mamba2_fast_path_equals_naive(site):
     model = HookedSSM.from_pretrained("toy-mamba2", device="cpu")
     tokens = torch.randint(3, model.cfg.d_vocab, (2, 20), generator=torch.Generator().manual_seed(0))
     sae = random_sae(model, layer=1, head=3, site=site)
-    kwargs = dict(tokens=tokens, max_firings=10, progress=False, max_rows=9)
+    kwargs = dict(tokens=tokens, max_firings=10, progress=False, max_rows=9, min_firings_per_atom=1)
     fast, _ = run_substitution_test(model, sae, **kwargs)
     naive, _ = run_substitution_test(model, sae, method="naive", **kwargs)
     assert len(fast) == len(naive) == 10
@@ -62,10 +62,11 @@ def test_rwkv7_fast_path_equals_naive(tmp_path):
     model = HookedSSM.from_pretrained(path, device="cpu")
     tokens = torch.randint(0, model.cfg.d_vocab, (2, 16), generator=torch.Generator().manual_seed(1))
     sae = random_sae(model, layer=1, head=1)
-    kwargs = dict(tokens=tokens, max_firings=8, progress=False, max_rows=9)
+    kwargs = dict(tokens=tokens, max_firings=8, progress=False, max_rows=9, min_firings_per_atom=1)
     fast, _ = run_substitution_test(model, sae, **kwargs)
     naive, _ = run_substitution_test(model, sae, method="naive", **kwargs)
     assert len(fast) == len(naive) == 8
     for a, b in zip(fast, naive):
         for key in ("kl_atom", "kl_delete", "kl_random"):
-            assert abs(a[key] - b[key]) <= 1e-6, (key, a[key], b[key])
+            # float32 round-off moves this random model's KLs (up to ~3 nats) by ~4e-6 relative.
+            assert abs(a[key] - b[key]) <= 1e-6 + 3e-5 * abs(b[key]), (key, a[key], b[key])

@@ -76,7 +76,7 @@ def control_directions(
                 index.append(other + (other >= f.atom))
             else:
                 index.append(f.control_atom)
-        return unit_atoms(sae, torch.tensor(index), d_k, d_v).float().cpu().flatten(1)
+        return unit_atoms(sae, torch.tensor(index, dtype=torch.long), d_k, d_v).float().cpu().flatten(1)
     if kind == "native":
         return _native_writes(model, site, prompts, firings, seed, batch_size)
     raise ValueError(f"Unknown random control {kind!r}.")

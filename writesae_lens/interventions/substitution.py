@@ -119,7 +119,7 @@ def condition_writes(
     s = torch.tensor([f.native_norm if scale == "native_norm" else f.contribution_norm for f in firings])
     out = torch.zeros(len(firings), len(conditions), d_k * d_v)
     if "atom" in conditions:
-        atoms = unit_atoms(sae, torch.tensor([f.atom for f in firings]), d_k, d_v).float().cpu()
+        atoms = unit_atoms(sae, torch.tensor([f.atom for f in firings], dtype=torch.long), d_k, d_v).float().cpu()
         out[:, conditions.index("atom")] = s[:, None] * atoms.flatten(1)
     if "random" in conditions:
         directions = control_directions(model, sae, site, prompts, firings, random_control, seed)

@@ -9,8 +9,10 @@
 
 Every subcommand loads ``--model`` (a bundled toy name, a local checkpoint directory or a Hub id;
 default ``toy-gdn``), cuts ``--text`` (files; default: the bundled toy corpus's validation split)
-into ``--n-windows`` windows of ``--context-size`` tokens, prints a paper-style table and, with
-``--out``, writes the rows (JSONL) and ``<out>.summary.json``.
+into ``--n-windows`` windows of ``--context-size`` tokens, prints a paper-style table (each
+statistic named as the paper defines it, beside the paper's value and the model/layer it is for)
+and, with ``--out``, writes the rows (JSONL) and ``<out>.summary.json``; ``--json PATH`` writes the
+summary to ``PATH`` (every subcommand, ``demo`` included).
 
 ``--sae`` is a directory in SAELens's format (``cfg.json`` + ``sae_weights.safetensors``, loaded
 with ``SAE.load_from_disk``) or ``release/sae_id`` for ``SAE.from_pretrained`` (or ``--sae RELEASE
@@ -26,9 +28,13 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # heavy imports stay inside the subcommands: `writesae --help` loads no torch
+    import torch
+    from sae_lens import SAE
+
+    from hooked_ssm import HookedSSM
 
 from writesae_lens.dashboard.cli import register as register_dashboard
 
@@ -42,16 +48,18 @@ def register_subcommand(name: str, help: str, add_arguments: Callable[[argparse.
 
 
 # ---------------------------------------------------------------- shared loading
-def load_model(name: str, device: str | None = None, dtype: str | None = None) -> Any:
+def load_model(name: str, device: str | None = None, dtype: str | None = None) -> HookedSSM:
+    import torch
+
     from hooked_ssm import HookedSSM
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, torch.dtype] = {}
     if dtype:
         kwargs["dtype"] = getattr(torch, dtype)
     return HookedSSM.from_pretrained(name, device=device, **kwargs)
 
 
-def load_sae(spec: str, sae_id: str | None = None, device: str = "cpu") -> Any:
+def load_sae(spec: str, sae_id: str | None = None, device: str = "cpu") -> SAE:
     """An SAE from a local directory, ``release/sae_id``, or ``release`` + ``sae_id``."""
     import writesae_lens  # noqa: F401  (registers architectures and bundled releases)
     import writesae_lens.saes  # noqa: F401
@@ -67,14 +75,28 @@ def load_sae(spec: str, sae_id: str | None = None, device: str = "cpu") -> Any:
     return SAE.from_pretrained(spec, sae_id, device=device)
 
 
-def load_tokens(model: Any, args: argparse.Namespace) -> torch.Tensor:
-    from writesae_lens.interventions.firings import token_windows, toy_validation_texts
+def load_tokens(model: HookedSSM, args: argparse.Namespace) -> torch.Tensor:
+    from writesae_lens.interventions.tokens import token_windows, toy_validation_texts
 
     if args.text:
         texts = [Path(p).read_text(encoding="utf-8") for p in args.text]
     else:
         texts = toy_validation_texts()
     return token_windows(model, texts, args.context_size, args.n_windows)
+
+
+def add_json_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the summary (JSON) to PATH")
+
+
+def write_summary_json(path: str | None, summary: dict) -> None:
+    """``--json PATH``: the summary as JSON (nothing when ``path`` is None)."""
+    from writesae_lens.analysis.report import write_json
+
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, summary)
+        print(f"summary -> {path}")
 
 
 def _common(parser: argparse.ArgumentParser, sae: bool = True, context_size: int = 256, n_windows: int = 32) -> None:
@@ -92,11 +114,12 @@ def _common(parser: argparse.ArgumentParser, sae: bool = True, context_size: int
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="results file (JSONL); the summary goes to <out>.summary.json")
+    add_json_argument(parser)
     parser.add_argument("--no-paper", action="store_true", help="do not print the paper's column")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _setup(args: argparse.Namespace, sae: bool = True) -> tuple[Any, Any, torch.Tensor]:
+def _setup(args: argparse.Namespace, sae: bool = True) -> tuple[HookedSSM, SAE | None, torch.Tensor]:
     model = load_model(args.model, args.device, args.dtype)
     dictionary = load_sae(args.sae, args.sae_id, str(model.cfg.device)) if sae else None
     return model, dictionary, load_tokens(model, args)
@@ -105,6 +128,7 @@ def _setup(args: argparse.Namespace, sae: bool = True) -> tuple[Any, Any, torch.
 def _save(args: argparse.Namespace, rows: Sequence[dict] | None, summary: dict, stream: bool = False) -> None:
     from writesae_lens.analysis.report import append_jsonl, write_json
 
+    write_summary_json(args.json, summary)
     if not args.out:
         return
     out = Path(args.out)
@@ -119,11 +143,20 @@ def _save(args: argparse.Namespace, rows: Sequence[dict] | None, summary: dict, 
 # ---------------------------------------------------------------- substitute
 def _substitute_args(p: argparse.ArgumentParser) -> None:
     _common(p)
-    p.add_argument("--scale", choices=["native_norm", "coefficient"], default="native_norm")
-    p.add_argument("--score", choices=["last", "next", "mean_after", "current"], default="last")
+    p.add_argument("--scale", choices=["native_norm", "coefficient"], default="native_norm",
+                   help="atom scale: the native write's Frobenius norm (App. J) or the firing coefficient (section 2)")
+    p.add_argument("--score", choices=["last", "next", "mean_after", "current"], default="last",
+                   help="headline position: the window's last (t+1 is reported beside it), t+1, the mean after t, or t")
     p.add_argument("--horizon", type=int, default=None, help="window end = t + horizon (default: end of the window)")
+    p.add_argument("--selection", choices=["feature", "dominant"], default="feature",
+                   help="feature i's own atom at i's firings (paper), or the largest code's atom per position")
+    p.add_argument("--random-control", choices=["auto", "atom", "gaussian", "native"], default="auto",
+                   help="a silent feature's atom; Gaussian rank-1; an empirical native write (auto: native on Mamba-2)")
+    p.add_argument("--kl-direction", choices=["patched_base", "base_patched"], default="patched_base",
+                   help="KL(p_patched || p_base) (paper) or KL(p_base || p_patched) (the authors' script)")
     p.add_argument("--max-firings", type=int, default=2000)
-    p.add_argument("--max-per-atom", type=int, default=None)
+    p.add_argument("--min-firings-per-atom", type=int, default=5)
+    p.add_argument("--max-per-atom", type=int, default=30)
     p.add_argument("--min-position", type=int, default=1)
     p.add_argument("--method", choices=["fast", "naive"], default="fast")
     p.add_argument("--resume", action="store_true", help="skip firings already in --out")
@@ -136,16 +169,18 @@ def _substitute(args: argparse.Namespace) -> int:
     model, sae, tokens = _setup(args)
     rows, summary = run_substitution_test(
         model, sae, args.layer, args.head, tokens, scale=args.scale, score=args.score, horizon=args.horizon,
+        selection=args.selection, random_control=args.random_control, kl_direction=args.kl_direction,
         method=args.method, min_position=args.min_position, max_firings=args.max_firings,
-        max_per_atom=args.max_per_atom, batch_size=args.batch_size, seed=args.seed, out=args.out,
-        resume=args.resume, progress=not args.quiet,
+        min_firings_per_atom=args.min_firings_per_atom, max_per_atom=args.max_per_atom, batch_size=args.batch_size,
+        seed=args.seed, out=args.out, resume=args.resume, progress=not args.quiet,
     )
+    summary["config"]["model"] = args.model
     print(format_summary_table(summary, paper=None if args.no_paper else _paper_substitution(model)))
     _save(args, rows, summary, stream=True)
     return 0
 
 
-def _paper_substitution(model: Any) -> dict:
+def _paper_substitution(model: HookedSSM) -> dict:
     from writesae_lens.analysis.report import PAPER_SUBSTITUTION, PAPER_SUBSTITUTION_MAMBA2
 
     return PAPER_SUBSTITUTION_MAMBA2 if "mamba2" in model.cfg.layer_types else PAPER_SUBSTITUTION
@@ -161,7 +196,7 @@ def _logit_shift_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--horizon", type=int, default=4)
     p.add_argument("--t0", default="firing", help="'firing' or a position")
     p.add_argument("--token-ranks", type=int, nargs="+", default=[0])
-    p.add_argument("--forms", nargs="+", default=["gate", "fitted", "jvp"], choices=["gate", "fitted", "jvp"])
+    p.add_argument("--forms", nargs="+", default=["gate", "jvp", "fitted"], choices=["gate", "jvp", "fitted"])
     p.add_argument("--max-prompts-per-atom", type=int, default=None)
 
 
@@ -174,8 +209,10 @@ def _logit_shift(args: argparse.Namespace) -> int:
     rows, summary = run_logit_shift_audit(
         model, sae, args.layer, args.head, tokens, atoms=args.atoms, n_atoms=args.n_atoms, t0=t0, eps=args.eps,
         eps_unit=args.eps_unit, horizon=args.horizon, token_ranks=args.token_ranks, forms=args.forms,
-        max_prompts_per_atom=args.max_prompts_per_atom, batch_size=args.batch_size, progress=not args.quiet,
+        max_prompts_per_atom=args.max_prompts_per_atom, batch_size=args.batch_size, seed=args.seed,
+        progress=not args.quiet,
     )
+    summary["config"]["model"] = args.model
     print(format_logit_shift_table(summary, paper=None if args.no_paper else _paper("PAPER_LOGIT_SHIFT")))
     _save(args, rows, summary)
     return 0
@@ -202,7 +239,7 @@ def _steer_args(p: argparse.ArgumentParser) -> None:
 
 def _steer(args: argparse.Namespace) -> int:
     from writesae_lens.analysis.report import format_steering_table, render_table
-    from writesae_lens.interventions.firings import resolve_site
+    from writesae_lens.interventions.sites import resolve_site
     from writesae_lens.interventions.steering import run_install_experiment, run_sign_prediction
 
     model = load_model(args.model, args.device, args.dtype)
@@ -277,27 +314,23 @@ def _partition(args: argparse.Namespace) -> int:
     rows, summary = register_bundle_partition(model, sae, tokens, args.layer, args.head, min_firings=args.min_firings,
                                               absolute=args.absolute, transform="log" if args.log else "none",
                                               batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
+    summary["model"] = args.model
     print(format_partition_table(summary, paper=None if args.no_paper else _paper("PAPER_PARTITION")))
     _save(args, rows, summary)
     return 0
 
 
-# ---------------------------------------------------------------- demo slot
+# ---------------------------------------------------------------- demo
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    try:
-        from writesae_lens.demo import add_arguments
-    except ImportError:
-        return
+    from writesae_lens.demo import add_arguments
+
     add_arguments(p)
+    add_json_argument(p)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    try:
-        from writesae_lens.demo import run
-    except ImportError:
-        print("`writesae demo` is not available yet (it will live in writesae_lens.demo: add_arguments(parser), run(args)).",
-              file=sys.stderr)
-        return 2
+    from writesae_lens.demo import run
+
     return int(run(args) or 0)
 
 

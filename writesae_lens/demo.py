@@ -4,10 +4,14 @@ Loads ``toy-gdn`` and the bundled release ``writesae-toy-gdn`` (or, with ``--tra
 fresh WriteSAE through SAELens's runner first), then on held-out text (the toy corpus's
 validation split) runs
 
-1. the substitution test (atom vs deletion vs random rank-1 control, KL at the window's end), and
-2. the closed-form logit-shift audit (gate / fitted / jvp forms, R^2 against measured shifts),
+1. the substitution test with the paper's defaults (feature i's own atom at its firings, >= 5
+   and <= 30 firings per feature, a silent feature's atom as the random control, KL at the window's
+   end with t+1 beside it), and
+2. the closed-form logit-shift audit (gate / jvp forms, then the fitted form beside its null
+   baseline; R^2 per (atom, eps) cell),
 
-and prints both tables beside the paper's numbers for Qwen3.5-0.8B. The toy model is 4.5M
+and prints both tables beside the paper's numbers, naming which column is the toy and which is
+Qwen3.5-0.8B (and at which layers). ``--json PATH`` writes both summaries. The toy model is 4.5M
 parameters trained for minutes: its numbers are a smoke test of the machinery, not a replication.
 """
 
@@ -29,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--site", choices=["state", "write"], default=TOY_SITE[0])
     parser.add_argument("--windows", type=int, default=12, help="held-out windows of --length tokens")
     parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--firings", type=int, default=240, help="firings for the substitution test")
+    parser.add_argument("--firings", type=int, default=240, help="firings for the substitution test (whole features, "
+                        ">= 5 and <= 30 firings each)")
     parser.add_argument("--atoms", type=int, default=12, help="atoms for the logit-shift audit")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -88,22 +93,31 @@ def run(args: argparse.Namespace) -> int:
         _, summary = run_substitution_test(
             model, sae, layer, head, tokens, max_firings=args.firings, seed=args.seed, progress=True
         )
+    summary["config"]["model"] = "toy-gdn (toy)"
     print(format_summary_table(summary, paper=PAPER_SUBSTITUTION,
-                               title="Substitution test: toy GDN (this run) vs the paper (Qwen3.5-0.8B)"))
+                               title="Substitution test: the toy GDN (this run) beside the paper's Qwen3.5-0.8B"))
     _, shift_summary = run_logit_shift_audit(
-        model, sae, layer, head, tokens, n_atoms=args.atoms, progress=True
+        model, sae, layer, head, tokens, n_atoms=args.atoms, seed=args.seed, progress=True
     )
+    shift_summary["config"]["model"] = "toy-gdn (toy)"
     print()
     print(format_logit_shift_table(shift_summary, paper=PAPER_LOGIT_SHIFT,
-                                   title="Closed-form logit shift: R^2 against measured shifts (toy GDN vs paper)"))
+                                   title="Closed-form logit shift: R^2 against measured shifts, toy GDN beside the paper"))
+    if getattr(args, "json", None):
+        from writesae_lens.cli import write_summary_json
+
+        write_summary_json(args.json, {"substitution": summary, "logit_shift": shift_summary})
     print(f"\nToy-model numbers (4.5M parameters, minutes of training) test the machinery; they are not a "
           f"replication of the paper. Total {time.time() - start:.0f} s.")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    from writesae_lens.cli import add_json_argument
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
+    add_json_argument(parser)
     return run(parser.parse_args(argv))
 
 

@@ -1,18 +1,24 @@
 """`writesae demo` runs offline on the toy GDN model and its bundled WriteSAE and prints both tables."""
 
+import json
 import os
 import subprocess
 import sys
 
 
-def test_writesae_demo_prints_the_headline_tables():
+def test_writesae_demo_prints_the_headline_tables(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "writesae_lens.cli", "demo", "--windows", "4", "--firings", "40", "--atoms", "4"],
+        [sys.executable, "-m", "writesae_lens.cli", "demo", "--windows", "4", "--firings", "40", "--atoms", "4",
+         "--json", str(tmp_path / "demo.json")],
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    assert "Substitution test" in out and "atom beats delete" in out
-    assert "Closed-form logit shift" in out
+    assert "Substitution test" in out and "win rate P(KL_atom < KL_delete)" in out
+    assert "toy-gdn (toy)" in out and "paper: Qwen3.5-0.8B L1/L9/L17 H4" in out
+    assert "Closed-form logit shift" in out and "null baseline" in out
     assert "not a replication" in out
+    summaries = json.loads((tmp_path / "demo.json").read_text())
+    assert summaries["substitution"]["population"]["min_firings_per_atom"] == 5
+    assert "fitted_null" in summaries["logit_shift"]["forms"]

@@ -94,14 +94,27 @@ def test_cli_substitute_and_partition_on_the_toy_model(tmp_path, capsys):
     text.write_text("def f(x):\n    return x + 1\n\nThe list type supports append and pop. " * 4)
     out = tmp_path / "rows.jsonl"
     common = ["--sae", str(sae_dir), "--text", str(text), "--context-size", "24", "--n-windows", "2", "--quiet"]
-    assert main(["substitute", *common, "--max-firings", "5", "--out", str(out)]) == 0
+    assert main(["substitute", *common, "--max-firings", "5", "--out", str(out), "--json", str(tmp_path / "s.json")]) == 0
     printed = capsys.readouterr().out
-    assert "atom beats delete" in printed and "92.4%" in printed
+    assert "win rate P(KL_atom < KL_delete)" in printed and "92.4%" in printed and "Qwen3.5-0.8B" in printed
+    assert "variant: scale=native_norm, atoms=feature" in printed
+    written = json.loads((tmp_path / "s.json").read_text())
+    assert {"paired_cliffs_delta", "wilcoxon", "win_ci", "population"} <= set(written)
+    assert {"alternative", "p_value", "statistic", "method"} <= set(written["wilcoxon"])
+    assert {"n_atoms", "min_firings_per_atom", "max_firings_per_atom"} <= set(written["population"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 5 and {"kl_atom", "kl_delete", "kl_random", "atom_wins"} <= set(rows[0])
     summary = json.loads((tmp_path / "rows.jsonl.summary.json").read_text())
     assert summary["n"] == 5 and summary["config"]["layer"] == 1
     assert main(["substitute", *common, "--max-firings", "5", "--out", str(out), "--resume"]) == 0
     assert len(out.read_text().splitlines()) == 5
-    assert main(["partition", *common, "--min-firings", "1", "--no-paper"]) == 0
+    assert main(["partition", *common, "--min-firings", "1", "--no-paper", "--json", str(tmp_path / "p.json")]) == 0
     assert "registers" in capsys.readouterr().out
+    assert "delta_bic" in json.loads((tmp_path / "p.json").read_text())
+
+
+def test_every_subcommand_takes_json():
+    for name in SUBCOMMANDS:
+        args = ["--sae", "x"] if name in ("substitute", "logit-shift", "erase", "partition") else []
+        args += ["--atom", "0"] if name == "erase" else []
+        assert build_parser().parse_args([name, *args, "--json", "s.json"]).json == "s.json"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -32,10 +32,15 @@ from writesae_lens.interventions.engine import as_prompt_list, prompt_batches
 from writesae_lens.interventions.observe import observe_site
 from writesae_lens.interventions.sites import resolve_site
 
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+    from hooked_ssm import HookedSSM
+
 
 @torch.no_grad()
 def atom_write_cosines(
-    sae: Any, codes: Tensor, writes: Tensor, d_k: int, d_v: int, dominant_only: bool = False, chunk: int = 512
+    sae: SAE, codes: Tensor, writes: Tensor, d_k: int, d_v: int, dominant_only: bool = False, chunk: int = 512
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(atoms, cosines)`` for every active ``(position, atom)`` pair of ``codes [n, d_sae]``:
     the cosine between the atom and the native write ``writes [n, d_k*d_v]`` at that position."""
@@ -68,8 +73,8 @@ def atom_write_cosines(
 
 @torch.no_grad()
 def register_bundle_partition(
-    model: Any,
-    sae: Any,
+    model: HookedSSM,
+    sae: SAE,
     tokens: Tensor | Sequence[Tensor],
     layer: int | None = None,
     head: int | None = None,

@@ -22,7 +22,7 @@ PAPER_SUBSTITUTION: dict[str, Any] = {
     "win_ci": (0.916, 0.931),
     "chain_rate": 0.895,
     "ratio_of_medians": {"atom": 1.0, "delete": 2.70, "random": 4.90},
-    "ratio_note": "L9 only (about 1 : 1.4 : 1.7 at L1, L17)",
+    "ratio_note": "L9 only; about 1 : 1.4 : 1.7 at L1, L17",
     "paired_cliffs_delta": 0.825,  # at L9: 2 * 0.9125 - 1
     "cliffs_note": "L9",
     "wilcoxon_p": "< 1e-200",

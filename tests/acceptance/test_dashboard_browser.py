@@ -18,7 +18,7 @@ import writesae_lens  # noqa: F401
 from hooked_ssm import HookedSSM
 from writesae_lens.cli import load_sae
 from writesae_lens.dashboard import DashboardConfig, build_dashboard
-from writesae_lens.interventions.firings import token_windows, toy_validation_texts
+from writesae_lens.interventions.tokens import token_windows, toy_validation_texts
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "dashboard"
 REQUIRED = os.environ.get("WRITESAE_REQUIRE_BROWSER") == "1"

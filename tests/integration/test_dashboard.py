@@ -18,7 +18,7 @@ from writesae_lens.dashboard import (
     load_substitution_rows,
     substitution_by_atom,
 )
-from writesae_lens.interventions.firings import token_windows, toy_validation_texts
+from writesae_lens.interventions.tokens import token_windows, toy_validation_texts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIG = DashboardConfig(n_contexts=3, min_firings=3)

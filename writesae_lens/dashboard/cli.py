@@ -30,13 +30,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="default: OUT/.cache")
     p.add_argument("--no-neuronpedia", action="store_true", help="skip the Neuronpedia batch files")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    from writesae_lens.cli import add_json_argument
+
+    add_json_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from writesae_lens.cli import load_model, load_sae
     from writesae_lens.dashboard.build import build_dashboard
     from writesae_lens.dashboard.data import DashboardConfig
-    from writesae_lens.interventions.firings import toy_validation_texts
+    from writesae_lens.interventions.tokens import toy_validation_texts
 
     model = load_model(args.model, args.device, args.dtype)
     sae = load_sae(args.sae, args.sae_id, str(model.cfg.device))
@@ -49,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
                            max_windows=args.n_windows, config=config, cache_dir=args.cache_dir,
                            neuronpedia=not args.no_neuronpedia, progress=not args.quiet)
     meta = data["meta"]
+    from writesae_lens.cli import write_summary_json
+
+    write_summary_json(args.json, meta)
     print(f"{meta['n_alive']} alive atoms of {meta['d_sae']} ({meta['n_tokens']} tokens) -> {Path(args.out) / 'index.html'}")
     return 0
 

@@ -51,7 +51,11 @@ from tqdm.auto import tqdm
 
 from writesae_lens.analysis.partition import atom_write_cosines, partition_atoms
 from writesae_lens.dashboard.contexts import Context, TopContexts
-from writesae_lens.interventions.firings import Site, prompt_batches, observe_site, resolve_site, token_windows, unit_factors
+from writesae_lens.interventions.atoms import unit_factors
+from writesae_lens.interventions.engine import prompt_batches
+from writesae_lens.interventions.observe import observe_site
+from writesae_lens.interventions.sites import Site, resolve_site
+from writesae_lens.interventions.tokens import token_windows
 from writesae_lens.interventions.logit_shift import readout_matrix
 
 DATA_VERSION = 1

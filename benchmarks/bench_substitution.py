@@ -1,10 +1,10 @@
 """Benchmark 5: substitution-test firings/s, fast path vs naive full re-runs, prompts of 512 tokens.
 
 Uses the library's runner, ``writesae_lens.interventions.substitute_firings`` (three conditions per
-firing: atom / delete / random), ``method="fast"`` (the unpatched prefix is walked once with a
-``RecurrentState`` and copied at every firing position; the firings' continuations then run as
-batches of rows = firings x conditions, ragged prefixes and all, ``max_rows`` rows per batch:
-the runner's device default, 48 on CPU and 192 on GPU) vs ``method="naive"`` (one
+firing: atom / delete / random), ``method="fast"`` (the intervention engine: the unpatched prefix
+is walked once with a ``RecurrentState`` and copied at every firing position; the firings'
+continuations then run as batches of rows = firings x conditions, ragged prefixes and all,
+``max_rows`` rows per batch: the engine's device default, 48 on CPU and 192 on GPU) vs ``method="naive"`` (one
 ``run_with_hooks`` from position 0 per firing). Firings are placed at seeded random positions of
 each prompt at one site (layer 0, head 1 of the toy Gated DeltaNet model); their dominant atoms are
 random atoms of a randomly initialised WriteSAE (the SAE only supplies the replacement writes, so
@@ -104,7 +104,8 @@ def row_tokens(interventions: Any, firings: list, n_prompts: int, layer: int, sc
 
 def run(settings: Settings) -> None:
     interventions, how = import_interventions()
-    from writesae_lens.interventions.firings import Firing, Site
+    from writesae_lens.interventions.firings import Firing
+    from writesae_lens.interventions.sites import Site
 
     model = load_hooked(toy_dir("toy-gdn"), settings)
     d_k, d_v = model.cfg.d_k, model.cfg.d_v

@@ -374,6 +374,23 @@ register_subcommand("partition", "register / bundle partition of the atoms (2- v
 register_subcommand("demo", "toy GDN + its bundled SAE: the paper's headline checks side by side", _demo_args, _demo)
 
 
+# ---------------------------------------------------------------- dashboard (writesae_lens/dashboard/cli.py)
+def _dashboard_args(p: argparse.ArgumentParser) -> None:
+    from writesae_lens.dashboard.cli import add_arguments  # imported only when `dashboard` is the subcommand
+
+    add_arguments(p)
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from writesae_lens.dashboard.cli import run
+
+    return int(run(args) or 0)
+
+
+register_subcommand("dashboard", "static atom dashboards: what each atom stores, when it is written and read",
+                    _dashboard_args, _dashboard)
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The ``writesae`` parser; with ``only``, the arguments of that subcommand alone are added
     (what ``main`` does: a subcommand's arguments may import its module, e.g. ``demo``)."""

@@ -9,7 +9,7 @@ import writesae_lens.saes  # noqa: F401
 from hooked_ssm import HookedSSM
 from writesae_lens.analysis.report import format_steering_table
 from writesae_lens.interventions.erasure import run_erasure
-from writesae_lens.interventions.firings import Site
+from writesae_lens.interventions.sites import Site
 from writesae_lens.interventions.steering import (
     install_hook,
     readout_matrix,

@@ -14,10 +14,8 @@ import writesae_lens.saes  # noqa: F401  (registers the architectures)
 from hooked_ssm import HookedSSM
 from writesae_lens.analysis.report import format_summary_table, read_jsonl
 from writesae_lens.interventions import find_firings, run_substitution_test
-from writesae_lens.interventions.controls import control_directions, resolve_random_control
-from writesae_lens.interventions.engine import kl_divergence
-from writesae_lens.interventions.logit_shift import add_fitted_form, add_null_fitted_form, summarize_logit_shift
-from writesae_lens.interventions.sites import resolve_site
+from writesae_lens.interventions.logit_shift import add_fitted_form, summarize_logit_shift
+from writesae_lens.interventions.substitution import kl_divergence
 from writesae_lens.saes import WriteSAE, WriteSAEConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -121,6 +119,9 @@ def test_kl_direction_is_a_named_option(toy_gdn, tokens):
 def test_mamba2_random_control_is_an_empirical_native_write():
     """AUDIT item 7: at a Mamba-2 layer the random control is a native write of the data set
     (unit-normalised), not a Gaussian rank-1 matrix."""
+    from writesae_lens.interventions.controls import control_directions, resolve_random_control
+    from writesae_lens.interventions.sites import resolve_site
+
     model = HookedSSM.from_pretrained("toy-mamba2", device="cpu")
     tokens = torch.randint(3, model.cfg.d_vocab, (3, 16), generator=torch.Generator().manual_seed(1))
     sae = random_sae(model, 1, 3)
@@ -140,6 +141,8 @@ def test_mamba2_random_control_is_an_empirical_native_write():
 def test_logit_shift_r2_is_per_atom_eps_cell_with_a_null_baseline():
     """AUDIT item 6: the median over (atom, eps) cells of each cell's R^2; and the fitted form
     next to the same fit on noise x eps, which with one position per group scores just as high."""
+    from writesae_lens.interventions.logit_shift import add_null_fitted_form
+
     rng = np.random.default_rng(0)
     records = []
     for prompt in range(40):

@@ -115,6 +115,7 @@ def test_cli_substitute_and_partition_on_the_toy_model(tmp_path, capsys):
 
 def test_every_subcommand_takes_json():
     for name in SUBCOMMANDS:
-        args = ["--sae", "x"] if name in ("substitute", "logit-shift", "erase", "partition") else []
+        args = ["--sae", "x"] if name in ("substitute", "logit-shift", "erase", "partition", "dashboard") else []
         args += ["--atom", "0"] if name == "erase" else []
+        args += ["--out", "site"] if name == "dashboard" else []
         assert build_parser().parse_args([name, *args, "--json", "s.json"]).json == "s.json"

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 

@@ -356,8 +356,7 @@ def run_substitution_suite(
         site_rows, summary = run_substitution_test(model, sae, site.layer, site.head, tokens, out=results,
                                                    **site_kwargs)
         rows += [r for r in site_rows if (r["layer"], r["head"]) == (site.layer, site.head)]
-    config = dict(summary.get("config", {}))
-    config.pop("layer", None), config.pop("head", None)
+    config = {k: v for k, v in summary.get("config", {}).items() if k not in ("layer", "head")}
     summary = summarize_substitution(rows, min_firings_per_atom=int(kwargs.get("min_firings_per_atom", 5)),
                                      seed=int(kwargs.get("seed", 0)))
     summary["config"] = dict(sites=sorted({(r["layer"], r["head"]) for r in rows}), **config)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn as nn
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import ActivationCache, HookedRootModule
@@ -20,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from hooked_ssm.components.block import build_blocks, build_final_norm
 from hooked_ssm.components.embed import Embed, Unembed
 from hooked_ssm.config import HookedSSMConfig
+from hooked_ssm.hook_checks import CheckedHook, raise_if_non_finite
 from hooked_ssm.hook_names import resolve_hook_name
 from hooked_ssm.state import RecurrentState
 
@@ -29,6 +31,10 @@ ReturnType = Literal["logits", "loss", "both"] | None
 _STATE_HOOK_SUFFIX = "hook_state"
 # Attention patterns are [batch, head, query_pos, key_pos]: their query position is dim 2.
 _QUERY_POS_DIM2_SUFFIXES = ("hook_attn_scores", "hook_pattern")
+# Hook points that ``check_finite`` leaves alone: hooking them changes what a forward computes
+# (states and writes are materialised only when hooked; a pattern hook turns fused attention off).
+_NOT_FINITE_CHECKED = ("hook_state", "hook_write", "hook_write_factors", "hook_delta_v", "hook_attn_scores",
+                       "hook_pattern")
 
 
 class HookedSSM(HookedRootModule):
@@ -98,13 +104,21 @@ class HookedSSM(HookedRootModule):
         past_state: RecurrentState | None = None,
         state_positions: Sequence[int] | None = None,
         v_first: Float[Tensor, "batch pos head d_v"] | None = None,
+        check_finite: bool = False,
     ) -> Any:
         """Run the model.
 
         Args:
             input: text, a list of texts, or token ids ``[batch, pos]`` / ``[pos]``; with
                 ``start_at_layer``, the residual stream entering that block ``[batch, pos, d_model]``.
-            return_type: "logits", "loss" (mean next-token loss), "both" (``Output(logits, loss)``) or None.
+                A list of texts of different lengths is padded (``padding_side``) and masked, as in
+                HookedTransformer.
+            return_type: "logits", "loss" (mean next-token loss over real tokens), "both"
+                (``Output(logits, loss)``) or None.
+            attention_mask: ``[batch, pos]`` (or ``[batch, past + pos]`` with a ``past_state``), 1 for
+                real tokens, 0 for pads. Pads write nothing into any recurrent state (left or right
+                padding), attention ignores them and the loss leaves them out. Built from the
+                tokenizer for text input.
             start_at_layer: run only blocks ``[start_at_layer, ...)`` on the residual stream ``input``
                 (TransformerLens's convention); only those blocks' caches in ``past_state`` are read
                 and advanced. ``return_type="loss"`` needs tokens, so it is refused here.
@@ -116,23 +130,31 @@ class HookedSSM(HookedRootModule):
                 value residual later layers mix in; ``blocks.0.mixer.hook_v_first``).
             state_positions: positions (of this call) at which ``hook_state`` materialises the state.
                 Default: every position. Only paid for when ``hook_state`` has hooks.
+            check_finite: raise at the first hook point where a NaN or an infinity appears (see
+                ``detect_non_finite``).
         """
+        if check_finite:
+            with self.detect_non_finite():
+                return self.forward(input, return_type, loss_per_token, prepend_bos, padding_side, attention_mask,
+                                    start_at_layer, stop_at_layer, past_state, state_positions, v_first)
         first = 0 if start_at_layer is None else self._check_start_layer(start_at_layer, input, return_type, v_first)
         if first > 0:
             resid = input.to(self.cfg.device)
             tokens = None
         else:
             if isinstance(input, (str, list)):
-                tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
+                tokens, text_mask = self._tokenize(input, prepend_bos, padding_side)
+                attention_mask = text_mask if attention_mask is None else attention_mask
             else:
-                tokens = input if input.dim() == 2 else input.unsqueeze(0)
+                tokens = self._check_token_shape(input)
             tokens = self._check_tokens(tokens)
             resid = None
         length = resid.shape[1] if tokens is None else tokens.shape[1]
         if state_positions is not None:
             state_positions = self._check_positions(state_positions, length)
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(self.cfg.device)
+        attention_mask = self._check_attention_mask(attention_mask, resid if tokens is None else tokens, past_state)
+        if return_type in ("loss", "both") and tokens is not None:
+            self._check_loss_input(tokens, attention_mask)
         self.current_position_offset = 0 if past_state is None else past_state.n_tokens
 
         if tokens is not None:
@@ -152,8 +174,25 @@ class HookedSSM(HookedRootModule):
         logits = self.unembed(self.ln_final(resid))
         if return_type == "logits":
             return logits
-        loss = lm_cross_entropy_loss(logits, tokens, attention_mask, per_token=loss_per_token)
+        mask = None if attention_mask is None else attention_mask[:, -tokens.shape[1] :]
+        loss = lm_cross_entropy_loss(logits, tokens, mask, per_token=loss_per_token)
         return loss if return_type == "loss" else Output(logits, loss)
+
+    @staticmethod
+    def _check_token_shape(tokens: Tensor) -> Int[Tensor, "batch pos"]:
+        if not isinstance(tokens, Tensor):
+            raise TypeError(
+                f"input must be a string, a list of strings, or a tensor of token ids; got {type(tokens).__name__}."
+            )
+        if tokens.dim() not in (1, 2):
+            raise ValueError(
+                f"Token ids must have shape [batch, pos] or [pos], got {tuple(tokens.shape)} ({tokens.dim()}-D). "
+                f"Reshape to [batch, pos] (e.g. tokens.flatten(0, -2) for several batches)."
+            )
+        tokens = tokens if tokens.dim() == 2 else tokens.unsqueeze(0)
+        if tokens.shape[1] == 0 or tokens.shape[0] == 0:
+            raise ValueError(f"The input holds no tokens (shape {tuple(tokens.shape)}); pass at least one token.")
+        return tokens
 
     def _check_start_layer(self, start_at_layer: int, input: Any, return_type: ReturnType, v_first: Tensor | None) -> int:
         if not 0 <= start_at_layer <= len(self.blocks):
@@ -171,7 +210,7 @@ class HookedSSM(HookedRootModule):
 
     def _check_tokens(self, tokens: Tensor) -> Tensor:
         if tokens.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"Token ids must be an integer tensor, got {tokens.dtype}.")
+            raise TypeError(f"Token ids must be an integer tensor, got {tokens.dtype}. Use tokens.long().")
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.cfg.d_vocab):
             raise ValueError(
                 f"Token ids must lie in [0, {self.cfg.d_vocab}) (d_vocab); got values in "
@@ -180,10 +219,55 @@ class HookedSSM(HookedRootModule):
         return tokens.to(self.cfg.device)
 
     @staticmethod
+    def _check_attention_mask(
+        mask: Tensor | None, tokens: Tensor, past_state: RecurrentState | None
+    ) -> Bool[Tensor, "batch pos"] | None:
+        """The mask as booleans on the tokens' device, or None when it masks nothing (the fast path)."""
+        if mask is None:
+            return None
+        past = 0 if past_state is None else past_state.n_tokens
+        allowed = {(tokens.shape[0], tokens.shape[1]), (tokens.shape[0], past + tokens.shape[1])}
+        if tuple(mask.shape) not in allowed:
+            raise ValueError(
+                f"attention_mask has shape {tuple(mask.shape)}; expected {tuple(tokens.shape)} (one entry per token"
+                + (f", or [batch, {past + tokens.shape[1]}] to also cover the past_state's tokens)." if past else ").")
+            )
+        if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("attention_mask must hold only 0 (pad) and 1 (real token).")
+        mask = mask.to(tokens.device).bool()
+        if bool(mask.all()):
+            return None
+        if past and not bool(mask[:, -tokens.shape[1] :].all()):
+            raise ValueError(
+                "Pads inside a continued sequence (a past_state that already holds tokens) would leave a gap in its "
+                "conv windows and token shifts: pad only the first call, on the left (padding_side='left')."
+            )
+        if past_state is not None and bool((~mask[:, 1:] & mask[:, :-1]).any()):
+            raise ValueError(
+                "A right-padded batch cannot be continued from its RecurrentState (its conv windows and token shifts "
+                "would end on pads): pad on the left (padding_side='left') to decode or continue."
+            )
+        return mask
+
+    @staticmethod
+    def _check_loss_input(tokens: Tensor, mask: Tensor | None) -> None:
+        if mask is not None:
+            mask = mask[:, -tokens.shape[1] :]
+        n_pairs = tokens.shape[0] * (tokens.shape[1] - 1) if mask is None else int((mask[:, 1:] & mask[:, :-1]).sum())
+        if n_pairs == 0:
+            raise ValueError(
+                f"The loss needs at least two (real) tokens in a row to predict one from the other; the input has "
+                f"shape {tuple(tokens.shape)}. Pass a longer input, or return_type='logits'."
+            )
+
+    @staticmethod
     def _check_positions(positions: Sequence[int], length: int) -> list[int]:
         resolved = [int(p) + length if int(p) < 0 else int(p) for p in positions]
         if any(not 0 <= p < length for p in resolved):
-            raise ValueError(f"state_positions {list(positions)} fall outside a sequence of {length} tokens.")
+            raise ValueError(
+                f"state_positions {list(positions)} fall outside a sequence of {length} tokens; pass positions in "
+                f"[-{length}, {length})."
+            )
         return resolved
 
     # ------------------------------------------------------------------ hooks
@@ -194,7 +278,26 @@ class HookedSSM(HookedRootModule):
 
     def _enable_hook_with_name(self, name: str, hook, dir) -> None:
         # Used by `hooks()` / `run_with_hooks`: same name checks as `add_hook`.
-        super()._enable_hook_with_name(resolve_hook_name(name, self.hook_dict), hook, dir)
+        super()._enable_hook_with_name(resolve_hook_name(name, self.hook_dict), CheckedHook(hook) if dir == "fwd" else hook, dir)
+
+    def check_and_add_hook(self, hook_point, hook_point_name, hook, dir="fwd", is_permanent=False, level=None,
+                           prepend=False) -> None:
+        # Used by `add_hook` (by name or by filter): forward hooks get their return value checked.
+        hook = CheckedHook(hook) if dir == "fwd" else hook
+        super().check_and_add_hook(hook_point, hook_point_name, hook, dir, is_permanent, level, prepend)
+
+    @contextmanager
+    def detect_non_finite(self) -> Iterator[None]:
+        """Within this context, a forward raises ``NonFiniteActivationError`` at the first hook point
+        (in execution order) whose activation holds a NaN or an infinity, naming it and the index.
+
+        Hook points that are only materialised when hooked (``hook_state``, ``hook_write``,
+        ``hook_write_factors``, ``hook_delta_v``) and attention patterns are not checked, so the
+        forward computes what it computes without the check.
+        """
+        checked = lambda name: not name.endswith(_NOT_FINITE_CHECKED)  # noqa: E731
+        with self.hooks(fwd_hooks=[(checked, raise_if_non_finite)]):
+            yield
 
     def run_with_cache(
         self,
@@ -282,9 +385,21 @@ class HookedSSM(HookedRootModule):
         edit installed during decoding takes effect (``current_position_offset`` gives the absolute
         position of the token being processed).
         """
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}.")
         text_input = isinstance(input, (str, list))
-        tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side) if text_input else input
-        tokens = self._check_tokens(tokens if tokens.dim() == 2 else tokens.unsqueeze(0))
+        mask = None
+        if text_input:
+            if padding_side == "right":
+                raise ValueError(
+                    "generate pads a batch of texts on the left, so every row's new tokens follow its last real "
+                    "token; padding_side='right' would put them after the pads. Leave padding_side unset."
+                )
+            tokens, mask = self._tokenize(input, prepend_bos, "left")
+            mask = None if bool(mask.all()) else mask
+        else:
+            tokens = self._check_token_shape(input)
+        tokens = self._check_tokens(tokens)
         if stop_at_eos and eos_token_id is None:
             eos_token_id = self.cfg.eos_token_id if self.tokenizer is None else self.tokenizer.eos_token_id
             if eos_token_id is None:
@@ -293,7 +408,7 @@ class HookedSSM(HookedRootModule):
         state = RecurrentState.empty(self.cfg.layer_types) if use_past_kv_cache else None
         new_tokens = tokens
         for _ in tqdm(range(max_new_tokens), disable=not verbose):
-            logits = self.forward(new_tokens if use_past_kv_cache else tokens, past_state=state)[:, -1]
+            logits = self.forward(new_tokens if use_past_kv_cache else tokens, past_state=state, attention_mask=mask)[:, -1]
             if do_sample:
                 next_token = sample_logits(logits, top_k, top_p, temperature, freq_penalty, tokens=tokens)
             else:
@@ -303,6 +418,8 @@ class HookedSSM(HookedRootModule):
                 finished |= next_token == eos_token_id
             new_tokens = next_token[:, None]
             tokens = torch.cat([tokens, new_tokens], dim=1)
+            if mask is not None:  # the new token is real in every row
+                mask = torch.cat([mask, torch.ones_like(new_tokens)], dim=1)
             if stop_at_eos and finished.all():
                 break
         if return_type == "tokens" or (return_type == "input" and not text_input):
@@ -336,7 +453,28 @@ class HookedSSM(HookedRootModule):
         move_to_device: bool = True,
         truncate: bool = True,
     ) -> Int[Tensor, "batch pos"]:
+        """Token ids of a text or a list of texts (padded on ``padding_side``). ``forward`` builds the
+        matching attention mask itself; ``to_tokens_and_mask`` returns both."""
+        tokens, _ = self.to_tokens_and_mask(input, prepend_bos, padding_side, move_to_device, truncate)
+        return tokens
+
+    def to_tokens_and_mask(
+        self,
+        input: str | list[str],
+        prepend_bos: bool | None = USE_DEFAULT_VALUE,
+        padding_side: Literal["left", "right"] | None = USE_DEFAULT_VALUE,
+        move_to_device: bool = True,
+        truncate: bool = True,
+    ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+        """``(tokens, attention_mask)``: the mask (1 for real tokens, 0 for pads) comes from the
+        tokenizer, so a pad id that equals the BOS or EOS id is never confused with a real token."""
         tokenizer = self._require_tokenizer()
+        if isinstance(input, list) and (not input or not all(isinstance(text, str) for text in input)):
+            raise ValueError(
+                "A list input must be a non-empty list of strings; pass token ids as a tensor (torch.tensor(ids))."
+            )
+        if padding_side not in (None, "left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
         prepend_bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
         texts = [input] if isinstance(input, str) else list(input)
         if prepend_bos and not self.cfg.tokenizer_prepends_bos:
@@ -346,12 +484,23 @@ class HookedSSM(HookedRootModule):
         side = padding_side or tokenizer.padding_side or self.cfg.default_padding_side
         previous_side, tokenizer.padding_side = tokenizer.padding_side, side
         try:
-            tokens = tokenizer(
+            encoded = tokenizer(
                 texts, return_tensors="pt", padding=True, truncation=truncate, max_length=self.cfg.n_ctx if truncate else None
-            )["input_ids"]
+            )
         finally:
             tokenizer.padding_side = previous_side
-        return tokens.to(self.cfg.device) if move_to_device else tokens
+        tokens, mask = encoded["input_ids"], encoded["attention_mask"]
+        if move_to_device:
+            tokens, mask = tokens.to(self.cfg.device), mask.to(self.cfg.device)
+        return tokens, mask
+
+    def _tokenize(
+        self, input: str | list[str], prepend_bos: bool | None, padding_side: str | None
+    ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"] | None]:
+        tokens, mask = self.to_tokens_and_mask(input, prepend_bos=prepend_bos, padding_side=padding_side)
+        if tokens.shape[1] == 0:
+            raise ValueError(f"{input!r} tokenizes to no tokens; pass a non-empty text (or prepend_bos=True).")
+        return tokens, mask
 
     def to_string(self, tokens: Int[Tensor, "... pos"] | list[int]) -> str | list[str]:
         tokenizer = self._require_tokenizer()

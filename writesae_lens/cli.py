@@ -21,6 +21,13 @@ with ``SAE.load_from_disk``) or ``release/sae_id`` for ``SAE.from_pretrained`` (
 
 Subcommands are registered in :data:`SUBCOMMANDS` (name -> (add_arguments, run)); a module can
 add one with :func:`register_subcommand`.
+
+Results files record what made them (:mod:`writesae_lens.run_record`): ``--resume`` continues a
+file only when the new run's settings, model, SAE, data and versions equal the file's record.
+Errors: a bad argument or a failure prints one line (``writesae <command>: error: ...``) and exits
+non-zero; ``--debug`` shows the traceback instead. This module imports nothing heavy at the top,
+and the ``writesae`` script (:mod:`writesae_cli`) loads it without the package's ``__init__``, so
+``writesae --help`` answers without importing torch or sae_lens.
 """
 
 from __future__ import annotations
@@ -37,8 +44,6 @@ if TYPE_CHECKING:  # heavy imports stay inside the subcommands: `writesae --help
 
     from hooked_ssm import HookedSSM
 
-from writesae_lens.dashboard.cli import register as register_dashboard
-
 SubcommandRun = Callable[[argparse.Namespace], int]
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], SubcommandRun]] = {}
 
@@ -49,31 +54,43 @@ def register_subcommand(name: str, help: str, add_arguments: Callable[[argparse.
 
 
 # ---------------------------------------------------------------- shared loading
-def load_model(name: str, device: str | None = None, dtype: str | None = None) -> HookedSSM:
-    import torch
+# ---------------------------------------------------------------- argument types
+def firing_or_position(value: str) -> str | int:
+    """``--t0``: ``firing`` or a non-negative integer position."""
+    if value == "firing":
+        return value
+    try:
+        position = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'firing' or an integer position, got {value!r}") from None
+    if position < 0:
+        raise argparse.ArgumentTypeError(f"a position is >= 0, got {position}")
+    return position
 
+
+def erasure_target(value: str) -> str | int:
+    """``--target``: ``detected`` or a token id."""
+    if value == "detected":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'detected' or a token id, got {value!r}") from None
+
+
+def load_model(name: str, device: str | None = None, dtype: str | None = None) -> HookedSSM:
+    """``--dtype`` names are parsed by ``from_pretrained`` (an unknown one lists the valid names)."""
     from hooked_ssm import HookedSSM
 
-    kwargs: dict[str, torch.dtype] = {}
-    if dtype:
-        kwargs["dtype"] = getattr(torch, dtype)
-    return HookedSSM.from_pretrained(name, device=device, **kwargs)
+    return HookedSSM.from_pretrained(name, device=device, dtype=dtype)
 
 
 def load_sae(spec: str, sae_id: str | None = None, device: str = "cpu") -> SAE:
-    """An SAE from a local directory, ``release/sae_id``, or ``release`` + ``sae_id``."""
-    import writesae_lens  # noqa: F401  (registers architectures and bundled releases)
-    import writesae_lens.saes  # noqa: F401
-    from sae_lens import SAE
+    """An SAE from a local directory, ``release/sae_id``, or ``release`` + ``sae_id`` (checked loaders:
+    a truncated file, a release without an id or an unknown id get a clear error)."""
+    from writesae_lens.loading import load_sae as load
 
-    path = Path(spec)
-    if sae_id is None and path.is_dir():
-        return SAE.load_from_disk(path, device=device)
-    if sae_id is None:
-        if "/" not in spec:
-            raise SystemExit(f"--sae {spec!r} is neither a directory nor 'release/sae_id'.")
-        spec, sae_id = spec.split("/", 1)
-    return SAE.from_pretrained(spec, sae_id, device=device)
+    return load(spec, sae_id, device)
 
 
 def load_tokens(model: HookedSSM, args: argparse.Namespace) -> torch.Tensor:
@@ -126,17 +143,31 @@ def _setup(args: argparse.Namespace, sae: bool = True) -> tuple[HookedSSM, SAE |
     return model, dictionary, load_tokens(model, args)
 
 
-def _save(args: argparse.Namespace, rows: Sequence[dict] | None, summary: dict, stream: bool = False) -> None:
-    from writesae_lens.analysis.report import append_jsonl, write_json
+# Arguments that change how a run is shown or how fast it runs, not what its rows hold.
+_NOT_RECORDED = {"out", "json", "resume", "quiet", "debug", "no_paper", "batch_size", "device", "_run"}
 
+
+def _recorded(args: argparse.Namespace) -> dict[str, object]:
+    """The arguments that decide a run's rows, as recorded in its results file (``--`` names)."""
+    return {f"--{k.replace('_', '-')}": v for k, v in vars(args).items() if k not in _NOT_RECORDED}
+
+
+def _save(args: argparse.Namespace, rows: Sequence[dict] | None, summary: dict, model: HookedSSM,
+          sae: SAE | None = None, stream: bool = False) -> None:
+    """Write ``--json``, ``--out`` (the rows headed by the run's record) and ``<out>.summary.json``
+    (with the record). ``stream``: the protocol already wrote its rows and record as they completed."""
+    from writesae_lens.analysis.report import write_json
+    from writesae_lens.run_record import ResultsFile, run_record
+
+    if not stream:
+        summary = {**summary, "run": run_record(args.command, _recorded(args), model=model, sae=sae,
+                                                seed=getattr(args, "seed", None))}
     write_summary_json(args.json, summary)
     if not args.out:
         return
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if rows is not None and not stream:
-        out.write_text("")
-        append_jsonl(out, rows)
+    if not stream:
+        ResultsFile(out, summary["run"]).append(rows or [])
     write_json(out.with_name(out.name + ".summary.json"), summary)
     print(f"\nrows -> {out}\nsummary -> {out.with_name(out.name + '.summary.json')}")
 
@@ -160,7 +191,8 @@ def _substitute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-per-atom", type=int, default=30)
     p.add_argument("--min-position", type=int, default=1)
     p.add_argument("--method", choices=["fast", "naive"], default="fast")
-    p.add_argument("--resume", action="store_true", help="skip firings already in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="skip firings already in --out (refused if --out was made with other settings)")
 
 
 def _substitute(args: argparse.Namespace) -> int:
@@ -173,11 +205,11 @@ def _substitute(args: argparse.Namespace) -> int:
         selection=args.selection, random_control=args.random_control, kl_direction=args.kl_direction,
         method=args.method, min_position=args.min_position, max_firings=args.max_firings,
         min_firings_per_atom=args.min_firings_per_atom, max_per_atom=args.max_per_atom, batch_size=args.batch_size,
-        seed=args.seed, out=args.out, resume=args.resume, progress=not args.quiet,
+        seed=args.seed, out=args.out, resume=args.resume, progress=not args.quiet, provenance=_recorded(args),
     )
     summary["config"]["model"] = args.model
     print(format_summary_table(summary, paper=None if args.no_paper else _paper_substitution(model)))
-    _save(args, rows, summary, stream=True)
+    _save(args, rows, summary, model, sae, stream=True)
     return 0
 
 
@@ -195,7 +227,7 @@ def _logit_shift_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0])
     p.add_argument("--eps-unit", choices=["native_norm", "absolute"], default="native_norm")
     p.add_argument("--horizon", type=int, default=4)
-    p.add_argument("--t0", default="firing", help="'firing' or a position")
+    p.add_argument("--t0", type=firing_or_position, default="firing", help="'firing' or a position (an integer)")
     p.add_argument("--token-ranks", type=int, nargs="+", default=[0])
     p.add_argument("--forms", nargs="+", default=["gate", "jvp", "fitted"], choices=["gate", "jvp", "fitted"])
     p.add_argument("--max-prompts-per-atom", type=int, default=None)
@@ -206,7 +238,7 @@ def _logit_shift(args: argparse.Namespace) -> int:
     from writesae_lens.interventions.logit_shift import run_logit_shift_audit
 
     model, sae, tokens = _setup(args)
-    t0 = args.t0 if args.t0 == "firing" else int(args.t0)
+    t0 = args.t0
     rows, summary = run_logit_shift_audit(
         model, sae, args.layer, args.head, tokens, atoms=args.atoms, n_atoms=args.n_atoms, t0=t0, eps=args.eps,
         eps_unit=args.eps_unit, horizon=args.horizon, token_ranks=args.token_ranks, forms=args.forms,
@@ -215,7 +247,7 @@ def _logit_shift(args: argparse.Namespace) -> int:
     )
     summary["config"]["model"] = args.model
     print(format_logit_shift_table(summary, paper=None if args.no_paper else _paper("PAPER_LOGIT_SHIFT")))
-    _save(args, rows, summary)
+    _save(args, rows, summary, model, sae)
     return 0
 
 
@@ -281,7 +313,7 @@ def _steer(args: argparse.Namespace) -> int:
         summary["sign_prediction"] = sign
     elif args.sign_trials:
         print("\n(sign prediction skipped: it writes the atoms' key factors u_i, pass --sae)")
-    _save(args, rows, summary)
+    _save(args, rows, summary, model, sae)
     return 0
 
 
@@ -293,7 +325,8 @@ def _erase_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature", "--atom", dest="feature", type=int, required=True, help="the feature to erase")
     p.add_argument("--erase", choices=["write", "contribution"], default=o.erase)
     p.add_argument("--n", type=int, default=o.n, help="evaluation firings")
-    p.add_argument("--target", default=o.target, help="'detected' (feature detection before the run) or a token id")
+    p.add_argument("--target", type=erasure_target, default=o.target,
+                   help="'detected' (feature detection before the run) or a token id")
     p.add_argument("--detect-on", choices=["held_out", "same"], default=o.detect_on)
     p.add_argument("--control-doses", type=float, nargs="+", default=list(o.control_doses), help="multiples of a*")
     p.add_argument("--control-n", type=int, default=o.control_n)
@@ -307,14 +340,13 @@ def _erase(args: argparse.Namespace) -> int:
     from writesae_lens.interventions.erasure import ErasureOptions, run_erasure
 
     model, sae, tokens = _setup(args)
-    target = int(args.target) if args.target.lstrip("-").isdigit() else args.target
-    options = ErasureOptions(erase=args.erase, n=args.n, target=target, detect_on=args.detect_on,
+    options = ErasureOptions(erase=args.erase, n=args.n, target=args.target, detect_on=args.detect_on,
                              control_doses=tuple(args.control_doses), control_n=args.control_n,
                              dose_sweep=tuple(args.dose_sweep), dose_n=args.dose_n, wilcoxon_alternative=args.alternative)
     rows, summary = run_erasure(model, sae, tokens, feature=args.feature, options=options, layer=args.layer, head=args.head,
                                 batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
     print(format_erasure_table(summary, _model_label(args), **({"paper": None} if args.no_paper else {})))
-    _save(args, rows, summary)
+    _save(args, rows, summary, model, sae)
     return 0
 
 
@@ -347,7 +379,7 @@ def _amplify(args: argparse.Namespace) -> int:
                                       scoring_tokens=tokens[args.n_prompts :], options=options, seed=args.seed,
                                       progress=not args.quiet)
     print(format_amplification_table(summary, _model_label(args), **({"paper": None} if args.no_paper else {})))
-    _save(args, rows, summary)
+    _save(args, rows, summary, model, sae)
     return 0
 
 
@@ -369,7 +401,7 @@ def _partition(args: argparse.Namespace) -> int:
                                               batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
     summary["model"] = args.model
     print(format_partition_table(summary, paper=None if args.no_paper else _paper("PAPER_PARTITION")))
-    _save(args, rows, summary)
+    _save(args, rows, summary, model, sae)
     return 0
 
 
@@ -394,24 +426,62 @@ register_subcommand("erase", "cache-slot erasure of one feature at its firings, 
 register_subcommand("amplify", "boundary-feature amplification during sampling: the dose-response table", _amplify_args, _amplify)
 register_subcommand("partition", "register / bundle partition of the atoms (2- vs 1-component mixture, BIC)", _partition_args, _partition)
 register_subcommand("demo", "toy GDN + its bundled SAE: the paper's headline checks side by side", _demo_args, _demo)
-register_dashboard(register_subcommand)  # writesae dashboard (writesae_lens/dashboard/cli.py)
-
-from writesae_lens import compare, downstream  # noqa: E402,F401  (they register their subcommands)
 
 
-def build_parser() -> argparse.ArgumentParser:
+# ---------------------------------------------------------------- subcommands defined in other modules
+def _lazy(module: str) -> tuple[Callable[[argparse.ArgumentParser], None], SubcommandRun]:
+    """``module``'s ``add_arguments`` and ``run``, imported only when its subcommand is the one used
+    (so ``writesae --help`` imports no torch)."""
+    import importlib
+
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        importlib.import_module(module).add_arguments(p)
+
+    def run(args: argparse.Namespace) -> int:
+        return int(importlib.import_module(module).run(args) or 0)
+
+    return add_arguments, run
+
+
+register_subcommand("compare", "flat / matrix / bilinear / WriteSAE / tied / SVD / PCA on one site at one budget",
+                    *_lazy("writesae_lens.compare"))
+register_subcommand("downstream", "perplexity change when a head's state/write is replaced by the SAE reconstruction",
+                    *_lazy("writesae_lens.downstream"))
+register_subcommand("dashboard", "static atom dashboards: what each atom stores, when it is written and read",
+                    *_lazy("writesae_lens.dashboard.cli"))
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``writesae`` parser; with ``only``, the arguments of that subcommand alone are added
+    (what ``main`` does: a subcommand's arguments may import its module, e.g. ``demo``)."""
     parser = argparse.ArgumentParser(prog="writesae", description="WriteSAE experiments on recurrent cache writes.")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help, add_arguments, run) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help, description=help)
-        add_arguments(p)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="on an error, show the traceback")
+        if only is None or only == name:
+            add_arguments(p)
         p.set_defaults(_run=run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args._run(args)
+    """Run ``writesae``: one clear line and a non-zero exit status on an error (``--debug``: the traceback)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((arg for arg in argv if arg in SUBCOMMANDS), "")  # "": no subcommand's arguments needed
+    args = build_parser(only=command).parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"writesae {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001  (every failure becomes one line, unless --debug)
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"writesae {args.command}: error: {message} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -418,15 +418,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register() -> None:
-    from writesae_lens.cli import register_subcommand
-
-    register_subcommand(
-        "compare", "flat / matrix / bilinear / WriteSAE / tied / SVD / PCA on one site at one budget", add_arguments, run
-    )
-
-
-_register()
 
 __all__ = [
     "ALL_METHODS", "BASELINES", "METHODS", "PAPER_COLUMNS", "SAE_METHODS", "Comparison", "ComparisonSettings", "Projection",

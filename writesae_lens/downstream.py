@@ -205,15 +205,4 @@ def format_costs(costs: Sequence[DownstreamCost]) -> str:
     return "\n".join(lines)
 
 
-def _register() -> None:
-    from writesae_lens.cli import register_subcommand
-
-    register_subcommand(
-        "downstream", "perplexity change when a head's state/write is replaced by the SAE reconstruction",
-        add_arguments, run,
-    )
-
-
-_register()
-
 __all__ = ["DownstreamCost", "HeadReplacement", "PAPER_DOWNSTREAM", "downstream_cost", "downstream_costs", "next_token_losses"]

@@ -62,6 +62,7 @@ from transformer_lens.hook_points import HookPoint
 from hooked_ssm.config import HookedSSMConfig
 from hooked_ssm.hook_names import resolve_hook_name
 from hooked_ssm.model import HookedSSM
+from writesae_lens.sae_checks import check_sae_matches_model
 
 __all__ = ["HookedSAESSM", "SAESplicingMixin", "sae_site_name"]
 
@@ -270,6 +271,7 @@ class SAESplicingMixin:
         sae: SAE[Any],
         use_error_term: bool | None = None,
         exclude_special_tokens: bool | list[int] = False,
+        strict: bool = False,
     ) -> None:
         """Attach ``sae`` at ``sae.cfg.metadata.hook_name`` (head ``hook_head_index`` if set).
 
@@ -278,14 +280,17 @@ class SAESplicingMixin:
         ``reset_saes``. ``use_error_term=None`` keeps ``sae.use_error_term``.
         ``exclude_special_tokens``: True bypasses the SAE at the tokenizer's special tokens, or pass
         a list of token ids.
+        An SAE whose ``metadata.model_name`` names another model warns (``SAEModelMismatchWarning``),
+        or raises with ``strict=True``.
         """
-        self._attach(sae, use_error_term, exclude_special_tokens)
+        self._attach(sae, use_error_term, exclude_special_tokens, strict)
 
     def _attach(
-        self, sae: SAE[Any], use_error_term: bool | None, exclude_special_tokens: bool | list[int]
+        self, sae: SAE[Any], use_error_term: bool | None, exclude_special_tokens: bool | list[int], strict: bool = False
     ) -> tuple[str, list[_SpliceWrapper]]:
         """Attach; return the new site name and the wrappers it displaced."""
         hook_name, head = self._check_sae(sae)
+        check_sae_matches_model(sae, self, strict=strict)
         wrapper = _SpliceWrapper(
             sae,
             hook_name,
@@ -356,6 +361,7 @@ class SAESplicingMixin:
         reset_saes_end: bool = True,
         use_error_term: bool | None = None,
         exclude_special_tokens: bool | list[int] = False,
+        strict: bool = False,
     ) -> Iterator[Any]:
         """Attach ``saes`` for the duration of the block; on exit (even after an exception) remove
         them and restore whatever they displaced (with ``reset_saes_end=True``)."""
@@ -364,7 +370,7 @@ class SAESplicingMixin:
         added: list[tuple[str, list[_SpliceWrapper]]] = []
         try:
             for sae in saes:
-                added.append(self._attach(sae, use_error_term, exclude_special_tokens))
+                added.append(self._attach(sae, use_error_term, exclude_special_tokens, strict))
             yield self
         finally:
             if reset_saes_end:

@@ -13,6 +13,7 @@ from transformer_lens.hook_points import HookPoint
 
 from hooked_ssm.components.norms import RMSNorm
 from hooked_ssm.config import HookedSSMConfig
+from hooked_ssm.ops.causality import all_finite
 from hooked_ssm.state import AttentionCache
 
 
@@ -126,8 +127,14 @@ class GatedAttention(nn.Module):
             allowed = allowed[None, None] & cache.key_mask[:, None, None, :]
         if attention_mask is not None:  # [batch, key_pos] with 1 for real tokens
             allowed = allowed & attention_mask[:, None, None, -keys.shape[1] :].bool()
+            # A pad query sees no real key; letting it see itself keeps its (unused) output finite
+            # instead of the NaN of a softmax over nothing, which would reach later layers.
+            allowed = allowed | (key_positions[None, :] == slots[:, None])
         z = None
-        if not (self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks()):
+        # A NaN/inf key or value must not reach earlier queries through 0 * nan in a matmul (see
+        # hooked_ssm.ops.causality): then every query sums only over the keys it may see.
+        finite = all_finite(keys, values)
+        if finite and not (self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks()):
             try:  # nothing reads the pattern: PyTorch's fused attention, as transformers uses
                 z = F.scaled_dot_product_attention(
                     q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=allowed, scale=self.scale
@@ -138,7 +145,11 @@ class GatedAttention(nn.Module):
             scores = torch.einsum("bqhd,bkhd->bhqk", q, keys) * self.scale
             scores = self.hook_attn_scores(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min))
             pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
-            z = torch.einsum("bhqk,bkhd->bqhd", pattern, values)
+            if finite:
+                z = torch.einsum("bhqk,bkhd->bqhd", pattern, values)
+            else:
+                weighted = pattern[..., None] * values.transpose(1, 2)[:, :, None]  # [batch, head, q, k, d]
+                z = weighted.masked_fill(~allowed[..., None], 0.0).sum(dim=-2).transpose(1, 2)
         if self.output_gate:
             z = z * torch.sigmoid(gate)
         z = self.hook_z(z)

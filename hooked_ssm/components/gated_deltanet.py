@@ -29,6 +29,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from hooked_ssm.components.norms import GatedRMSNorm
+from hooked_ssm.components.padding import fill_pads, real_tokens
 from hooked_ssm.components.recurrent_mixer import (
     changed_positions,
     log_decay_through_hook,
@@ -97,8 +98,10 @@ class GatedDeltaNetMixer(nn.Module):
         attention_mask: Tensor | None = None,
         state_positions: Sequence[int] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        if attention_mask is not None:  # padded tokens write nothing (k = 0), as in transformers
-            x = x * attention_mask[:, -x.shape[1] :, None].to(x.dtype)
+        # Pads feed zeros to the conv window (as in transformers) and are identity steps of the
+        # recurrence (beta = 0: no write or erase; g = 0: no decay), on either side of the row.
+        real = real_tokens(attention_mask, x.shape[1])
+        x = fill_pads(x, real)
         batch, length, _ = x.shape
         key_dim = self.n_key_heads * self.d_k
         conv_out, conv_state = causal_depthwise_conv(
@@ -110,9 +113,9 @@ class GatedDeltaNetMixer(nn.Module):
         q = self.hook_q(q * self.d_k**-0.5)
         k = self.hook_k(k)
         v = self.hook_v(v.float().view(batch, length, self.n_heads, self.d_v))
-        beta = torch.sigmoid(self.in_proj_b(x)).float()
+        beta = fill_pads(torch.sigmoid(self.in_proj_b(x)).float(), real)
         beta = self.hook_beta(beta if self.beta_scale == 1.0 else beta * self.beta_scale)
-        g = self._log_decay(x)
+        g = self._log_decay(x, real)
         z = self.hook_gate(self.in_proj_z(x).view(batch, length, self.n_heads, self.d_v))
 
         observe_write_factors(self.hook_write_factors, lambda: (k, beta[..., None] * v))
@@ -130,9 +133,9 @@ class GatedDeltaNetMixer(nn.Module):
         group = self.n_heads // self.n_key_heads
         return x if group == 1 else x.repeat_interleave(group, dim=2)
 
-    def _log_decay(self, x: Tensor) -> Float[Tensor, "batch pos head"]:
+    def _log_decay(self, x: Tensor, real: Tensor | None) -> Float[Tensor, "batch pos head"]:
         g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
-        return log_decay_through_hook(self.hook_decay, g)
+        return log_decay_through_hook(self.hook_decay, fill_pads(g, real))
 
     def _scan(self, q, k, v, beta, g, initial_state, state_positions):
         """Run the recurrence: hook_write / hook_delta_v edits persist, hook_state returns replace."""

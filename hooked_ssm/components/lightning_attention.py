@@ -23,6 +23,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from hooked_ssm.components.norms import RMSNorm
+from hooked_ssm.components.padding import fill_pads, real_tokens
 from hooked_ssm.components.recurrent_mixer import (
     log_decay_through_hook,
     observe_write_factors,
@@ -57,7 +58,7 @@ class LightningAttentionMixer(nn.Module):
         self.hook_q = HookPoint()  # [batch, pos, head, d_k]: silu(W_q x), no scaling
         self.hook_k = HookPoint()  # [batch, pos, head, d_k]
         self.hook_v = HookPoint()  # [batch, pos, head, d_v]
-        self.hook_decay = HookPoint()  # [batch, pos, head]: exp(-slope), the same at every position
+        self.hook_decay = HookPoint()  # [batch, pos, head]: exp(-slope), the same at every real position (1 at pads)
         self.hook_gate = HookPoint()  # [batch, pos, head, d_v]: output gate logits W_g x
         self.hook_write = HookPoint()  # [batch, pos, head, d_k*d_v]: k_t v_t^T, key-major
         self.hook_write_factors = HookPoint()  # [batch, pos, head, d_k+d_v]: [k_t | v_t], observation only
@@ -77,12 +78,14 @@ class LightningAttentionMixer(nn.Module):
         state_positions: Sequence[int] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         batch, length, _ = x.shape
-        qkv = F.silu(self.qkv_proj(x))
-        if attention_mask is not None:  # padded tokens write nothing (k = v = 0), as in transformers
-            qkv = qkv * attention_mask[:, -length:, None].to(qkv.dtype)
+        # Pads write nothing (k = v = 0, as in transformers) and are identity steps of the recurrence
+        # (log decay 0: no decay), on either side of the row (hooked_ssm.components.padding).
+        real = real_tokens(attention_mask, length)
+        qkv = fill_pads(F.silu(self.qkv_proj(x)), real)
         q, k, v = qkv.view(batch, length, self.n_heads, 3 * self.d_v).float().split(self.d_v, dim=-1)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        log_decay = log_decay_through_hook(self.hook_decay, (-self.slope.float()).expand(batch, length, -1))
+        log_decay = fill_pads((-self.slope.float()).expand(batch, length, -1), real)
+        log_decay = log_decay_through_hook(self.hook_decay, log_decay)
         gate = self.hook_gate(self.output_gate(x).view(batch, length, self.n_heads, self.d_v))
 
         observe_write_factors(self.hook_write_factors, lambda: (k, v))

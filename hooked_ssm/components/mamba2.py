@@ -46,6 +46,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
+from hooked_ssm.components.padding import fill_pads, real_tokens
 from hooked_ssm.components.recurrent_mixer import (
     log_decay_through_hook,
     observe_write_factors,
@@ -130,19 +131,16 @@ class Mamba2Mixer(nn.Module):
         attention_mask: Tensor | None = None,
         state_positions: Sequence[int] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        mask = None if attention_mask is None else attention_mask[:, -x.shape[1] :, None].to(x.dtype)
-        if mask is not None:  # padded tokens write nothing (x = B = 0 there), as in transformers
-            x = x * mask
+        # Pads feed zeros to the conv window (even with an in_proj bias, as in transformers) and are
+        # identity steps of the recurrence (dt = 0: no write, decay 1), on either side of the row.
+        real = real_tokens(attention_mask, x.shape[1])
+        x = fill_pads(x, real)
         batch, length, _ = x.shape
         gate, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
-        if mask is not None:  # and feed zeros to the conv window, even with an in_proj bias
-            xBC = xBC * mask
         conv_out, conv_state = causal_depthwise_conv(
-            xBC, self.conv_weight, self.conv_bias, conv_state=None if cache is None else cache.conv_state
+            fill_pads(xBC, real), self.conv_weight, self.conv_bias, conv_state=None if cache is None else cache.conv_state
         )
-        xBC = F.silu(conv_out)
-        if mask is not None:
-            xBC = xBC * mask
+        xBC = fill_pads(F.silu(conv_out), real)
         group_dim = self.n_groups * self.d_state
         xs, B, C = xBC.split([self.d_inner, group_dim, group_dim], dim=-1)
         per_group = self.n_heads // self.n_groups
@@ -150,7 +148,7 @@ class Mamba2Mixer(nn.Module):
         k = self.hook_k(B.float().view(batch, length, self.n_groups, self.d_state).repeat_interleave(per_group, dim=2))
         q = self.hook_q(C.float().view(batch, length, self.n_groups, self.d_state).repeat_interleave(per_group, dim=2))
         dt = F.softplus(dt + self.dt_bias.to(dt.dtype)).clamp(*self.time_step_limit)
-        dt = self.hook_dt(dt.float())
+        dt = self.hook_dt(fill_pads(dt.float(), real))
         v = self.hook_v(xs.float() * dt[..., None])
         log_decay = log_decay_through_hook(self.hook_decay, dt * -self.A_log.float().exp())
         gate = self.hook_gate(gate.view(batch, length, self.n_heads, self.headdim))

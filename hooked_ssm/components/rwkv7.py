@@ -56,6 +56,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from hooked_ssm.components.norms import LayerNorm
+from hooked_ssm.components.padding import fill_pads, real_tokens
 from hooked_ssm.components.recurrent_mixer import (
     observe_write_factors,
     runs_recurrent,
@@ -153,17 +154,18 @@ class RWKV7Mixer(nn.Module):
         attention_mask: Tensor | None = None,
         state_positions: Sequence[int] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        mask = None if attention_mask is None else attention_mask[:, -x.shape[1] :, None].to(x.dtype)
-        if mask is not None:  # padded tokens shift in zeros and write nothing (v = 0), as in fla
-            x = x * mask
+        # Pads shift in zeros (as in fla) and are identity steps of the recurrence (v = 0: no write;
+        # a = 0: no erase; w = 1: no decay), on either side of the row.
+        real = real_tokens(attention_mask, x.shape[1])
+        x = fill_pads(x, real)
         batch, length, _ = x.shape
         delta, last = token_shift(x, None if cache is None else cache.mixer_shift)
         xr, xw, xk, xv, xa, xg = (x + delta * mix for mix in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
 
         r = self.hook_q(self._heads(self.r_proj(xr)))
         w_logit = self.w0 + torch.tanh(xw @ self.w1) @ self.w2
-        w = self.hook_decay(self._heads(torch.exp(-DECAY_SCALE * torch.sigmoid(w_logit.float()))))
-        a = self.hook_a(self._heads(torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)))
+        w = self.hook_decay(fill_pads(self._heads(torch.exp(-DECAY_SCALE * torch.sigmoid(w_logit.float()))), real, 1.0))
+        a = self.hook_a(fill_pads(self._heads(torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)), real))
         g = self.hook_gate(self._heads(torch.sigmoid(xg @ self.g1) @ self.g2))
         k = self._heads(self.k_proj(xk))
         kappa = self.hook_erase_key(F.normalize(k * self._heads(self.k_k), dim=-1, p=2.0))
@@ -178,9 +180,7 @@ class RWKV7Mixer(nn.Module):
                 raise RuntimeError("RWKV-7 layers >= 1 need v_first from layer 0: run the blocks in order from 0.")
             v_first = self.hook_v_first(v_first)
             v = torch.lerp(v, v_first, self._heads(torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)))
-        if mask is not None:
-            v = v * mask[..., None]
-        v = self.hook_v(v)
+        v = self.hook_v(fill_pads(v, real))
 
         observe_write_factors(self.hook_write_factors, lambda: (k.float(), v.float()))
         initial_state = None if cache is None else cache.ssm_state
@@ -233,8 +233,7 @@ class RWKV7ChannelMix(nn.Module):
         cache: RWKV7Cache | None = None,
         attention_mask: Tensor | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        if attention_mask is not None:
-            x = x * attention_mask[:, -x.shape[1] :, None].to(x.dtype)
+        x = fill_pads(x, real_tokens(attention_mask, x.shape[1]))
         delta, last = token_shift(x, None if cache is None else cache.mlp_shift)
         if cache is not None:
             cache.mlp_shift = last

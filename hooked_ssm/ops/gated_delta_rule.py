@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from hooked_ssm.ops.causality import all_finite
 from hooked_ssm.ops.split_scan import scan_split_at_edits, states_inside_chunks
 
 # Per-position additive edits of the state after the update at that position: {t: [batch, head, d_k, d_v]}.
@@ -104,6 +105,8 @@ def chunked_gated_delta_rule(
     for each position in ``state_positions`` (None when none is asked for).
     """
     batch, length, heads, d_k = k.shape
+    if not all_finite(q, k, v, beta, g, initial_state):  # see hooked_ssm.ops.causality
+        return recurrent_gated_delta_rule(q, k, v, beta, g, initial_state, None, state_positions)[:3]
     state = _zero_state(k, v) if initial_state is None else initial_state
     if length == 0:
         return v.new_zeros(v.shape), state, None

@@ -31,6 +31,9 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from hooked_ssm.ops.causality import all_finite
+from hooked_ssm.ops.rwkv7 import recurrent_rwkv7
+
 DEFAULT_CHUNK_SIZE = 16
 
 
@@ -55,6 +58,8 @@ def chunked_rwkv7(
     """``(o, final_state)`` of the RWKV-7 recurrence, computed chunk by chunk (differentiable)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
+    if not all_finite(r, w, k, v, kappa, a, initial_state) or not bool((w > 0).all()):  # see ops.causality
+        return recurrent_rwkv7(r, w, k, v, kappa, a, initial_state)[:2]
     # At least float32 (float64 inputs stay float64, for tests); under CUDA autocast the matmuls
     # would otherwise run in bf16, too coarse for the 1/gamma factors.
     dtype = torch.promote_types(r.dtype, torch.float32)

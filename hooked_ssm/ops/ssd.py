@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from hooked_ssm.ops.causality import all_finite
 from hooked_ssm.ops.split_scan import scan_split_at_edits, states_inside_chunks
 
 StateEdits = Mapping[int, Float[Tensor, "batch head d_state headdim"]]
@@ -105,6 +106,8 @@ def chunked_ssd(
     ``h_t`` for each position in ``state_positions`` (None when none is asked for).
     """
     batch, length, heads, _ = k.shape
+    if not all_finite(q, k, v, log_decay, initial_state):  # see hooked_ssm.ops.causality
+        return recurrent_ssd(q, k, v, log_decay, initial_state, None, state_positions)
     state = _zero_state(k, v) if initial_state is None else initial_state
     if length == 0:
         return v.new_zeros(v.shape), state, None

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from hooked_ssm.config import HookedSSMConfig
+from hooked_ssm.dtypes import parse_dtype
 from hooked_ssm.families import CHECKPOINT_FAMILIES, family_of_architecture
 from hooked_ssm.pretrained import rwkv7
 from hooked_ssm.pretrained.checkpoint import CheckpointError, read_config
@@ -32,6 +34,11 @@ if TYPE_CHECKING:
 
 TOY_MODELS_DIR = Path(__file__).parent / "toy"
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
+
+
+def toy_model_names() -> list[str]:
+    """The bundled toy models, by the names ``from_pretrained`` accepts."""
+    return sorted(path.parent.name for path in TOY_MODELS_DIR.glob("*/config.json"))
 
 
 def supported_architectures() -> list[str]:
@@ -62,10 +69,12 @@ def resolve_checkpoint_dir(name_or_path: str | Path) -> Path:
     if found is not None:
         return _download_release(*found)
     if str(name_or_path).count("/") != 1:
+        close = difflib.get_close_matches(str(name_or_path), [*toy_model_names(), *release_names()], n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
         raise CheckpointError(
             f"{name_or_path!r} is neither a local checkpoint directory or weights file, a bundled toy model "
-            f"({sorted(p.name for p in TOY_MODELS_DIR.glob('*/config.json'))}), a known release "
-            f"({', '.join(release_names())}), nor a Hub id like 'org/name'."
+            f"({', '.join(toy_model_names())}), a known release ({', '.join(release_names())}), nor a Hub id "
+            f"like 'org/name'.{hint}"
         )
     from huggingface_hub import snapshot_download
 
@@ -156,8 +165,8 @@ def load_pretrained(
     architecture, fields, raw_state = _read_checkpoint(source, release)
     _check_expected(fields, release, source)
     converter = family_of_architecture(architecture).module
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    if dtype is not None:
+        dtype = parse_dtype(dtype)
     cfg = HookedSSMConfig(
         **fields,
         model_name=str(name_or_path),

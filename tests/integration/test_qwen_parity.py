@@ -65,6 +65,22 @@ def test_left_padding_matches_unpadded_run(qwen35):
     torch.testing.assert_close(masked, plain, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_matches_transformers(qwen35, side):
+    """Real positions of a padded batch against transformers given the same attention mask."""
+    directory, hf_model = qwen35
+    model = HookedSSM.from_pretrained(directory)
+    tokens = torch.randint(3, model.cfg.d_vocab, (2, 30), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(tokens)
+    pads = slice(0, 11) if side == "left" else slice(19, 30)
+    mask[1, pads] = 0
+    with torch.no_grad():
+        ours = model(tokens, attention_mask=mask)
+        theirs = hf_model(input_ids=tokens, attention_mask=mask, use_cache=False).logits
+    real = mask.bool()
+    assert (ours[real] - theirs[real]).abs().max().item() <= 1e-4
+
+
 def test_stop_at_layer_returns_the_residual_stream(qwen35):
     model = HookedSSM.from_pretrained(qwen35[0])
     tokens = torch.randint(3, model.cfg.d_vocab, (2, 12))

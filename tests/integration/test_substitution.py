@@ -126,17 +126,17 @@ def test_resume_skips_finished_firings(model, tokens, tmp_path):
                                                min_firings_per_atom=1)
     firings = find_firings(model, sae, tokens, max_firings=10, min_firings_per_atom=1)
     # An interrupted run: the first 4 firings finished, then half a line was written.
-    run_substitution_test(model, sae, tokens=tokens, firings=firings[:4], out=out, progress=False)
+    run_substitution_test(model, sae, tokens=tokens, firings=firings[:4], out=out, progress=False, min_firings_per_atom=1)
     with open(out, "a") as handle:
         handle.write('{"prompt": 0, "posi')
     rows, summary = run_substitution_test(model, sae, tokens=tokens, firings=firings, out=out, resume=True, progress=False,
                                           min_firings_per_atom=1)
     assert len(rows) == 10
     torch.testing.assert_close(kls(rows), kls(full), atol=1e-7, rtol=1e-6)
-    on_disk = [json.loads(line) for line in out.read_text().splitlines()]
+    on_disk = [json.loads(line) for line in out.read_text().splitlines()[1:]]  # after the run record
     assert len(on_disk) == 10 and len({(r["prompt"], r["position"], r["atom"]) for r in on_disk}) == 10
     assert summary["win_rate"] == full_summary["win_rate"]
-    with pytest.raises(ValueError, match="cannot resume"):
+    with pytest.raises(ValueError, match="Cannot resume.*settings.scale_mode: file has 'native_norm', this run has 'coefficient'"):
         run_substitution_test(model, sae, tokens=tokens, firings=firings, out=out, resume=True, scale="coefficient",
                               progress=False)
 
@@ -174,4 +174,4 @@ def test_suite_over_several_sites_reports_per_layer_rows(model, tokens, tmp_path
     again, _ = run_substitution_suite(model, saes, tokens, max_firings=4, out=out, resume=True, progress=False,
                                       min_firings_per_atom=1, max_per_atom=4)
     torch.testing.assert_close(kls(again), kls(rows))
-    assert len(out.read_text().splitlines()) == 8
+    assert len(out.read_text().splitlines()) == 1 + 8  # the run record, then the rows

@@ -102,12 +102,12 @@ def test_cli_substitute_and_partition_on_the_toy_model(tmp_path, capsys):
     assert {"paired_cliffs_delta", "wilcoxon", "win_ci", "population"} <= set(written)
     assert {"alternative", "p_value", "statistic", "method"} <= set(written["wilcoxon"])
     assert {"n_atoms", "min_firings_per_atom", "max_firings_per_atom"} <= set(written["population"])
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = [json.loads(line) for line in out.read_text().splitlines()[1:]]  # after the run record
     assert len(rows) == 5 and {"kl_atom", "kl_delete", "kl_random", "atom_wins"} <= set(rows[0])
     summary = json.loads((tmp_path / "rows.jsonl.summary.json").read_text())
     assert summary["n"] == 5 and summary["config"]["layer"] == 1
     assert main(["substitute", *common, "--max-firings", "5", "--out", str(out), "--resume"]) == 0
-    assert len(out.read_text().splitlines()) == 5
+    assert len(out.read_text().splitlines()) == 1 + 5
     assert main(["partition", *common, "--min-firings", "1", "--no-paper", "--json", str(tmp_path / "p.json")]) == 0
     assert "registers" in capsys.readouterr().out
     assert "delta_bic" in json.loads((tmp_path / "p.json").read_text())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -73,12 +74,21 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+# The first line of a results file made by writesae_lens.run_record: ``{"_run": {...}}``, not a row.
+RUN_RECORD_KEY = "_run"
+
+
 def append_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> None:
-    """Append ``rows`` to ``path`` (one JSON object per line), flushing at once."""
-    with open(path, "a", encoding="utf-8") as handle:
+    """Append ``rows`` to ``path`` (one JSON object per line), each line with one ``write`` call on
+    a file opened for appending, so a killed run leaves whole rows, never half of one."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
         for row in rows:
-            handle.write(json.dumps(_jsonable(row)) + "\n")
-        handle.flush()
+            line = (json.dumps(_jsonable(row)) + "\n").encode("utf-8")
+            if os.write(fd, line) != len(line):
+                raise OSError(f"Short write to {path} (disk full?).")
+    finally:
+        os.close(fd)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -90,14 +100,20 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             if not line:
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 break
+            if RUN_RECORD_KEY not in row:  # the run record heads the file; it is not a row
+                rows.append(row)
     return rows
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    Path(path).write_text(json.dumps(_jsonable(obj), indent=2) + "\n", encoding="utf-8")
+    """Write ``obj`` as JSON under a temporary name, then rename it into place (never half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_jsonable(obj), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def to_dataframe(rows: Sequence[Mapping[str, Any]]) -> Any:

@@ -3,13 +3,12 @@
     writesae dashboard --sae writesae-toy-gdn/blocks.1.mixer.hook_write.h0 --out site/
     writesae dashboard --model M --sae RELEASE/ID --out DIR [--text FILE ...] [--substitution rows.jsonl]
 
-Registered by ``writesae_lens.cli`` through :func:`register`.
+Registered by ``writesae_lens.cli``, which imports this module only when ``dashboard`` runs.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 
 
@@ -58,8 +57,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"{meta['n_alive']} alive atoms of {meta['d_sae']} ({meta['n_tokens']} tokens) -> {Path(args.out) / 'index.html'}")
     return 0
 
-
-def register(register_subcommand: Callable[..., None]) -> None:
-    """Add ``writesae dashboard`` through ``writesae_lens.cli.register_subcommand``."""
-    register_subcommand("dashboard", "static atom dashboards: what each atom stores, when it is written and read",
-                        add_arguments, run)

@@ -39,6 +39,7 @@ from writesae_lens.interventions.engine import prompt_batches
 from writesae_lens.interventions.observe import observe_site
 from writesae_lens.interventions.protocol import describe_options
 from writesae_lens.interventions.sites import resolve_site
+from writesae_lens.sae_checks import check_atoms
 from writesae_lens.splicing import HookedSAESSM, sae_site_name
 
 
@@ -50,7 +51,7 @@ def amplified(model: Any, sae: Any, features: Sequence[int], offset: float | Ten
     """
     sae_model = model if isinstance(model, HookedSAESSM) else HookedSAESSM.from_hooked_ssm(model)
     site = sae_site_name(sae.cfg.metadata.hook_name, sae.cfg.metadata.hook_head_index)
-    index = torch.as_tensor(list(features), dtype=torch.long)
+    index = torch.as_tensor(check_atoms(sae, features, "features"), dtype=torch.long)
 
     def add_offset(acts: Tensor, hook: Any) -> Tensor:
         acts = acts.clone()

@@ -47,6 +47,7 @@ from writesae_lens.interventions.engine import Branch, Edit, add_write, as_promp
 from writesae_lens.interventions.firings import Firing, find_firings
 from writesae_lens.interventions.protocol import Reduced, atom_per_unit_code, describe_options, run_branches
 from writesae_lens.interventions.sites import resolve_site
+from writesae_lens.sae_checks import check_atoms
 
 #: The paper's numbers (Qwen3.5-0.8B L9 H4, feature F412; App. I.4 Tables 18-19).
 PAPER_ERASURE: dict[str, object] = {
@@ -138,6 +139,7 @@ def run_erasure(
     token at the next-token distribution of the edited position) and the summary (its
     ``"detection"`` entry: the detection prompts, firings used and summed nats)."""
     site = resolve_site(model, sae, layer, head)
+    check_atoms(sae, feature, "feature")
     prompts = as_prompt_list(tokens)
     detect_ids, eval_ids = split_prompts(len(prompts), options, seed)
     generator = torch.Generator().manual_seed(seed)

@@ -62,6 +62,7 @@ from writesae_lens.interventions.engine import (
 )
 from writesae_lens.interventions.observe import observe_site
 from writesae_lens.interventions.sites import resolve_site
+from writesae_lens.sae_checks import check_atoms
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -226,7 +227,7 @@ def run_logit_shift_audit(
         atom_ids = list(range(u_all.shape[0])) if atoms is None else [int(a) for a in atoms]
     elif sae is not None:
         u_all, w_all = (x.float().cpu() for x in unit_factors(sae, torch.arange(sae.cfg.d_sae)))
-        atom_ids = None if atoms is None else [int(a) for a in atoms]
+        atom_ids = None if atoms is None else check_atoms(sae, [int(a) for a in atoms], "atoms")
     else:
         raise ValueError("Pass an SAE or factors=(u, w).")
     if atom_ids is None:  # a light first pass (codes only) ranks the atoms by how often they fire

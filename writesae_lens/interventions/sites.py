@@ -9,9 +9,10 @@ paper's main site). Interventions always edit the *write* at a position: replaci
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from writesae_lens.sae_checks import check_sae_matches_model
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -41,10 +42,13 @@ class Site:
         return f"blocks.{self.layer}.mixer.{leaf}"
 
 
-def resolve_site(model: HookedSSM, sae: SAE | None = None, layer: int | None = None, head: int | None = None) -> Site:
+def resolve_site(
+    model: HookedSSM, sae: SAE | None = None, layer: int | None = None, head: int | None = None, strict: bool = False
+) -> Site:
     """The site of ``sae`` (from ``cfg.metadata.hook_name`` / ``hook_head_index``), or of the
-    explicit ``layer`` / ``head``. Explicit arguments win over the SAE's metadata (with a warning
-    when they disagree). Checks that the layer is a recurrent mixer with a ``hook_write``."""
+    explicit ``layer`` / ``head``. Explicit arguments win over the SAE's metadata. When they, or the
+    model, disagree with the SAE's metadata: a ``SAEModelMismatchWarning`` naming both sides (an
+    error with ``strict=True``). Checks that the layer is a recurrent mixer with a ``hook_write``."""
     kind = "write"
     meta_layer = meta_head = None
     if sae is not None:
@@ -58,10 +62,6 @@ def resolve_site(model: HookedSSM, sae: SAE | None = None, layer: int | None = N
             )
         meta_layer, kind = int(match.group(1)), match.group(2).removeprefix("ssm_")
         meta_head = getattr(meta, "hook_head_index", None)
-    if layer is not None and meta_layer is not None and layer != meta_layer:
-        warnings.warn(f"Using layer {layer}, but the SAE was trained on layer {meta_layer}.", stacklevel=2)
-    if head is not None and meta_head is not None and head != meta_head:
-        warnings.warn(f"Using head {head}, but the SAE was trained on head {meta_head}.", stacklevel=2)
     layer = meta_layer if layer is None else layer
     head = meta_head if head is None else head
     if layer is None or head is None:
@@ -71,6 +71,8 @@ def resolve_site(model: HookedSSM, sae: SAE | None = None, layer: int | None = N
         raise ValueError(f"Layer {layer} has no recurrent mixer (layer types: {model.cfg.layer_types}).")
     if not 0 <= site.head < model.cfg.n_heads:
         raise ValueError(f"head {head} is out of range: the mixer has {model.cfg.n_heads} heads.")
+    if sae is not None:
+        check_sae_matches_model(sae, model, site.hook_name, site.head, strict=strict)
     return site
 
 

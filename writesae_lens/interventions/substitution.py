@@ -46,7 +46,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from writesae_lens.analysis.report import append_jsonl, read_jsonl
+from writesae_lens.analysis.report import append_jsonl
 from writesae_lens.analysis.stats import (
     bootstrap_ci,
     cluster_bootstrap_ci,
@@ -60,6 +60,7 @@ from writesae_lens.interventions.controls import RandomControl, control_directio
 from writesae_lens.interventions.engine import KL, Branch, InterventionEngine, as_prompt_list, kl_divergence, replace_write
 from writesae_lens.interventions.firings import Firing, Selection, find_firings
 from writesae_lens.interventions.sites import Site, resolve_site
+from writesae_lens.run_record import ResultsFile, describe_sae, run_record
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -67,6 +68,8 @@ if TYPE_CHECKING:
     from hooked_ssm import HookedSSM
 
 CONDITIONS: tuple[str, ...] = ("atom", "delete", "random")
+# Keyword arguments of the suite that change how fast it runs, not what its rows hold.
+_NOT_RECORDED = ("batch_size", "max_rows", "progress", "layer", "head")
 Scale = Literal["native_norm", "coefficient"]
 Score = Literal["last", "next", "mean_after", "current"]
 KLDirection = Literal["patched_base", "base_patched"]
@@ -205,11 +208,11 @@ def substitute_firings(
     batch_size: int = 8,
     max_rows: int | None = None,
     seed: int = 0,
-    out: str | Path | None = None,
+    out: str | Path | ResultsFile | None = None,
     progress: bool = True,
 ) -> list[Row]:
     """Run the patched passes for the given ``firings``; one row per firing (module docstring).
-    Rows are appended to ``out`` (JSONL) as they complete."""
+    Rows are appended to ``out`` (JSONL, or a :class:`ResultsFile`) as they complete, each whole."""
     site = site or resolve_site(model, sae)
     conditions = tuple(conditions)
     prompts = as_prompt_list(tokens)
@@ -231,7 +234,9 @@ def substitute_firings(
         row = _row(firings[i], kls, scored[i], firings[i].position, score, options)
         row["window_end"] = ends[i]
         rows.append(row)
-        if out is not None:
+        if isinstance(out, ResultsFile):
+            out.append([row])
+        elif out is not None:
             append_jsonl(out, [row])
         bar.update(1)
     bar.close()
@@ -266,9 +271,10 @@ def run_substitution_test(
     batch_size: int = 8,
     max_rows: int | None = None,
     seed: int = 0,
-    out: str | Path | None = None,
+    out: str | Path | ResultsFile | None = None,
     resume: bool = False,
     progress: bool = True,
+    provenance: Mapping[str, object] | None = None,
 ) -> tuple[list[Row], dict[str, object]]:
     """The paper's substitution test of ``sae`` at ``(layer, head)`` over ``tokens``.
 
@@ -279,8 +285,12 @@ def run_substitution_test(
         selection, min_firings_per_atom, max_per_atom, max_firings, min_position, atoms, seed:
             which firings (see :mod:`writesae_lens.interventions.firings`); ``min_firings_per_atom``
             also defines the population test's atoms.
-        out: JSONL file that receives one row per firing as it completes (truncated first unless
-            ``resume``); ``resume`` skips the firings already there.
+        out: JSONL file that receives one row per firing as it completes, headed by the run's
+            record (model, SAE and its weights' hash, site, seed, settings, tokens, versions;
+            :mod:`writesae_lens.run_record`); started afresh unless ``resume``.
+        resume: skip the firings already in ``out``; refused (``ResumeMismatchError`` naming the
+            differing settings) when ``out`` was made by another run.
+        provenance: more settings to record with the run (e.g. the command line's arguments).
 
     Returns:
         ``(rows, summary)``: one dict per firing (``prompt``, ``position``, ``atom``, ``kl_atom``,
@@ -290,28 +300,26 @@ def run_substitution_test(
         raise ValueError("Pass tokens= (token windows, e.g. from writesae_lens.interventions.token_windows).")
     site = resolve_site(model, sae, layer, head)
     selected = "given" if firings is not None else selection
+    atoms = None if atoms is None else sorted(int(a) for a in atoms)
+    control = resolve_random_control(model, site, random_control)
+    options = dict(scale_mode=scale, score=score, random_control=control, kl_direction=kl_direction)
+    # Explicit firings are not recorded: a row depends on its firing and these settings only, so a
+    # resume may add firings (e.g. continue with a longer list).
+    settings = dict(options, horizon=horizon, conditions=list(conditions), selection=selection,
+                    min_firings_per_atom=min_firings_per_atom, max_per_atom=max_per_atom, max_firings=max_firings,
+                    min_position=min_position, atoms=atoms, method=method, **(provenance or {}))
+    record = run_record("substitution", settings, model=model, sae=sae, seed=seed, tokens=as_prompt_list(tokens),
+                        site=dict(layer=site.layer, head=site.head, kind=site.kind))
+    previous: list[Row] = []
+    if out is not None:  # opened first: a mismatched resume fails before any work
+        out = out if isinstance(out, ResultsFile) else ResultsFile(out, record, resume)
+        previous = [r for r in out.previous_rows if (r["layer"], r["head"]) == (site.layer, site.head)]
     if firings is None:
         firings = find_firings(model, sae, tokens, site, selection=selection, min_firings_per_atom=min_firings_per_atom,
                                max_per_atom=max_per_atom, max_firings=max_firings, min_position=min_position,
                                atoms=atoms, batch_size=batch_size, seed=seed)
-    control = resolve_random_control(model, site, random_control)
-    options = dict(scale_mode=scale, score=score, random_control=control, kl_direction=kl_direction)
-    previous: list[Row] = []
-    if out is not None:
-        out = Path(out)
-        if resume and out.exists():
-            previous = read_jsonl(out)
-            clash = [r for r in previous if any(r.get(k) != v for k, v in options.items())]
-            if clash:
-                ran = {k: clash[0].get(k) for k in options}
-                raise ValueError(f"{out} holds rows run with {ran}; cannot resume with {options}. Use another out= file.")
-            done = {_row_key(r) for r in previous}
-            firings = [f for f in firings if f.key not in done]
-            out.write_text("")  # rewrite with the complete rows only (drops a partial last line)
-            append_jsonl(out, previous)
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text("")
+    done = {_row_key(r) for r in previous}
+    firings = [f for f in firings if f.key not in done]
     rows = substitute_firings(model, sae, tokens, firings, site, scale, score, horizon, conditions, control,
                               kl_direction, method, batch_size, max_rows, seed, out, progress)
     rows = sorted(previous + rows, key=_row_key)
@@ -320,6 +328,7 @@ def run_substitution_test(
                              selection=selected,
                              min_firings_per_atom=min_firings_per_atom, max_per_atom=max_per_atom)
     summary["population"]["max_firings_per_atom"] = max_per_atom
+    summary["run"] = record
     return rows, summary
 
 
@@ -335,22 +344,24 @@ def run_substitution_suite(
     """:func:`run_substitution_test` for several SAEs (e.g. the paper's L1 / L9 / L17 H4) on the
     same tokens; rows of all sites together (one JSONL file when ``out`` is given, resumable), and
     one summary with ``per_layer`` rows."""
-    if out is not None and not resume:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text("")
+    record = run_record("substitution_suite", {k: v for k, v in kwargs.items() if k not in _NOT_RECORDED},
+                        model=model, seed=kwargs.get("seed", 0), tokens=as_prompt_list(tokens))
+    record["saes"] = [describe_sae(sae) for sae in saes]
+    results = None if out is None else ResultsFile(out, record, resume)
     rows: list[Row] = []
     summary: dict[str, object] = {}
     for sae in saes:
         site = resolve_site(model, sae, kwargs.get("layer"), kwargs.get("head"))
         site_kwargs = {k: v for k, v in kwargs.items() if k not in ("layer", "head")}
-        site_rows, summary = run_substitution_test(model, sae, site.layer, site.head, tokens, out=out,
-                                                   resume=out is not None, **site_kwargs)
+        site_rows, summary = run_substitution_test(model, sae, site.layer, site.head, tokens, out=results,
+                                                   **site_kwargs)
         rows += [r for r in site_rows if (r["layer"], r["head"]) == (site.layer, site.head)]
     config = {k: v for k, v in summary.get("config", {}).items() if k not in ("layer", "head")}
     summary = summarize_substitution(rows, min_firings_per_atom=int(kwargs.get("min_firings_per_atom", 5)),
                                      seed=int(kwargs.get("seed", 0)))
     summary["config"] = dict(sites=sorted({(r["layer"], r["head"]) for r in rows}), **config)
     summary["population"]["max_firings_per_atom"] = kwargs.get("max_per_atom", 30)
+    summary["run"] = record
     return rows, summary
 
 

@@ -89,6 +89,22 @@ def load_corpus_module():
     return module
 
 
+def load_tasks_module():
+    """Import ``hooked_ssm/pretrained/toy/tasks.py`` by path (without importing hooked_ssm)."""
+    if "_toy_tasks" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("_toy_tasks", TOY_DIR / "tasks.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["_toy_tasks"]
+
+
+def task_rows(vocab, split: str, seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` rows of SEQ_LEN+1 task tokens (and their memory-target masks) of ``split``."""
+    rows = [load_tasks_module().task_stream(vocab, f"{split}:{seed}:{i}", SEQ_LEN + 1) for i in range(n)]
+    return torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
+
+
 def _is_dev(title: str) -> bool:
     digest = hashlib.blake2b(("dev:" + title).encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big") % DEV_MODULUS == DEV_REMAINDER
@@ -196,19 +212,21 @@ def make_config(name: str):
     if name == "toy-gdn":
         from transformers import Qwen3_5TextConfig
 
+        # Recurrent layers only: a full-attention layer would solve the memory tasks by itself and
+        # leave the Gated DeltaNet states with nothing to carry.
         return Qwen3_5TextConfig(
             vocab_size=VOCAB_SIZE,
-            hidden_size=256,
-            intermediate_size=768,
-            num_hidden_layers=4,
-            layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=3,
+            layer_types=["linear_attention"] * 3,
             num_attention_heads=4,
             num_key_value_heads=2,
-            head_dim=64,
+            head_dim=32,
             linear_num_key_heads=2,
             linear_num_value_heads=4,
-            linear_key_head_dim=64,
-            linear_value_head_dim=64,
+            linear_key_head_dim=32,
+            linear_value_head_dim=32,
             linear_conv_kernel_dim=4,
             hidden_act="silu",
             rms_norm_eps=1e-6,
@@ -319,12 +337,17 @@ def lr_at(step: int, total: int, warmup: int, peak: float, min_ratio: float) -> 
     return peak * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def sample_batch(stream: torch.Tensor, step: int, batch: int, seed: int) -> torch.Tensor:
-    """Random windows of SEQ_LEN+1 tokens; a pure function of (seed, step), so resumable."""
+def sample_batch(stream: torch.Tensor, step: int, batch: int, seed: int, vocab=None, n_task: int = 0) -> torch.Tensor:
+    """Random windows of SEQ_LEN+1 tokens, the last ``n_task`` rows synthetic task documents
+    (``tasks.py``); a pure function of (seed, step), so resumable."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    starts = torch.randint(0, len(stream) - SEQ_LEN - 1, (batch,), generator=g)
+    starts = torch.randint(0, len(stream) - SEQ_LEN - 1, (batch - n_task,), generator=g)
     idx = starts[:, None] + torch.arange(SEQ_LEN + 1)[None, :]
-    return stream[idx].long()
+    text = stream[idx].long()
+    if not n_task:
+        return text
+    tasks, _ = task_rows(vocab, "train", seed * 1_000_003 + step, n_task)
+    return torch.cat([text, tasks])
 
 
 @torch.no_grad()
@@ -345,6 +368,37 @@ def evaluate(model, stream: torch.Tensor, device: torch.device, batch: int = 32,
         count += ids[:, 1:].numel()
     model.train()
     return total / count
+
+
+@torch.no_grad()
+def evaluate_tasks(model, rows: torch.Tensor, masks: torch.Tensor, device: torch.device, batch: int = 32) -> dict:
+    """Loss on task rows and accuracy (argmax) on their memory targets, overall and per task."""
+    model.eval()
+    total, count, hits, targets = 0.0, 0, 0, 0
+    for i in range(0, len(rows), batch):
+        ids, mask = rows[i : i + batch].to(device), masks[i : i + batch, 1:].to(device)
+        logits = forward_logits(model, ids[:, :-1]).float()
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
+        count += ids[:, 1:].numel()
+        hits += int(((logits.argmax(-1) == ids[:, 1:]) & mask).sum())
+        targets += int(mask.sum())
+    model.train()
+    return {"task_loss": total / count, "memory_accuracy": hits / max(1, targets), "memory_targets": targets}
+
+
+def memory_accuracy_by_task(model, vocab, device: torch.device, n: int = 64) -> dict:
+    """Accuracy on the memory targets of ``n`` validation documents of each task (one per row)."""
+    tasks = load_tasks_module()
+    out = {}
+    for kind in tasks.TASKS:
+        docs = [tasks.task_document(kind, vocab, f"validation:{i}") for i in range(n)]
+        width = max(len(d) for d, _ in docs)
+        ids = torch.full((n, width), PAD_ID)
+        mask = torch.zeros(n, width, dtype=torch.bool)
+        for j, (d, m) in enumerate(docs):
+            ids[j, : len(d)], mask[j, : len(m)] = torch.tensor(d), torch.tensor(m)
+        out[kind] = round(evaluate_tasks(model, ids, mask, device)["memory_accuracy"], 4)
+    return out
 
 
 def param_groups(model, weight_decay: float):
@@ -381,7 +435,8 @@ def train_one(name: str, data: dict, args, device: torch.device) -> tuple[object
     total_steps = args.steps
     warmup = args.warmup_steps if args.warmup_steps > 0 else max(1, int(args.warmup_frac * args.steps))
     run_key = dict(name=name, seed=seed, steps=args.steps, batch=args.batch_size, lr=args.lr,
-                   wd=args.weight_decay, warmup=warmup, tokenizer=data["tokenizer_sha256"])
+                   wd=args.weight_decay, warmup=warmup, tokenizer=data["tokenizer_sha256"],
+                   task_fraction=args.task_fraction)
     start_step, history, best = 0, [], {"dev_loss": float("inf"), "step": -1, "state": None}
     train_time = 0.0
     if ckpt_path.exists() and not args.fresh:
@@ -398,6 +453,9 @@ def train_one(name: str, data: dict, args, device: torch.device) -> tuple[object
     fit = data["fit"].long()
     dev = data["dev"]
     use_autocast = device.type == "cuda"
+    vocab = load_tasks_module().TaskVocabulary.from_tokenizer(load_tokenizer())
+    n_task = round(args.task_fraction * args.batch_size)
+    dev_tasks = task_rows(vocab, "dev", 0, args.dev_task_rows)
     print(f"[{name}] {n_params:,} parameters; device {device}; batch {args.batch_size} x {SEQ_LEN}; "
           f"{total_steps} steps ({total_steps * args.batch_size * SEQ_LEN / len(fit):.1f} epochs of the fit split)")
 
@@ -409,12 +467,20 @@ def train_one(name: str, data: dict, args, device: torch.device) -> tuple[object
 
     def maybe_eval(step: int) -> None:
         nonlocal best
-        dev_loss = evaluate(model, dev, device, autocast=use_autocast)
-        history.append({"step": step, "dev_loss": round(dev_loss, 5), "train_loss": round(ema, 5) if ema else None})
+        # Checkpoint selection: the mean of the dev text loss and the dev task loss (the toy must
+        # both model text and read its memory).
+        text_loss = evaluate(model, dev, device, autocast=use_autocast)
+        task = evaluate_tasks(model, *dev_tasks, device) if n_task else {"task_loss": text_loss, "memory_accuracy": None}
+        dev_loss = 0.5 * (text_loss + task["task_loss"])
+        history.append({"step": step, "dev_loss": round(dev_loss, 5), "dev_text_loss": round(text_loss, 5),
+                        "dev_task_loss": round(task["task_loss"], 5),
+                        "dev_memory_accuracy": task["memory_accuracy"] and round(task["memory_accuracy"], 4),
+                        "train_loss": round(ema, 5) if ema else None})
         if dev_loss < best["dev_loss"]:
             best = {"dev_loss": dev_loss, "step": step,
                     "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
-        bar.write(f"[{name}] step {step}: dev loss {dev_loss:.4f} (best {best['dev_loss']:.4f} @ {best['step']})")
+        bar.write(f"[{name}] step {step}: dev loss {dev_loss:.4f} (text {text_loss:.4f}, tasks {task['task_loss']:.4f}, "
+                  f"memory accuracy {task['memory_accuracy']}; best {best['dev_loss']:.4f} @ {best['step']})")
 
     ema = history[-1]["train_loss"] if history else None
     bar = tqdm(total=total_steps, initial=start_step, desc=name, dynamic_ncols=True,
@@ -428,7 +494,7 @@ def train_one(name: str, data: dict, args, device: torch.device) -> tuple[object
         lr = lr_at(step, total_steps, warmup, args.lr, args.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = sample_batch(fit, step, args.batch_size, seed).to(device, non_blocking=True)
+        batch = sample_batch(fit, step, args.batch_size, seed, vocab, n_task).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
             logits = forward_logits(model, batch[:, :-1])
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
@@ -483,6 +549,10 @@ def train_one(name: str, data: dict, args, device: torch.device) -> tuple[object
     val_loss = evaluate(saved, data["validation"], device, autocast=False)
     dev_loss = evaluate(saved, dev, device, autocast=False)
     print(f"[{name}] validation loss {val_loss:.4f} nats (dev {dev_loss:.4f}), weights rounded to {SAVE_DTYPE}")
+    val_tasks = evaluate_tasks(saved, *task_rows(vocab, "validation", 0, args.dev_task_rows), device)
+    by_task = memory_accuracy_by_task(saved, vocab, device)
+    print(f"[{name}] validation tasks: loss {val_tasks['task_loss']:.4f}, memory accuracy "
+          f"{val_tasks['memory_accuracy']:.4f} ({by_task})")
     metrics = {
         "model_class": class_name(name),
         "parameters": n_params,
@@ -504,6 +574,11 @@ def train_one(name: str, data: dict, args, device: torch.device) -> tuple[object
         "final_train_loss_ema": round(ema, 4) if ema is not None else None,
         "dev_loss": round(dev_loss, 4),
         "validation_loss": round(val_loss, 4),
+        "task_fraction": args.task_fraction,
+        "validation_task_loss": round(val_tasks["task_loss"], 4),
+        "validation_memory_accuracy": round(val_tasks["memory_accuracy"], 4),
+        "validation_memory_targets": val_tasks["memory_targets"],
+        "memory_accuracy_by_task": by_task,
         "saved_dtype": str(SAVE_DTYPE).replace("torch.", ""),
         "history": history,
     }
@@ -747,6 +822,9 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--task-fraction", type=float, default=0.5,
+                   help="fraction of each batch made of synthetic memory tasks (hooked_ssm/pretrained/toy/tasks.py)")
+    p.add_argument("--dev-task-rows", type=int, default=64, help="task rows for dev selection and validation scores")
     p.add_argument("--eval-every", type=int, default=100, help="dev-loss evaluation (and best-checkpoint) interval")
     p.add_argument("--ckpt-every", type=int, default=100, help="resumable checkpoint interval (runs/toy/<name>/)")
     p.add_argument("--calibrate-steps", type=int, default=20, help="steps after which the speed is measured")

@@ -218,8 +218,8 @@ def make_config(name: str):
             vocab_size=VOCAB_SIZE,
             hidden_size=128,
             intermediate_size=384,
-            num_hidden_layers=3,
-            layer_types=["linear_attention"] * 3,
+            num_hidden_layers=2,
+            layer_types=["linear_attention"] * 2,
             num_attention_heads=4,
             num_key_value_heads=2,
             head_dim=32,
@@ -618,10 +618,11 @@ def copy_tokenizer_files(out: Path) -> None:
 # cards
 # --------------------------------------------------------------------------------------------
 _DESCRIPTIONS = {
-    "toy-gdn": ("Gated DeltaNet hybrid in the Qwen3.5 layout (`Qwen3_5ForCausalLM`): 3 Gated DeltaNet "
-                "layers (2 key heads shared by 4 value heads, d_k = d_v = 64) and 1 gated full-attention "
-                "layer (4 query / 2 KV heads, head_dim 64, partial interleaved M-RoPE), d_model 256, "
-                "SwiGLU MLP 768, tied embeddings."),
+    "toy-gdn": ("Gated DeltaNet in the Qwen3.5 format (`Qwen3_5ForCausalLM`), recurrent layers only: 2 Gated "
+                "DeltaNet layers (2 key heads shared by 4 value heads, d_k = d_v = 32, conv kernel 4), d_model 128, "
+                "SwiGLU MLP 384, tied embeddings. No full-attention layer: it would solve the memory tasks by "
+                "itself and leave the recurrent states with nothing to carry. Two layers, so that the demo's "
+                "layer 1 (the last) is one of only two places the memory tasks can be solved."),
     "toy-mamba2": ("Mamba-2 (`Mamba2ForCausalLM`): 4 layers, d_model 256, expand 2 (d_inner 512 = 16 heads "
                    "x head_dim 32), d_state 32, 2 B/C groups, conv kernel 4, chunk size 64, tied embeddings."),
 }
@@ -632,8 +633,7 @@ _NOTES = {
         "The Gated DeltaNet heads start with `dt ~ LogUniform(1e-3, 1e-1)` (`dt_bias` its inverse",
         "softplus) and `A ~ U(1, 16)` (`init_gdn_decay_` in the training script), as FLA and Mamba",
         "initialise them. With transformers' default (`dt_bias = 1`, `A` up to 16) a short run leaves the",
-        "heads forgetting everything every token (median decay ~0), so states equal the last write. With",
-        "this init the trained heads keep a median per-token decay between 0.57 and 0.99.",
+        "heads forgetting everything every token (median decay ~0), so states equal the last write.",
     ],
 }
 
@@ -673,7 +673,8 @@ def _card(name: str, m: dict, summary: dict) -> str:
         f"# {name}",
         "",
         "A tiny model bundled with `hooked_ssm` so that everything runs offline, on a laptop and in CI.",
-        "It is a toy: it has seen a couple of MB of Python documentation and nothing else.",
+        "It is a toy: it has seen a couple of MB of Python documentation"
+        + (" and synthetic memory tasks, nothing else." if m.get("task_fraction") else " and nothing else."),
         "",
         _description(name),
         "",
@@ -686,6 +687,7 @@ def _card(name: str, m: dict, summary: dict) -> str:
         f"| validation loss (nats/token) | **{m['validation_loss']:.4f}** |",
         f"| unigram baseline (nats/token) | {base:.4f} |",
         f"| dev loss (checkpoint selection) | {m['dev_loss']:.4f} |",
+        *_memory_lines(m),
         f"| training | {m['steps']} steps x {m['batch_size']} x {m['seq_len']} tokens ({m['tokens_seen']:,} tokens), AdamW lr {m['lr']:g} (warmup {m['warmup_steps']}, cosine to {m['min_lr_ratio']:g}x), wd {m['weight_decay']:g}, clip {m['grad_clip']:g}, seed {m['seed']} |",
         f"| selected checkpoint | step {m['selected_step']} of {m['steps']} (lowest dev loss, evaluated every few dozen steps), "
         f"{m['selected_step'] * m['batch_size'] * m['seq_len']:,} tokens seen, about "
@@ -709,12 +711,22 @@ def _card(name: str, m: dict, summary: dict) -> str:
         "baseline scores the same targets with train-split token frequencies (add-one smoothing).",
         "Other Python versions produce a slightly different corpus, so retraining elsewhere gives",
         "slightly different numbers.",
+        *([] if not m.get("task_fraction") else [
+            "",
+            "Synthetic memory tasks (`hooked_ssm/pretrained/toy/tasks.py`) fill part of every batch: associative",
+            "recall of word pairs at a distance, copying, induction and bracket matching, whose *memory targets*",
+            "(a queried value, a copied word, a repeated successor, a closing bracket) only the earlier context",
+            "determines. The dev loss that picks the checkpoint is the mean of the dev text loss and the loss",
+            "on dev task rows; the memory accuracy is the argmax accuracy on the memory targets of validation",
+            "task rows (seeds never trained on).",
+        ]),
         "",
         "## Reproduce",
         "",
         "```",
         f"python scripts/train_toy_models.py --models {name} --steps {m['steps']} --batch-size {m['batch_size']} "
         f"--warmup-steps {m['warmup_steps']} --lr {m['lr']:g} --seed {m['seed'] - MODEL_NAMES.index(name)}"
+        + f" --task-fraction {m.get('task_fraction', 0):g}"
         + f" --eval-every {_eval_every(m)}"
         + _reproduce_flags(m),
         "```",
@@ -722,6 +734,19 @@ def _card(name: str, m: dict, summary: dict) -> str:
         *_notes(name),
     ]
     return "\n".join(lines)
+
+
+def _memory_lines(m: dict) -> list[str]:
+    """Card rows for a model trained with synthetic memory tasks (``tasks.py``)."""
+    if not m.get("task_fraction"):
+        return []
+    by_task = ", ".join(f"{k} {100 * v:.1f}%" for k, v in m["memory_accuracy_by_task"].items())
+    return [
+        f"| training mixture | {100 * (1 - m['task_fraction']):.0f}% corpus text windows, {100 * m['task_fraction']:.0f}% synthetic memory-task rows (`tasks.py`) per batch |",
+        f"| validation task loss (nats/token) | {m['validation_task_loss']:.4f} |",
+        f"| memory accuracy (validation task rows, argmax) | **{100 * m['validation_memory_accuracy']:.1f}%** of {m['validation_memory_targets']:,} memory targets |",
+        f"| memory accuracy per task (64 validation documents each) | {by_task} |",
+    ]
 
 
 def _software(m: dict, summary: dict) -> dict:
@@ -763,19 +788,21 @@ def write_summary(summary: dict, cards=None) -> None:
     rows = [
         "# Bundled toy models",
         "",
-        "Trained by `scripts/train_toy_models.py` on the Python documentation corpus",
+        "Trained by `scripts/train_toy_models.py` on the Python documentation corpus (and, where a",
+        "memory accuracy is shown, synthetic memory tasks: `tasks.py`)",
         f"(Python {summary['corpus']['python_version']}); tokenizer in `tokenizer/` (byte-level BPE, {VOCAB_SIZE} tokens).",
         "Validation loss: mean next-token cross-entropy in nats over the validation split",
         f"({summary['unigram_baseline']['targets']:,} target tokens). Unigram baseline: train-split token",
         "frequencies with add-one smoothing on the same targets.",
         "",
-        "| model | class | parameters | weights | selected step / steps (batch x seq) | validation loss | unigram baseline |",
-        "|---|---|---|---|---|---|---|",
+        "| model | class | parameters | weights | selected step / steps (batch x seq) | validation loss | unigram baseline | memory accuracy |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, m in summary["models"].items():
         rows.append(
             f"| `{name}` | `{m['model_class']}` | {m['parameters']:,} | {m['saved_dtype']} | "
-            f"{m['selected_step']} / {m['steps']} ({m['batch_size']} x {m['seq_len']}) | **{m['validation_loss']:.4f}** | {base:.4f} |"
+            f"{m['selected_step']} / {m['steps']} ({m['batch_size']} x {m['seq_len']}) | **{m['validation_loss']:.4f}** | {base:.4f} | "
+            + (f"{100 * m['validation_memory_accuracy']:.1f}% |" if m.get("task_fraction") else "not trained on tasks |")
         )
     rows += ["", "Each model's `README.md` has its training details. Trained on:", ""]
     rows += [f"- `{name}`: {m['train_device']}, {m['train_precision']}, {m['train_time_s']:.0f} s"

@@ -575,6 +575,7 @@ def train_one(name: str, data: dict, args, device: torch.device) -> tuple[object
         "dev_loss": round(dev_loss, 4),
         "validation_loss": round(val_loss, 4),
         "task_fraction": args.task_fraction,
+        "dev_task_rows": args.dev_task_rows,
         "validation_task_loss": round(val_tasks["task_loss"], 4),
         "validation_memory_accuracy": round(val_tasks["memory_accuracy"], 4),
         "validation_memory_targets": val_tasks["memory_targets"],
@@ -727,6 +728,7 @@ def _card(name: str, m: dict, summary: dict) -> str:
         f"python scripts/train_toy_models.py --models {name} --steps {m['steps']} --batch-size {m['batch_size']} "
         f"--warmup-steps {m['warmup_steps']} --lr {m['lr']:g} --seed {m['seed'] - MODEL_NAMES.index(name)}"
         + f" --task-fraction {m.get('task_fraction', 0):g}"
+        + (f" --dev-task-rows {m['dev_task_rows']}" if m.get("task_fraction") else "")
         + f" --eval-every {_eval_every(m)}"
         + _reproduce_flags(m),
         "```",
@@ -741,7 +743,12 @@ def _memory_lines(m: dict) -> list[str]:
     if not m.get("task_fraction"):
         return []
     by_task = ", ".join(f"{k} {100 * v:.1f}%" for k, v in m["memory_accuracy_by_task"].items())
+    curve = ", ".join(f"{h['step']}: {100 * h['dev_memory_accuracy']:.0f}%" for h in m["history"])
+    still_improving = m["selected_step"] == m["steps"]
     return [
+        f"| dev memory accuracy along training (step: accuracy) | {curve} |",
+        *(["| convergence | **not converged**: the dev loss and memory accuracy were still improving at the last "
+           "step (a CPU-sized budget) |"] if still_improving else []),
         f"| training mixture | {100 * (1 - m['task_fraction']):.0f}% corpus text windows, {100 * m['task_fraction']:.0f}% synthetic memory-task rows (`tasks.py`) per batch |",
         f"| validation task loss (nats/token) | {m['validation_task_loss']:.4f} |",
         f"| memory accuracy (validation task rows, argmax) | **{100 * m['validation_memory_accuracy']:.1f}%** of {m['validation_memory_targets']:,} memory targets |",

@@ -119,6 +119,11 @@ def write_card(report: dict, out: Path, args) -> None:
     lines += ["", "Held-out FVU along training (SAELens's periodic checkpoints, then the final SAE):", ""]
     for key, r in report.items():
         lines.append(f"- {key}: " + ", ".join(f"{c['tokens']:,} tok {c['fvu']:.4f}" for c in r["curve"]))
+    still_falling = [key for key, r in report.items()
+                     if len(r["curve"]) > 1 and r["curve"][-1]["fvu"] < 0.99 * r["curve"][-2]["fvu"]]
+    if still_falling:
+        lines += ["", f"**Not converged**: held-out FVU still fell by more than 1% over the last interval for "
+                      f"{', '.join(still_falling)} (a CPU-sized budget; raise `--tokens`)."]
     lines += [
         "",
         "```python",
@@ -155,22 +160,25 @@ def main() -> None:
     dataset = Dataset.from_dict({"input_ids": mixed_windows("train", args.context_size, 2 * n_text).tolist()})
     held_out_tokens = mixed_windows("validation", args.context_size, args.eval_windows).to(args.device)
     report_path = args.out / "training_report.json"
-    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+
+    def saved_report() -> dict:  # re-read: one process per site may run at once
+        return json.loads(report_path.read_text()) if report_path.exists() else {}
+
     for site in args.sites.split(","):
         held_out = site_activations(model, site, held_out_tokens).cpu()
         for arch in args.architectures.split(","):
             scratch = Path("runs") / "toy-saes" / f"{site}-{arch}"
             shutil.rmtree(scratch, ignore_errors=True)
-            _, report[f"{site}/{arch}"] = train_one(model, dataset, site, arch, args, scratch, held_out)
-            print(f"{site}/{arch}", {k: v for k, v in report[f"{site}/{arch}"].items() if k != "curve"}, flush=True)
+            _, result = train_one(model, dataset, site, arch, args, scratch, held_out)
+            print(f"{site}/{arch}", {k: v for k, v in result.items() if k != "curve"}, flush=True)
             if arch == "writesae":
                 target = args.out / f"blocks.{LAYER}.mixer.hook_{site}.h{HEAD}"
                 shutil.rmtree(target, ignore_errors=True)
                 target.mkdir(parents=True)
                 for name in ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors"):
                     shutil.copy(scratch / "final" / name, target / name)
-            report_path.write_text(json.dumps(report, indent=1) + "\n")
-    write_card(report, args.out, args)
+            report_path.write_text(json.dumps({**saved_report(), f"{site}/{arch}": result}, indent=1) + "\n")
+    write_card(saved_report(), args.out, args)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", action="store_true", help="retrain the WriteSAE through SAELens first")
     parser.add_argument("--train-tokens", type=int, default=51_200, help="tokens for --train")
     parser.add_argument("--site", choices=["state", "write"], default=TOY_SITE[0])
-    parser.add_argument("--windows", type=int, default=12, help="held-out windows of --length tokens")
+    parser.add_argument("--windows", type=int, default=24, help="held-out windows of --length tokens")
     parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--firings", type=int, default=240, help="firings for the substitution test (whole features, "
+    parser.add_argument("--firings", type=int, default=520, help="firings for the substitution test (whole features, "
                         ">= 5 and <= 30 firings each)")
     parser.add_argument("--atoms", type=int, default=12, help="atoms for the logit-shift audit")
     parser.add_argument("--seed", type=int, default=0)

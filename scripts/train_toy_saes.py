@@ -124,6 +124,8 @@ def write_card(report: dict, out: Path, args) -> None:
     if still_falling:
         lines += ["", f"**Not converged**: held-out FVU still fell by more than 1% over the last interval for "
                       f"{', '.join(still_falling)} (a CPU-sized budget; raise `--tokens`)."]
+    lines += ["", "Spliced into the model and scored with SAELens's evals on documentation text (CE-loss score,",
+              "KL, explained variance): `scripts/eval_toy_saes.py`, which writes `eval_report.json` here."]
     lines += [
         "",
         "```python",

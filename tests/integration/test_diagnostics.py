@@ -8,7 +8,7 @@ import torch
 import writesae_lens.saes  # noqa: F401  (registers the architectures)
 from hooked_ssm import HookedSSM
 from writesae_lens.analysis.diagnostics import firing_cosines, linear_response, state_ablation_kl
-from writesae_lens.interventions.substitution import kl_divergence
+from writesae_lens.interventions.engine import kl_divergence
 from writesae_lens.saes import WriteSAE, WriteSAEConfig
 
 LAYER, HEAD = 1, 2  # a Gated DeltaNet layer of the hybrid fixture (layers: lin, lin, full, lin, full)
@@ -46,8 +46,9 @@ def test_state_ablation_equals_cancelling_the_state_through_the_write(model, tok
             logits = model.run_with_hooks(tokens[w : w + 1], fwd_hooks=[(f"blocks.{LAYER}.mixer.hook_write", cancel)])
             expected_next.append(float(kl_divergence(logits[0, t + 1], base[w, t + 1])))
             expected_last.append(float(kl_divergence(logits[0, -1], base[w, -1])))
-    np.testing.assert_allclose(got["kl_next"], expected_next, rtol=1e-3, atol=1e-9)
-    np.testing.assert_allclose(got["kl_last"], expected_last, rtol=1e-3, atol=1e-9)
+    # float32 forwards: a KL of 1e-6 carries an absolute error of ~1e-8
+    np.testing.assert_allclose(got["kl_next"], expected_next, rtol=1e-3, atol=1e-7)
+    np.testing.assert_allclose(got["kl_last"], expected_last, rtol=1e-3, atol=1e-7)
 
 
 def test_firing_cosines_match_a_hand_computed_frobenius_cosine(model, tokens):

@@ -27,17 +27,18 @@ from jaxtyping import Float, Int
 from scipy import stats
 from torch import Tensor
 
-from writesae_lens.interventions.firings import resolve_site, unit_atoms
-from writesae_lens.interventions.substitution import kl_divergence
+from writesae_lens.interventions.atoms import unit_atoms
+from writesae_lens.interventions.engine import kl_divergence
+from writesae_lens.interventions.sites import resolve_site
 
 CONDITIONS = ("atom", "delete", "random")
 
 
-def _state_zeroing_hook(head: int, positions: Tensor):
-    """A ``hook_state`` hook that sets row ``r``'s state of ``head`` at ``positions[r]`` to zero."""
+def _state_zeroing_hook(head: int):
+    """A ``hook_state`` hook (one selected position) that sets the state of ``head`` to zero."""
 
-    def hook(states: Float[Tensor, "batch pos head dk_dv"], hook: Any) -> Tensor:
-        states[torch.arange(states.shape[0]), positions.to(states.device), head] = 0
+    def hook(states: Float[Tensor, "batch 1 head dk_dv"], hook: Any) -> Tensor:
+        states[:, 0, head] = 0
         return states
 
     return hook
@@ -69,16 +70,20 @@ def state_ablation_kl(
     plan = [(w, int(t)) for w in range(n_windows)
             for t in torch.randint(min_position, length - 1, (positions_per_window,), generator=g)]
     base = model(tokens).double().log_softmax(-1)
-    kl_next, kl_last = [], []
-    for start in range(0, len(plan), batch_size):
-        chunk = plan[start : start + batch_size]
-        rows = torch.tensor([w for w, _ in chunk])
-        ts = torch.tensor([t for _, t in chunk])
-        hook = _state_zeroing_hook(site.head, ts)
-        logits = model.run_with_hooks(tokens[rows], fwd_hooks=[(site.mixer_hook("hook_state"), hook)]).double()
-        batch = torch.arange(len(chunk))
-        kl_next += kl_divergence(logits[batch, ts + 1], base[rows, ts + 1]).tolist()
-        kl_last += kl_divergence(logits[:, -1], base[rows, -1]).tolist()
+    kl_next, kl_last = [0.0] * len(plan), [0.0] * len(plan)
+    by_position: dict[int, list[int]] = {}
+    for i, (_, t) in enumerate(plan):
+        by_position.setdefault(t, []).append(i)
+    hook = [(site.mixer_hook("hook_state"), _state_zeroing_hook(site.head))]
+    for t, indices in sorted(by_position.items()):
+        # One selected position: the state there is replaced and the recurrence continues from it.
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            rows = torch.tensor([plan[i][0] for i in chunk])
+            logits = model.run_with_hooks(tokens[rows], fwd_hooks=hook, state_positions=[t]).double()
+            for i, kn, kl in zip(chunk, kl_divergence(logits[:, t + 1], base[rows, t + 1]).tolist(),
+                                 kl_divergence(logits[:, -1], base[rows, -1]).tolist()):
+                kl_next[i], kl_last[i] = kn, kl
     return {
         "n": len(plan),
         "median_next": float(np.median(kl_next)),

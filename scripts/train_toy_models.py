@@ -372,7 +372,7 @@ def evaluate(model, stream: torch.Tensor, device: torch.device, batch: int = 32,
 
 @torch.no_grad()
 def evaluate_tasks(model, rows: torch.Tensor, masks: torch.Tensor, device: torch.device, batch: int = 32) -> dict:
-    """Loss on task rows and accuracy (argmax) on their memory targets, overall and per task."""
+    """Loss on task rows and accuracy (argmax) on their memory targets."""
     model.eval()
     total, count, hits, targets = 0.0, 0, 0, 0
     for i in range(0, len(rows), batch):

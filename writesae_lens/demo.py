@@ -26,8 +26,6 @@ import time
 
 import torch
 
-from hooked_ssm.pretrained.toy.data import mixed_windows, text_windows
-
 TOY_RELEASE = "writesae-toy-gdn"
 TOY_SITE = ("state", 1, 0)  # (site, layer, head) of the bundled SAE the demo uses
 
@@ -65,6 +63,7 @@ def load_or_train_sae(model, args: argparse.Namespace):
         return SAE.from_pretrained(TOY_RELEASE, f"blocks.{layer}.mixer.hook_{args.site}.h{head}")
     from datasets import Dataset
 
+    from hooked_ssm.pretrained.toy.data import mixed_windows, text_windows
     from writesae_lens.training import build_runner
 
     rows = mixed_windows("train", 128, 2 * len(text_windows("train", 128)))
@@ -84,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from writesae_lens.analysis.report import format_logit_shift_table, format_summary_table
     from writesae_lens.interventions.logit_shift import run_logit_shift_audit
     from writesae_lens.interventions.substitution import run_substitution_test
+    from hooked_ssm.pretrained.toy.data import mixed_windows
     from writesae_lens.analysis.diagnostics import format_diagnostics, memory_diagnostics
 
     torch.manual_seed(args.seed)

@@ -14,9 +14,9 @@ its training does not affect the timing). Three scoring windows are timed:
 - ``score="last", horizon=32``: the window ends 32 tokens after the firing;
 - ``score="next"``: the window is the firing's next token.
 
-A fourth row repeats the default window at layer 2, head 1 (the toy's last Gated DeltaNet layer):
-there the fast path runs blocks 2-3 only (an edit cannot change earlier blocks), as it would at
-the paper's deeper sites.
+A fourth row repeats the default window at layer 1, head 1 (the toy's last Gated DeltaNet layer):
+there the fast path runs block 1 only (an edit cannot change earlier blocks), as it would at the
+paper's deeper sites.
 
 Where SAELens is not importable (the GPU machine) the ``writesae_lens`` package ``__init__`` (which
 imports SAELens) is bypassed to import ``writesae_lens.interventions`` alone, and a stand-in with
@@ -119,7 +119,7 @@ def run(settings: Settings) -> None:
         positions = sorted((torch.randperm(LENGTH - 2, generator=gen)[:per_prompt] + 1).tolist())
         for t in positions:
             placed.append((p, t, int(torch.randint(0, 512, (1,), generator=gen))))
-    variants = [(0, "last", None), (0, "last", 32), (0, "next", None), (2, "last", None)]
+    variants = [(0, "last", None), (0, "last", 32), (0, "next", None), (1, "last", None)]
     for layer, score, horizon in variants:
         site = Site(layer=layer, head=1, kind="write")
         firings = [Firing(p, t, site.layer, site.head, atom, 1.0, 1.0, 1.0) for p, t, atom in placed]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from random_weights import randomize_
 from transformers import (
     Qwen3_5Config,
     Qwen3_5ForCausalLM,
@@ -30,16 +31,6 @@ def gdn_text_kwargs(**overrides) -> dict:
     )
     kwargs.update(overrides)
     return kwargs
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Perturb every parameter: HF initialises norms to 0/1 and gates to constants, which would hide bugs."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            scale = 0.3 if ("norm" in name or "A_log" in name or "dt_bias" in name) else 0.05
-            param.add_(scale * torch.randn(param.shape, generator=gen))
-    return model.eval()
 
 
 def save(model, tmp_path_factory, name):

@@ -1,18 +1,21 @@
 """``writesae demo``: the paper's headline checks on the bundled toy GDN model and its WriteSAE.
 
 Loads ``toy-gdn`` and the bundled release ``writesae-toy-gdn`` (or, with ``--train``, trains a
-fresh WriteSAE through SAELens's runner first), then on held-out text (the toy corpus's
-validation split) runs
+fresh WriteSAE through SAELens's runner first), then on held-out windows of the toy's data (the
+validation split: corpus text and synthetic memory tasks, alternating, as the toy was trained) runs
 
 1. the substitution test with the paper's defaults (feature i's own atom at its firings, >= 5
    and <= 30 firings per feature, a silent feature's atom as the random control, KL at the window's
-   end with t+1 beside it), and
-2. the closed-form logit-shift audit (gate / jvp forms, then the fitted form beside its null
+   end with t+1 beside it),
+2. the memory diagnostics (whole-state ablation KL of the head, median KL per condition, the
+   firing atoms' cosine to the native writes against the linear-response prediction), and
+3. the closed-form logit-shift audit (gate / jvp forms, then the fitted form beside its null
    baseline; R^2 per (atom, eps) cell),
 
-and prints both tables beside the paper's numbers, naming which column is the toy and which is
-Qwen3.5-0.8B (and at which layers). ``--json PATH`` writes both summaries. The toy model is 4.5M
-parameters trained for minutes: its numbers are a smoke test of the machinery, not a replication.
+and prints the tables beside the paper's numbers, naming which column is the toy and which is
+Qwen3.5-0.8B (and at which layers). ``--json PATH`` writes the summaries (``substitution``,
+``memory``, ``logit_shift``). The toy model has about a million parameters, trained for minutes on
+a CPU: its numbers test the machinery, they are not a replication.
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", action="store_true", help="retrain the WriteSAE through SAELens first")
     parser.add_argument("--train-tokens", type=int, default=51_200, help="tokens for --train")
     parser.add_argument("--site", choices=["state", "write"], default=TOY_SITE[0])
-    parser.add_argument("--windows", type=int, default=12, help="held-out windows of --length tokens")
+    parser.add_argument("--windows", type=int, default=24, help="held-out windows of --length tokens")
     parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--firings", type=int, default=240, help="firings for the substitution test (whole features, "
+    parser.add_argument("--firings", type=int, default=520, help="firings for the substitution test (whole features, "
                         ">= 5 and <= 30 firings each)")
     parser.add_argument("--atoms", type=int, default=12, help="atoms for the logit-shift audit")
     parser.add_argument("--seed", type=int, default=0)
@@ -60,9 +63,10 @@ def load_or_train_sae(model, args: argparse.Namespace):
         return SAE.from_pretrained(TOY_RELEASE, f"blocks.{layer}.mixer.hook_{args.site}.h{head}")
     from datasets import Dataset
 
+    from hooked_ssm.pretrained.toy.data import mixed_windows, text_windows
     from writesae_lens.training import build_runner
 
-    rows = corpus_windows(model, "train", 128)
+    rows = mixed_windows("train", 128, 2 * len(text_windows("train", 128)))
     runner = build_runner(
         model, Dataset.from_dict({"input_ids": rows.tolist()}), layer, head, args.site, architecture="writesae",
         d_sae=512, k=16, training_tokens=args.train_tokens, context_size=128, lr=1e-3,
@@ -79,23 +83,29 @@ def run(args: argparse.Namespace) -> int:
     from writesae_lens.analysis.report import format_logit_shift_table, format_summary_table
     from writesae_lens.interventions.logit_shift import run_logit_shift_audit
     from writesae_lens.interventions.substitution import run_substitution_test
+    from hooked_ssm.pretrained.toy.data import mixed_windows
+    from writesae_lens.analysis.diagnostics import format_diagnostics, memory_diagnostics
 
     torch.manual_seed(args.seed)
     start = time.time()
     model = HookedSSM.from_pretrained("toy-gdn", device="cpu")
     sae = load_or_train_sae(model, args)
     _, layer, head = TOY_SITE
-    tokens = corpus_windows(model, "validation", args.length, limit=args.windows)
+    tokens = mixed_windows("validation", args.length, args.windows)
     print(f"toy-gdn, WriteSAE on blocks.{layer}.mixer.hook_{args.site} head {head}: {sae.cfg.d_sae} atoms, "
           f"k={sae.cfg.k}; held-out text: {tokens.shape[0]} windows x {tokens.shape[1]} tokens\n")
 
     with torch.no_grad():
-        _, summary = run_substitution_test(
+        rows, summary = run_substitution_test(
             model, sae, layer, head, tokens, max_firings=args.firings, seed=args.seed, progress=True
         )
     summary["config"]["model"] = "toy-gdn (toy)"
     print(format_summary_table(summary, paper=PAPER_SUBSTITUTION,
                                title="Substitution test: the toy GDN (this run) beside the paper's Qwen3.5-0.8B"))
+    with torch.no_grad():
+        diagnostics = memory_diagnostics(model, sae, tokens, rows, seed=args.seed)
+    print()
+    print(format_diagnostics(diagnostics))
     _, shift_summary = run_logit_shift_audit(
         model, sae, layer, head, tokens, n_atoms=args.atoms, seed=args.seed, progress=True
     )
@@ -106,8 +116,9 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "json", None):
         from writesae_lens.cli import write_summary_json
 
-        write_summary_json(args.json, {"substitution": summary, "logit_shift": shift_summary})
-    print(f"\nToy-model numbers (4.5M parameters, minutes of training) test the machinery; they are not a "
+        write_summary_json(args.json, {"substitution": summary, "memory": diagnostics, "logit_shift": shift_summary})
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"\nToy-model numbers ({n_params / 1e6:.1f}M parameters, minutes of training) test the machinery; they are not a "
           f"replication of the paper. Total {time.time() - start:.0f} s.")
     return 0
 

@@ -18,7 +18,10 @@ def test_writesae_demo_prints_the_headline_tables(tmp_path):
     assert "Substitution test" in out and "win rate P(KL_atom < KL_delete)" in out
     assert "toy-gdn (toy)" in out and "paper: Qwen3.5-0.8B L1/L9/L17 H4" in out
     assert "Closed-form logit shift" in out and "null baseline" in out
-    assert "not a replication" in out
+    assert "not a replication" in out and "whole-state ablation KL" in out
     summaries = json.loads((tmp_path / "demo.json").read_text())
     assert summaries["substitution"]["population"]["min_firings_per_atom"] == 5
     assert "fitted_null" in summaries["logit_shift"]["forms"]
+    memory = summaries["memory"]
+    assert memory["state_ablation_kl"] > 0 and (memory["layer"], memory["head"]) == (1, 0)
+    assert memory["linear_response"]["n"] == summaries["substitution"]["n"]

@@ -15,7 +15,7 @@ from types import ModuleType
 
 import pytest
 import torch
-from conftest import randomize_
+from random_weights import randomize_
 from test_gdn_hooks import brute_force_rule
 from test_mamba2_hybrids import check_generation
 from transformers import (

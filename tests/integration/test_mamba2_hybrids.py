@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_
+from random_weights import randomize_
 from test_mamba2_parity import explicit_mixer
 from transformers import (
     BambaConfig,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_
+from random_weights import randomize_
 from test_mamba2_hybrids import check_generation
 from transformers import MiniMaxConfig, MiniMaxForCausalLM
 

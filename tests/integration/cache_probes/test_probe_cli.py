@@ -25,7 +25,7 @@ def test_steer_erase_amplify(capsys, tmp_path):
     assert "100.0% (native 33.3%" in printed and "84.6%" in printed and "key='atom'" in printed
     assert summary["installs"]["config"]["starts"] == [9, 10, 11, 12, 13] and summary["sign_prediction"]["n"] == 10
 
-    printed, summary = run(capsys, tmp_path, "erase", "--n-windows", "8", "--feature", "113", "--n", "5",
+    printed, summary = run(capsys, tmp_path, "erase", "--n-windows", "8", "--feature", "152", "--n", "5",
                            "--control-n", "3", "--dose-n", "2")
     assert "variant: erase='write'" in printed and "-0.116" in printed and "m=4" in printed
     assert summary["firing"]["n"] == 5 and len(summary["dose_sweep"]["median_by_dose"]) == 6

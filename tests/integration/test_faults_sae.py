@@ -31,7 +31,7 @@ def sae():
 
 @pytest.fixture(scope="module")
 def models():
-    return {"gdn": HookedSSM.from_pretrained("toy-gdn"), "rwkv7": HookedSAESSM.from_pretrained("toy-rwkv7")}
+    return {"gdn": HookedSSM.from_pretrained("toy-gdn"), "mamba2": HookedSAESSM.from_pretrained("toy-mamba2")}
 
 
 @pytest.fixture()
@@ -67,8 +67,8 @@ ERRORS = [
      ValueError, ["atoms -1 out of range", "indices 0..511"]),
     ("feature index out of range (amplification)", lambda s, m, d: _with_amplified(m["gdn"], s, [600]),
      ValueError, ["features 600 out of range"]),
-    ("SAE of another model spliced with strict=True", lambda s, m, d: m["rwkv7"].add_sae(s, strict=True),
-     SAEModelMismatchError, ["trained on model 'toy-gdn'", "used on 'toy-rwkv7'", "load the SAE trained for this model"]),
+    ("SAE of another model spliced with strict=True", lambda s, m, d: m["mamba2"].add_sae(s, strict=True),
+     SAEModelMismatchError, ["trained on model 'toy-gdn'", "used on 'toy-mamba2'", "load the SAE trained for this model"]),
     ("protocol site on another head with strict=True", lambda s, m, d: resolve_site(m["gdn"], s, 1, 2, strict=True),
      SAEModelMismatchError, ["trained on head 0", "used on head 2"]),
 ]
@@ -80,7 +80,7 @@ def test_fault_gets_a_clear_error(sae, models, truncated_sae_dir, call, error, f
         with pytest.raises(error) as info:
             call(sae, models, truncated_sae_dir)
     finally:
-        models["rwkv7"].reset_saes()
+        models["mamba2"].reset_saes()
     message = str(info.value)
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in: {message}"
@@ -88,12 +88,12 @@ def test_fault_gets_a_clear_error(sae, models, truncated_sae_dir, call, error, f
 
 
 WARNINGS = [
-    ("SAE of another model spliced", lambda s, m: m["rwkv7"].add_sae(s),
-     ["trained on model 'toy-gdn'", "used on 'toy-rwkv7'"]),
-    ("SAE of another model in a protocol", lambda s, m: resolve_site(m["rwkv7"], s),
-     ["trained on model 'toy-gdn'", "used on 'toy-rwkv7'"]),
-    ("protocol on another layer", lambda s, m: resolve_site(m["gdn"], s, 2, 0),
-     ["trained on hook 'blocks.1.mixer.hook_write'", "used on 'blocks.2.mixer.hook_write'"]),
+    ("SAE of another model spliced", lambda s, m: m["mamba2"].add_sae(s),
+     ["trained on model 'toy-gdn'", "used on 'toy-mamba2'"]),
+    ("SAE of another model in a protocol", lambda s, m: resolve_site(m["mamba2"], s),
+     ["trained on model 'toy-gdn'", "used on 'toy-mamba2'"]),
+    ("protocol on another layer", lambda s, m: resolve_site(m["gdn"], s, 0, 0),
+     ["trained on hook 'blocks.1.mixer.hook_write'", "used on 'blocks.0.mixer.hook_write'"]),
     ("protocol on another head", lambda s, m: resolve_site(m["gdn"], s, 1, 3),
      ["trained on head 0", "used on head 3"]),
 ]
@@ -105,7 +105,7 @@ def test_mismatch_warns_naming_both_sides(sae, models, call, fragments):
         with pytest.warns(SAEModelMismatchWarning) as record:
             call(sae, models)
     finally:
-        models["rwkv7"].reset_saes()
+        models["mamba2"].reset_saes()
     message = " ".join(str(w.message) for w in record if issubclass(w.category, SAEModelMismatchWarning))
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in: {message}"

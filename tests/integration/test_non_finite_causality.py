@@ -46,16 +46,16 @@ def test_non_finite_at_t_leaves_earlier_positions_alone(name, leaf, value, execu
     assert not torch.isfinite(poisoned[:, T:]).all()  # it does reach t and later
 
 
-def test_attention_keeps_a_non_finite_key_out_of_earlier_queries():
-    model = HookedSSM.from_pretrained("toy-gdn")  # layer 3 is full attention
-    assert model.cfg.layer_types[3] == "full_attention"
+def test_attention_keeps_a_non_finite_key_out_of_earlier_queries(qwen35):
+    model = HookedSSM.from_pretrained(qwen35[0])  # the tiny Qwen3.5: layer 2 is full attention
+    assert model.cfg.layer_types[2] == "full_attention"
     tokens = torch.randint(3, model.cfg.d_vocab, (1, 30), generator=torch.Generator().manual_seed(1))
     for leaf in ("hook_k", "hook_v"):
         with torch.no_grad():
             clean = model(tokens)
-            for names in ([], ["blocks.3.attn.hook_pattern"]):  # fused and hooked attention
+            for names in ([], ["blocks.2.attn.hook_pattern"]):  # fused and hooked attention
                 caching = [(name, lambda act, hook: None) for name in names]
-                hooks = [(f"blocks.3.attn.{leaf}", poison(float("nan"), T_ATTN)), *caching]
+                hooks = [(f"blocks.2.attn.{leaf}", poison(float("nan"), T_ATTN)), *caching]
                 poisoned = model.run_with_hooks(tokens, fwd_hooks=hooks)
                 torch.testing.assert_close(poisoned[:, :T_ATTN], clean[:, :T_ATTN])
                 assert not torch.isfinite(poisoned[:, T_ATTN:]).all()

@@ -156,11 +156,24 @@ def _assert_close(a, b, path="summary"):
         assert a == b, path
 
 
+# The killed run: `writesae` with a pause after each appended row, so that the kill (at any moment
+# of a pause) lands mid-run however fast the toy run is and however loaded the machine is.
+SLOW_APPENDS = """
+import sys, time
+import writesae_lens.analysis  # noqa: F401  (first: run_record imported alone is a circular import)
+from writesae_lens.run_record import ResultsFile
+append = ResultsFile.append
+ResultsFile.append = lambda self, rows: (append(self, rows), time.sleep(0.5))[0]
+import writesae_cli
+sys.exit(writesae_cli.main(sys.argv[1:]))
+"""
+
+
 def test_killed_run_resumes_to_the_uninterrupted_summary(finished_run, tmp_path):
     """SIGKILL a run mid-way: every line left is a whole row; --resume finishes it; the summary
     equals the uninterrupted run's (same rows, same record)."""
     out = tmp_path / "killed.jsonl"
-    argv = [sys.executable, "-m", "writesae_cli", *substitute("--out", str(out))]
+    argv = [sys.executable, "-c", SLOW_APPENDS, *substitute("--out", str(out))]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300

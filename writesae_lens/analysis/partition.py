@@ -25,12 +25,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from writesae_lens.analysis.report import format_partition_table
 from sklearn.mixture import GaussianMixture
 
-from writesae_lens.interventions.engine import as_prompt_list, prompt_batches
-from writesae_lens.interventions.observe import observe_site
-from writesae_lens.interventions.sites import resolve_site
+from writesae_lens.analysis.report import format_partition_table
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -94,6 +91,11 @@ def register_bundle_partition(
     ``{"register", "bundle", "dead"}``, ``p_register``) and the counts, ``delta_bic``, the mixture
     parameters and the mean median-cosine of each class.
     """
+    # Imported here: the interventions import the analysis package (its statistics and run records).
+    from writesae_lens.interventions.engine import as_prompt_list, prompt_batches
+    from writesae_lens.interventions.observe import observe_site
+    from writesae_lens.interventions.sites import resolve_site
+
     site = resolve_site(model, sae, layer, head)
     d_k, d_v = model.cfg.d_k, model.cfg.d_v
     prompts = as_prompt_list(tokens)

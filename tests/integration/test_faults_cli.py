@@ -160,7 +160,6 @@ def _assert_close(a, b, path="summary"):
 # of a pause) lands mid-run however fast the toy run is and however loaded the machine is.
 SLOW_APPENDS = """
 import sys, time
-import writesae_lens.analysis  # noqa: F401  (first: run_record imported alone is a circular import)
 from writesae_lens.run_record import ResultsFile
 append = ResultsFile.append
 ResultsFile.append = lambda self, rows: (append(self, rows), time.sleep(0.5))[0]

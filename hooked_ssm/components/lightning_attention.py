@@ -24,16 +24,10 @@ from transformer_lens.hook_points import HookPoint
 
 from hooked_ssm.components.norms import RMSNorm
 from hooked_ssm.components.padding import fill_pads, real_tokens
-from hooked_ssm.components.recurrent_mixer import (
-    log_decay_through_hook,
-    observe_write_factors,
-    runs_recurrent,
-    scan_with_state_hooks,
-    write_edits,
-)
+from hooked_ssm.components.mamba2 import scan_ssd_with_hooks
+from hooked_ssm.components.recurrent_mixer import log_decay_through_hook, observe_write_factors
 from hooked_ssm.config import HookedSSMConfig
 from hooked_ssm.hook_names import MATRIX_STATE_HOOK_DIMS, HookDims
-from hooked_ssm.ops.ssd import chunked_ssd, recurrent_ssd, ssd_with_edits
 from hooked_ssm.state import MixerCache
 
 OUTPUT_NORM_EPS = 1e-6  # MiniMaxLightningAttention's norm, whatever rms_norm_eps says
@@ -100,18 +94,4 @@ class LightningAttentionMixer(nn.Module):
         return self.out_proj(z.flatten(-2))
 
     def _scan(self, q, k, v, log_decay, initial_state, state_positions):
-        """Run the recurrence: hook_write edits persist, hook_state returns replace (recurrent_mixer)."""
-        native_write = lambda: (k[..., :, None] * v[..., None, :]).flatten(-2)  # noqa: E731
-        edits = write_edits(self.hook_write, native_write, self.d_k, self.d_v)
-        if not (edits or self.hook_state.has_hooks()):
-            if runs_recurrent(self.execution, q.shape[1], q.device):
-                return recurrent_ssd(q, k, v, log_decay, initial_state)[:2]
-            return chunked_ssd(q, k, v, log_decay, initial_state, self.chunk_size)[:2]
-
-        def scan(segment, state, edits, positions):
-            inputs = (q[:, segment], k[:, segment], v[:, segment], log_decay[:, segment], state, edits, positions)
-            if runs_recurrent(self.execution, segment.stop - segment.start, q.device):
-                return recurrent_ssd(*inputs)
-            return ssd_with_edits(*inputs, self.chunk_size)
-
-        return scan_with_state_hooks(self.hook_state, scan, q, initial_state, edits, state_positions)
+        return scan_ssd_with_hooks(self, q, k, v, log_decay, initial_state, state_positions)

@@ -167,18 +167,25 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(z.reshape(batch, length, self.d_inner).to(x.dtype))
 
     def _scan(self, q, k, v, log_decay, initial_state, state_positions):
-        """Run the recurrence: hook_write edits persist, hook_state returns replace (recurrent_mixer)."""
-        native_write = lambda: (k[..., :, None] * v[..., None, :]).flatten(-2)  # noqa: E731
-        edits = write_edits(self.hook_write, native_write, self.d_state, self.headdim)
-        if not (edits or self.hook_state.has_hooks()):
-            if runs_recurrent(self.execution, q.shape[1], q.device):
-                return recurrent_ssd(q, k, v, log_decay, initial_state)[:2]
-            return chunked_ssd(q, k, v, log_decay, initial_state, self.chunk_size)[:2]
+        return scan_ssd_with_hooks(self, q, k, v, log_decay, initial_state, state_positions)
 
-        def scan(segment, state, edits, positions):
-            inputs = (q[:, segment], k[:, segment], v[:, segment], log_decay[:, segment], state, edits, positions)
-            if runs_recurrent(self.execution, segment.stop - segment.start, q.device):
-                return recurrent_ssd(*inputs)
-            return ssd_with_edits(*inputs, self.chunk_size)
 
-        return scan_with_state_hooks(self.hook_state, scan, q, initial_state, edits, state_positions)
+def scan_ssd_with_hooks(mixer: nn.Module, q, k, v, log_decay, initial_state, state_positions):
+    """The SSD recurrence of ``mixer`` (Mamba-2, or any mixer on the SSD ops: MiniMax's lightning
+    attention), honouring its hooks: hook_write edits persist, hook_state returns replace
+    (recurrent_mixer). ``mixer`` supplies hook_write, hook_state, execution and chunk_size."""
+    d_k, d_v = k.shape[-1], v.shape[-1]
+    native_write = lambda: (k[..., :, None] * v[..., None, :]).flatten(-2)  # noqa: E731
+    edits = write_edits(mixer.hook_write, native_write, d_k, d_v)
+    if not (edits or mixer.hook_state.has_hooks()):
+        if runs_recurrent(mixer.execution, q.shape[1], q.device):
+            return recurrent_ssd(q, k, v, log_decay, initial_state)[:2]
+        return chunked_ssd(q, k, v, log_decay, initial_state, mixer.chunk_size)[:2]
+
+    def scan(segment, state, edits, positions):
+        inputs = (q[:, segment], k[:, segment], v[:, segment], log_decay[:, segment], state, edits, positions)
+        if runs_recurrent(mixer.execution, segment.stop - segment.start, q.device):
+            return recurrent_ssd(*inputs)
+        return ssd_with_edits(*inputs, mixer.chunk_size)
+
+    return scan_with_state_hooks(mixer.hook_state, scan, q, initial_state, edits, state_positions)

@@ -52,6 +52,19 @@ def mamba_fields(hf: PretrainedConfig) -> dict[str, Any]:
     )
 
 
+def plain_attention_fields(hf: PretrainedConfig, head_dim: int) -> dict[str, Any]:
+    """The attention layers' fields of hybrids whose attention is plain (no output gate, no q/k norm):
+    Bamba, Granite 4.0-H, Falcon-H1, NemotronH. RoPE comes separately (``rope_fields``)."""
+    return dict(
+        n_attn_heads=hf.num_attention_heads,
+        n_kv_heads=hf.num_key_value_heads,
+        d_head=head_dim,
+        attn_output_gate=False,
+        attn_qk_norm="none",
+        attn_bias=bool(hf.attention_bias),
+    )
+
+
 def config_from_hf(hf: PretrainedConfig) -> dict[str, Any]:
     if hf.hidden_act != "silu":  # also the mixer's conv activation
         raise CheckpointError(f"Bamba with hidden_act={hf.hidden_act!r} is not supported (only 'silu').")
@@ -60,13 +73,8 @@ def config_from_hf(hf: PretrainedConfig) -> dict[str, Any]:
         **transformers_fields(hf, "BambaForCausalLM"),
         layer_types=[_LAYER_TYPES[kind] for kind in hf.layers_block_type],
         **mamba_fields(hf),
-        n_attn_heads=hf.num_attention_heads,
-        n_kv_heads=hf.num_key_value_heads,
-        d_head=head_dim,
+        **plain_attention_fields(hf, head_dim),
         **rope_fields(hf, head_dim),
-        attn_output_gate=False,
-        attn_qk_norm="none",
-        attn_bias=bool(hf.attention_bias),
         d_mlp=hf.intermediate_size,
         act_fn=hf.hidden_act,
         mlp_bias=bool(hf.mlp_bias),

@@ -21,7 +21,7 @@ from torch import Tensor
 from transformers import AutoConfig, PretrainedConfig
 
 from hooked_ssm.config import HookedSSMConfig
-from hooked_ssm.pretrained.bamba import attention_weights, mamba_fields, mlp_weights, rope_fields
+from hooked_ssm.pretrained.bamba import attention_weights, mamba_fields, mlp_weights, plain_attention_fields, rope_fields
 from hooked_ssm.pretrained.checkpoint import CheckpointError, ensure_consumed, take, take_embeddings, transformers_fields
 from hooked_ssm.pretrained.mamba2 import mixer_weights
 from hooked_ssm.pretrained.torch_files import read_weights
@@ -50,13 +50,8 @@ def config_from_hf(hf: PretrainedConfig) -> dict[str, Any]:
         layer_types=["mamba2_parallel_attention"] * hf.num_hidden_layers,
         **mamba_fields(hf),
         ssm_norm=ssm_norm,
-        n_attn_heads=hf.num_attention_heads,
-        n_kv_heads=hf.num_key_value_heads,
-        d_head=head_dim,
+        **plain_attention_fields(hf, head_dim),
         **rope_fields(hf, head_dim),
-        attn_output_gate=False,
-        attn_qk_norm="none",
-        attn_bias=bool(hf.attention_bias),
         d_mlp=hf.intermediate_size,
         act_fn=hf.hidden_act,
         mlp_bias=bool(hf.mlp_bias),

@@ -18,7 +18,7 @@ from torch import Tensor
 from transformers import AutoConfig, PretrainedConfig
 
 from hooked_ssm.config import HookedSSMConfig
-from hooked_ssm.pretrained.bamba import mamba2_or_attention, mamba_fields, rope_fields
+from hooked_ssm.pretrained.bamba import mamba2_or_attention, mamba_fields, plain_attention_fields, rope_fields
 from hooked_ssm.pretrained.checkpoint import CheckpointError, ensure_consumed, take, take_embeddings, transformers_fields
 from hooked_ssm.pretrained.torch_files import read_weights
 
@@ -41,13 +41,8 @@ def config_from_hf(hf: PretrainedConfig) -> dict[str, Any]:
         **transformers_fields(hf, "GraniteMoeHybridForCausalLM"),
         layer_types=[_LAYER_TYPES[kind] for kind in hf.layers_block_type],
         **mamba_fields(hf),
-        n_attn_heads=hf.num_attention_heads,
-        n_kv_heads=hf.num_key_value_heads,
-        d_head=head_dim,
+        **plain_attention_fields(hf, head_dim),
         **rope,
-        attn_output_gate=False,
-        attn_qk_norm="none",
-        attn_bias=bool(hf.attention_bias),
         attn_scale=float(hf.attention_multiplier),
         d_mlp=hf.shared_intermediate_size,  # the dense MLP when there are no experts
         act_fn=hf.hidden_act,

@@ -16,7 +16,7 @@ from torch import Tensor
 from transformers import AutoConfig, PretrainedConfig
 
 from hooked_ssm.config import HookedSSMConfig
-from hooked_ssm.pretrained.bamba import attention_weights
+from hooked_ssm.pretrained.bamba import attention_weights, plain_attention_fields
 from hooked_ssm.pretrained.checkpoint import CheckpointError, ensure_consumed, take, take_embeddings, transformers_fields
 from hooked_ssm.pretrained.mamba2 import mixer_weights
 from hooked_ssm.pretrained.torch_files import read_weights
@@ -53,13 +53,8 @@ def config_from_hf(hf: PretrainedConfig) -> dict[str, Any]:
         proj_bias=bool(hf.use_bias),
         time_step_limit=tuple(hf.time_step_limit),
         residual_in_fp32=bool(hf.residual_in_fp32),
-        n_attn_heads=hf.num_attention_heads,
-        n_kv_heads=hf.num_key_value_heads,
-        d_head=head_dim,
+        **plain_attention_fields(hf, head_dim),
         rotary_dim=0,
-        attn_output_gate=False,
-        attn_qk_norm="none",
-        attn_bias=bool(hf.attention_bias),
         d_mlp=hf.intermediate_size,
         act_fn=hf.mlp_hidden_act,
         mlp_bias=bool(hf.mlp_bias),

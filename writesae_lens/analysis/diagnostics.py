@@ -13,7 +13,17 @@ how far the firing atoms are from the writes they replace.
   against deletion's ``||D_nat||^2``: a predicted ratio ``KL_atom / KL_delete = 2 (1 - cos)``, so
   the atom wins when ``cos > 1/2``. The measured ratio beside it shows how far the model's
   sensitivity is from isotropic.
-* :func:`memory_diagnostics` runs all three; :func:`format_diagnostics` prints them.
+* :func:`atom_alone_kl` and :func:`model_metric`: the same second-order picture in the model's
+  own metric, with no isotropy assumed. One more patched run per firing adds the matched-norm atom
+  *on top of* the native write (``KL_add = Q(a)``, the model's sensitivity to the atom alone);
+  with ``KL_delete = Q(E)`` and ``KL_atom = Q(a - E)`` the three give the atom's read strength
+  ``r = sqrt(Q(a) / Q(E))`` (how much louder the model hears a matched-norm atom than the write it
+  replaces) and the model-metric cosine ``rho = (Q(a) + Q(E) - Q(a - E)) / (2 sqrt(Q(a) Q(E)))``.
+  The atom wins exactly when ``rho > r / 2``: an atom the model reads as strongly as the write
+  (``r = 1``) must align to better than 1/2; a loud atom needs more, and no alignment rescues an
+  atom read more than twice as strongly (``rho <= 1``). ``|rho| > 1`` flags where the quadratic
+  picture fails (the edit is not small).
+* :func:`memory_diagnostics` runs them all; :func:`format_diagnostics` prints them.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ from scipy import stats
 from torch import Tensor
 
 from writesae_lens.interventions.atoms import unit_atoms
-from writesae_lens.interventions.engine import kl_divergence
+from writesae_lens.interventions.engine import KL, Branch, InterventionEngine, add_write, kl_divergence
 from writesae_lens.interventions.sites import resolve_site
 
 CONDITIONS = ("atom", "delete", "random")
@@ -148,6 +158,53 @@ def linear_response(rows: Sequence[dict[str, Any]], cosines: np.ndarray, n_bins:
     }
 
 
+@torch.no_grad()
+def atom_alone_kl(
+    model: Any, sae: Any, tokens: Int[Tensor, "window pos"], rows: Sequence[dict[str, Any]], batch_size: int = 8
+) -> dict[str, np.ndarray]:
+    """``KL_add`` per substitution row: the row's atom, at the row's scale, added to the native
+    write at the row's position (the write itself kept), scored at the positions the row was scored
+    at (``"next"``: ``t + 1``; ``"last"``: the row's ``window_end``) in the row's KL direction."""
+    site = resolve_site(model, sae)
+    d_k, d_v = model.cfg.d_k, model.cfg.d_v
+    atoms = unit_atoms(sae, torch.tensor([int(r["atom"]) for r in rows], dtype=torch.long), d_k, d_v).float().cpu()
+    branches = []
+    for r, atom in zip(rows, atoms):
+        t, end = int(r["position"]), int(r["window_end"])
+        branches.append(Branch(int(r["prompt"]), [add_write(site.layer, site.head, t, float(r["scale"]) * atom)],
+                               scored=sorted({t + 1, end}), end=end))
+    directions = {r.get("kl_direction", "patched_base") for r in rows}
+    if len(directions) != 1:
+        raise ValueError(f"rows mix KL directions {sorted(directions)}; pass rows of one run.")
+    results = InterventionEngine(model).run(tokens, branches, KL(directions.pop()), batch_size)
+    kl_next = [float(res.scores["kl"][0]) for res in results]  # t + 1 is the first scored position
+    kl_last = [float(res.scores["kl"][-1]) for res in results]
+    return {"next": np.array(kl_next, dtype=np.float64), "last": np.array(kl_last, dtype=np.float64)}
+
+
+def model_metric(rows: Sequence[dict[str, Any]], kl_add: np.ndarray, suffix: str = "") -> dict[str, Any]:
+    """Read strength ``r = sqrt(KL_add / KL_delete)`` and model-metric cosine ``rho`` per row (module
+    docstring), from the rows' ``kl_atom{suffix}`` / ``kl_delete{suffix}`` and ``kl_add``."""
+    kl_atom = np.array([r[f"kl_atom{suffix}"] for r in rows], dtype=np.float64)
+    kl_delete = np.array([r[f"kl_delete{suffix}"] for r in rows], dtype=np.float64)
+    # An edit the window's end no longer sees scores a KL of float64 rounding (|KL| ~ 1e-16, either sign).
+    kl_add, kl_delete = np.maximum(kl_add, 0.0), np.maximum(kl_delete, 0.0)
+    tiny = np.finfo(np.float64).tiny
+    strength = np.sqrt(kl_add / np.maximum(kl_delete, tiny))
+    rho = (kl_add + kl_delete - kl_atom) / np.maximum(2 * np.sqrt(kl_add * kl_delete), tiny)
+    return {
+        "n": len(rows),
+        "median_read_strength": float(np.median(strength)),
+        "fraction_atom_quieter": float((strength < 1).mean()),
+        "median_rho": float(np.median(rho)),
+        "fraction_rho_above_half": float((rho > 0.5).mean()),
+        "fraction_rho_outside_unit": float((np.abs(rho) > 1).mean()),
+        "win_rate": float((kl_atom < kl_delete).mean()),
+        # what the wins would be if every atom were heard exactly as loudly as its write
+        "win_rate_at_equal_strength": float((rho > 0.5).mean()),
+    }
+
+
 def condition_medians(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Median KL of each condition present in ``rows``."""
     return {c: float(np.median([r[f"kl_{c}"] for r in rows])) for c in CONDITIONS if rows and f"kl_{c}" in rows[0]}
@@ -162,11 +219,13 @@ def memory_diagnostics(
     positions_per_window: int = 8,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Whole-state ablation KL at the SAE's head, median KL per condition, and the cosine /
-    linear-response table of the substitution ``rows`` (run on ``tokens``)."""
+    """Whole-state ablation KL at the SAE's head, median KL per condition, the cosine /
+    linear-response table and the model-metric decomposition (at the window's end and at
+    ``t + 1``) of the substitution ``rows`` (run on ``tokens`` with ``score="last"``)."""
     site = resolve_site(model, sae)
     ablation = state_ablation_kl(model, site.layer, site.head, tokens,
                                  positions_per_window=positions_per_window, seed=seed)
+    kl_add = atom_alone_kl(model, sae, tokens, rows)
     return {
         "layer": site.layer,
         "head": site.head,
@@ -174,6 +233,8 @@ def memory_diagnostics(
         "state_ablation": {k: v for k, v in ablation.items() if not k.startswith("kl_")},
         "median_kl": condition_medians(rows),
         "linear_response": linear_response(rows, firing_cosines(model, sae, tokens, rows)),
+        "model_metric": {"last": model_metric(rows, kl_add["last"], "_last"),
+                         "next": model_metric(rows, kl_add["next"], "_next")},
     }
 
 
@@ -195,14 +256,25 @@ def format_diagnostics(diag: dict[str, Any]) -> str:
     for b in lr["bins"]:
         lines.append(f"  [{b['cos_low']:+.2f}, {b['cos_high']:+.2f}]  {b['n']:4d}   {100 * b['win_rate']:6.1f}%   "
                      f"{b['median_predicted_ratio']:8.3f}   {b['median_measured_ratio']:8.3f}")
+    lines.append("  in the model's own metric (one more run per firing: the atom added on top of the write):")
+    lines.append("  scored at     read strength r   atom quieter   cosine rho   rho > 1/2   |rho| > 1   win rate")
+    for where, label in (("last", "window end"), ("next", "t+1")):
+        m = diag["model_metric"][where]
+        lines.append(f"  {label:<12}  {m['median_read_strength']:15.3f}   {100 * m['fraction_atom_quieter']:11.1f}%"
+                     f"   {m['median_rho']:+10.3f}   {100 * m['fraction_rho_above_half']:8.1f}%"
+                     f"   {100 * m['fraction_rho_outside_unit']:8.1f}%   {100 * m['win_rate']:7.1f}%")
+    lines.append("  (medians; the atom wins iff rho > r/2: r = sqrt(KL_add/KL_delete), "
+                 "rho = (KL_add + KL_delete - KL_atom) / (2 sqrt(KL_add KL_delete)))")
     return "\n".join(lines)
 
 
 __all__ = [
+    "atom_alone_kl",
     "condition_medians",
     "firing_cosines",
     "format_diagnostics",
     "linear_response",
     "memory_diagnostics",
+    "model_metric",
     "state_ablation_kl",
 ]

@@ -15,18 +15,26 @@ from pathlib import Path
 from typing import Any
 
 from torch import Tensor
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig, xLSTMConfig
 
 from hooked_ssm.config import HookedSSMConfig
 from hooked_ssm.pretrained.checkpoint import CheckpointError, ensure_consumed, take, take_embeddings
 from hooked_ssm.pretrained.torch_files import read_weights
 
 
+# Which GPU kernels transformers' optional ``xlstm`` package should run. Without that package
+# ``xLSTMConfig`` accepts only its native kernel names and refuses a config that names Triton ones
+# (``chunkwise--triton_xl_chunk``, as xLSTM-7b's release does); the recurrence is the same, so they
+# are not read.
+_KERNEL_FIELDS = ("chunkwise_kernel", "sequence_kernel", "step_kernel")
+
+
 def read_checkpoint(
     source: Path, raw_config: dict, architecture: str, defaults: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     state = read_weights(source)
-    return config_from_hf(AutoConfig.from_pretrained(source), state), state
+    hf = xLSTMConfig.from_dict({key: value for key, value in raw_config.items() if key not in _KERNEL_FIELDS})
+    return config_from_hf(hf, state), state
 
 
 def config_from_hf(hf: PretrainedConfig, state: dict[str, Tensor]) -> dict[str, Any]:

@@ -6,6 +6,8 @@ recurrent cache."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -175,6 +177,20 @@ def test_fused_weights_match_transformers(xlstm, tmp_path):
     tokens = _tokens(2, 37)
     with torch.no_grad():
         assert (model(tokens) - hf_model(input_ids=tokens, use_cache=False).logits).abs().max() <= TOL
+
+
+def test_config_naming_triton_kernels_loads(xlstm, tmp_path):
+    """A config.json that names GPU kernels (as the xLSTM-7b release does), which transformers' own
+    ``xLSTMConfig`` refuses without the ``xlstm`` package, loads: the kernels do not change the math."""
+    directory, hf_model = xlstm
+    for file in directory.iterdir():
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(chunkwise_kernel="chunkwise--triton_xl_chunk", sequence_kernel="native_sequence__triton", step_kernel="triton")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tokens = _tokens(1, 20)
+    with torch.no_grad():
+        assert (HookedSSM.from_pretrained(tmp_path)(tokens) - hf_model(input_ids=tokens).logits).abs().max() <= TOL
 
 
 def test_brute_force_reference_matches_transformers(xlstm):

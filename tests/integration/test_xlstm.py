@@ -323,3 +323,23 @@ def test_left_padded_row_equals_the_row_alone(xlstm):
 def test_generation_with_the_recurrent_cache(xlstm, execution):
     directory, hf_model = xlstm
     check_generation(HookedSSM.from_pretrained(directory, execution=execution), hf_model)
+
+
+@pytest.mark.parametrize("execution", ["chunked", "recurrent"])
+@pytest.mark.parametrize("hook", ["hook_k", "hook_igate", "hook_fgate"])
+def test_non_finite_value_never_reaches_earlier_positions(xlstm, execution, hook):
+    """A NaN in a key or a gate at t (through the stabiliser's cumulative max, the normaliser and the
+    memory) never reaches positions before t (as tests/integration/test_non_finite_causality.py)."""
+    directory, _ = xlstm
+    model = HookedSSM.from_pretrained(directory, execution=execution)
+    tokens, at = _tokens(2, 40, seed=13), 25
+
+    def poison(value, hook):
+        value[:, at] = float("nan")
+
+    with torch.no_grad():
+        clean = model(tokens)
+        poisoned = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{LAYER}.mixer.{hook}", poison)])
+    # A chunked scan hands a non-finite input to the per-token form: earlier positions agree to rounding.
+    torch.testing.assert_close(poisoned[:, :at], clean[:, :at], atol=TOL, rtol=TOL)
+    assert not torch.isfinite(poisoned[:, at:]).all()

@@ -124,7 +124,7 @@ class MLSTMMixer(nn.Module):
     ) -> Float[Tensor, "batch pos d_model"]:
         batch, length, _ = x.shape
         real = real_tokens(attention_mask, length)
-        heads = lambda t, d: t.float().view(batch, length, self.n_heads, d)  # noqa: E731
+        heads = lambda y, d: y.float().view(batch, length, self.n_heads, d)  # noqa: E731
         q = heads(self.q_proj(x), self.d_k)
         k, v = self.hook_k(heads(self.k_proj(x), self.d_k)), self.hook_v(heads(self.v_proj(x), self.d_v))
         log_input = self.hook_igate(apply_softcap(self.input_gate(x).float(), self.gate_soft_cap))
@@ -134,15 +134,15 @@ class MLSTMMixer(nn.Module):
         # Pads: log forget 0 and log input -inf, so m_t = m_{t-1}, a_t = 1, s_t = 0 (identity steps).
         log_forget = fill_pads(F.logsigmoid(forget), real)
         log_input = fill_pads(log_input, real, float("-inf"))
-        initial_max = x.new_zeros(batch, self.n_heads, dtype=torch.float32) if cache is None or cache.max_state is None \
-            else cache.max_state
+        continuing = cache is not None and cache.max_state is not None
+        initial_max = cache.max_state if continuing else x.new_zeros(batch, self.n_heads, dtype=torch.float32)
         m = stabilizer(log_forget, log_input, initial_max)
         previous = torch.cat([initial_max.double()[:, None], m[:, :-1]], dim=1)
         log_decay = log_decay_through_hook(self.hook_decay, (log_forget + previous - m).float())
         strength = (log_input - m).exp().float()  # s_t
         m = m.float()
 
-        initial_n = None if cache is None or cache.normalizer is None else cache.normalizer[..., None]
+        initial_n = cache.normalizer[..., None] if continuing else None
         # The normaliser is the same recurrence with the value 1: its read is n_t . q_t.
         if runs_recurrent(self.execution, length, x.device):
             n_dot_q, final_n, _ = recurrent_ssd(q, k, strength[..., None], log_decay, initial_n)

@@ -59,6 +59,10 @@ class HookedSSMConfig:
     rwkv_v_lora: int = 0
     rwkv_gate_lora: int = 0
     group_norm_eps: float = 64e-5
+    # xLSTM's mLSTM: soft cap of the input/forget gate logits (<= 0: none) and the eps added to the
+    # read's normaliser.
+    mlstm_gate_soft_cap: float = -1.0
+    mlstm_eps: float = 1e-6
     # Full softmax attention layers of hybrids.
     n_attn_heads: int = 0
     n_kv_heads: int = 0
@@ -105,6 +109,9 @@ class HookedSSMConfig:
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_divisor: float = 1.0
+    # Logits soft cap ``cap * tanh(logits / cap)`` after the unembedding (xLSTM); <= 0: none
+    # (TransformerLens's field and convention).
+    output_logits_soft_cap: float = -1.0
     # MiniMax's residual: the sublayer's *normed input* is the residual (normed_residual), and
     # residual_factors[slot] = (alpha, beta) weigh it, ``alpha * base + beta * sublayer(...)``, per
     # block slot ("mixer", "attn", "mlp"; absent: (1, 1)).

@@ -30,6 +30,7 @@ from hooked_ssm.components.attention import GatedAttention
 from hooked_ssm.components.gated_deltanet import GatedDeltaNetMixer
 from hooked_ssm.components.lightning_attention import LightningAttentionMixer
 from hooked_ssm.components.mamba2 import Mamba2Mixer
+from hooked_ssm.components.mlstm import MLSTMCache, MLSTMMixer
 from hooked_ssm.components.parallel_hybrid import ParallelHybridBlock
 from hooked_ssm.components.rwkv7 import RWKV7Block, RWKV7Mixer
 from hooked_ssm.state import AttentionCache, MixerCache, NoCache, ParallelCache, RWKV7Cache
@@ -62,6 +63,7 @@ LAYER_KINDS: dict[str, LayerKind] = {
     "full_attention_nope": LayerKind(GatedAttention, AttentionCache, slot="attn", options={"rotary": False}),
     "sliding_attention": LayerKind(GatedAttention, AttentionCache, slot="attn", options={"sliding": True}),
     "lightning_attention": LayerKind(LightningAttentionMixer, MixerCache),
+    "mlstm": LayerKind(MLSTMMixer, MLSTMCache),  # xLSTM
     "mlp": LayerKind(None, NoCache, slot="mlp"),  # NemotronH's MLP / MoE layers
     # Falcon-H1: Mamba-2 and attention side by side in one block
     "mamba2_parallel_attention": LayerKind(Mamba2Mixer, ParallelCache, grouped_keys=True, block=ParallelHybridBlock),
@@ -101,6 +103,7 @@ CHECKPOINT_FAMILIES: tuple[CheckpointFamily, ...] = (
     CheckpointFamily("OLMo-Hybrid", "olmo_hybrid", ("OlmoHybridForCausalLM",), ("olmo_hybrid",)),
     CheckpointFamily("LaraMini", "lara_mini", ("LaraMiniForCausalLM",), ("lara_mini",)),
     CheckpointFamily("MiniMax", "minimax", ("MiniMaxForCausalLM",), ("minimax",)),
+    CheckpointFamily("xLSTM", "xlstm", ("xLSTMForCausalLM",), ("xlstm",)),
 )
 
 

@@ -59,7 +59,7 @@ class HookedSSM(HookedRootModule):
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
         self.blocks = nn.ModuleList(build_blocks(cfg))
         self.ln_final = build_final_norm(cfg)
-        self.unembed = Unembed(cfg.d_vocab, cfg.d_model, cfg.logits_divisor)
+        self.unembed = Unembed(cfg.d_vocab, cfg.d_model, cfg.logits_divisor, cfg.output_logits_soft_cap)
         if cfg.tie_word_embeddings:
             self.unembed.weight = self.embed.W_E
         self.tokenizer: PreTrainedTokenizerBase | None = None

@@ -4,7 +4,7 @@ put through the substitution test, whose fast path must equal naive re-runs. So 
 ``writesae_lens`` assumes one family.
 
 The tiny models are the parity tests' own (``HYBRIDS`` of test_mamba2_hybrids, ``VARIANTS`` of
-test_gdn_variants, test_minimax's), each with its recurrent layer at index 2.
+test_gdn_variants, test_minimax's, test_xlstm's), each with its recurrent layer at index 2.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from sae_lens import SAE
 from test_gdn_variants import VARIANTS
 from test_mamba2_hybrids import HYBRIDS
 from test_minimax import build as build_minimax
+from test_xlstm import build as build_xlstm
 
 import writesae_lens.saes  # noqa: F401  (registers the architectures)
 from hooked_ssm import HookedSSM
@@ -30,7 +31,8 @@ LAYER, HEAD = 2, 1
 FAMILIES = {"bamba": HYBRIDS["bamba"].build, "granitemoehybrid": HYBRIDS["granitemoehybrid"].build,
             "nemotron_h": HYBRIDS["nemotron_h"].build, "falcon_h1": HYBRIDS["falcon_h1"].build,
             "olmo_hybrid": VARIANTS["olmo_hybrid"].build, "lara_mini": VARIANTS["lara_mini"].build,
-            "qwen3_5_moe": VARIANTS["qwen3_5_moe"].build, "minimax": build_minimax}
+            "qwen3_5_moe": VARIANTS["qwen3_5_moe"].build, "minimax": build_minimax,
+            "xlstm": build_xlstm}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -220,6 +220,9 @@ class HookedSSM(HookedRootModule):
         if any(self.reads_embeddings[start_at_layer:]) and embeddings is None:
             raise ValueError("Zamba2's hybrid layers read the token embeddings besides the residual stream: pass "
                              "embeddings= (hook_embed of these positions).")
+        if embeddings is not None and embeddings.shape != input.shape:
+            raise ValueError(f"embeddings has shape {tuple(embeddings.shape)}, the residual stream {tuple(input.shape)}: "
+                             f"pass hook_embed of the same positions.")
         return start_at_layer
 
     def _check_tokens(self, tokens: Tensor) -> Tensor:

@@ -153,6 +153,8 @@ def test_start_at_layer_carries_the_token_embeddings(zamba2):
         resid = model(tokens, stop_at_layer=3)
         with pytest.raises(ValueError, match="embeddings="):
             model(resid, start_at_layer=3)
+        with pytest.raises(ValueError, match="same positions"):
+            model(resid, start_at_layer=3, embeddings=cache["hook_embed"][:, 1:])
         split = model(resid, start_at_layer=3, embeddings=cache["hook_embed"])
     torch.testing.assert_close(split, full, atol=1e-5, rtol=1e-5)
 

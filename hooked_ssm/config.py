@@ -141,6 +141,8 @@ class HookedSSMConfig:
             raise ValueError(
                 f"n_heads ({self.n_heads}) must be a positive multiple of n_key_heads ({self.n_key_heads})."
             )
+        if self.n_shared_blocks < 1:
+            raise ValueError(f"n_shared_blocks must be at least 1 (Zamba2's num_mem_blocks), not {self.n_shared_blocks}.")
         if self.norm_type not in ("rmsnorm", "layernorm"):
             raise ValueError(f"norm_type must be 'rmsnorm' or 'layernorm', not {self.norm_type!r}.")
         self.time_step_limit = (float(self.time_step_limit[0]), float(self.time_step_limit[1]))

@@ -14,6 +14,7 @@ import torch
 from test_mamba2_hybrids import HYBRIDS, TOL, _tokens
 
 from hooked_ssm import HookedSSM
+from hooked_ssm.pretrained.zamba2 import convert_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -168,3 +169,14 @@ def test_a_left_padded_row_equals_the_row_run_alone(zamba2):
         batch = model(tokens, attention_mask=mask)
         alone = model(tokens[1:, 6:])
     torch.testing.assert_close(batch[1, 6:], alone[0], atol=2e-5, rtol=2e-5)
+
+
+def test_a_state_dict_that_keeps_the_tied_copies_converts_the_same(zamba2):
+    """transformers' in-memory state dict lists every layer's copy of the shared blocks (and the tied
+    lm_head); the converter takes the first layer's, as transformers ties them, and consumes the rest."""
+    model, hf_model = zamba2
+    converted = convert_state_dict(hf_model.state_dict(), model.cfg)
+    loaded = model.state_dict()
+    assert set(converted) == set(loaded) - {"unembed.weight"}  # tied: the loader points it at embed.W_E
+    for name, tensor in converted.items():
+        assert torch.equal(tensor, loaded[name]), name

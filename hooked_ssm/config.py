@@ -52,6 +52,7 @@ class HookedSSMConfig:
     # Mamba-2's gated norm: "gate_then_norm" (Mamba-2, Bamba, Granite, NemotronH),
     # "norm_then_gate" or "none" (y * silu(gate); Falcon-H1's mamba_rms_norm=False).
     ssm_norm: Literal["gate_then_norm", "norm_then_gate", "none"] = "gate_then_norm"
+    ssm_norm_eps: float | None = None  # eps of that norm (None: eps; Zamba2 fixes it at 1e-5)
     # RWKV-7: LoRA ranks of the decay, in-context learning rate, value-residual and gate LoRAs;
     # eps of the per-head GroupNorm on the read.
     rwkv_decay_lora: int = 0
@@ -97,6 +98,12 @@ class HookedSSMConfig:
     moe_topk_group: int = 1
     moe_routed_scale: float = 1.0
     moe_layers: list[bool] = field(default_factory=list)
+    # Shared transformer blocks (Zamba2): hybrid layer i (counting hybrid layers only) runs shared
+    # block i % n_shared_blocks on [resid | embeddings]; each invocation has its own LoRA adapters of
+    # rank shared_adapter_rank on the MLP's gate/up projection, and on q/k/v if shared_attn_adapters.
+    n_shared_blocks: int = 1
+    shared_adapter_rank: int = 0
+    shared_attn_adapters: bool = False
     # Norms: Qwen3.5 / Qwen3-Next RMSNorms scale by (1 + w); Mamba-2 uses plain RMSNorms,
     # RWKV-7 LayerNorms with bias (norm_type="layernorm").
     eps: float = 1e-6
@@ -141,6 +148,8 @@ class HookedSSMConfig:
             raise ValueError(
                 f"n_heads ({self.n_heads}) must be a positive multiple of n_key_heads ({self.n_key_heads})."
             )
+        if self.n_shared_blocks < 1:
+            raise ValueError(f"n_shared_blocks must be at least 1 (Zamba2's num_mem_blocks), not {self.n_shared_blocks}.")
         if self.norm_type not in ("rmsnorm", "layernorm"):
             raise ValueError(f"norm_type must be 'rmsnorm' or 'layernorm', not {self.norm_type!r}.")
         self.time_step_limit = (float(self.time_step_limit[0]), float(self.time_step_limit[1]))

@@ -33,6 +33,7 @@ from hooked_ssm.components.mamba2 import Mamba2Mixer
 from hooked_ssm.components.mlstm import MLSTMCache, MLSTMMixer
 from hooked_ssm.components.parallel_hybrid import ParallelHybridBlock
 from hooked_ssm.components.rwkv7 import RWKV7Block, RWKV7Mixer
+from hooked_ssm.components.shared_transformer import HYBRID_KIND, SharedTransformerMamba2Block
 from hooked_ssm.state import AttentionCache, MixerCache, NoCache, ParallelCache, RWKV7Cache
 
 
@@ -52,6 +53,8 @@ class LayerKind:
     # ``Block`` norms the sublayers' outputs instead of their inputs (OLMo-Hybrid's attention layers).
     post_norm: bool = False
     options: dict[str, bool] = field(default_factory=dict)  # keyword arguments of ``mixer(cfg, **options)``
+    # The block also reads the token embeddings (``forward(..., embeddings=)``: Zamba2's shared blocks).
+    reads_embeddings: bool = False
 
 
 LAYER_KINDS: dict[str, LayerKind] = {
@@ -67,6 +70,9 @@ LAYER_KINDS: dict[str, LayerKind] = {
     "mlp": LayerKind(None, NoCache, slot="mlp"),  # NemotronH's MLP / MoE layers
     # Falcon-H1: Mamba-2 and attention side by side in one block
     "mamba2_parallel_attention": LayerKind(Mamba2Mixer, ParallelCache, grouped_keys=True, block=ParallelHybridBlock),
+    # Zamba2: a shared transformer block on [resid | embeddings] feeding a Mamba-2 mixer
+    HYBRID_KIND: LayerKind(Mamba2Mixer, ParallelCache, grouped_keys=True, block=SharedTransformerMamba2Block,
+                           reads_embeddings=True),
 }
 
 
@@ -104,6 +110,7 @@ CHECKPOINT_FAMILIES: tuple[CheckpointFamily, ...] = (
     CheckpointFamily("LaraMini", "lara_mini", ("LaraMiniForCausalLM",), ("lara_mini",)),
     CheckpointFamily("MiniMax", "minimax", ("MiniMaxForCausalLM",), ("minimax",)),
     CheckpointFamily("xLSTM", "xlstm", ("xLSTMForCausalLM",), ("xlstm",)),
+    CheckpointFamily("Zamba2", "zamba2", ("Zamba2ForCausalLM",), ("zamba2",)),
 )
 
 

@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from hooked_ssm.components.block import build_blocks, build_final_norm
 from hooked_ssm.components.embed import Embed, Unembed
 from hooked_ssm.config import HookedSSMConfig
+from hooked_ssm.families import layer_kind
 from hooked_ssm.hook_checks import CheckedHook, raise_if_non_finite
 from hooked_ssm.hook_names import resolve_hook_name
 from hooked_ssm.state import RecurrentState
@@ -58,6 +59,8 @@ class HookedSSM(HookedRootModule):
         self.embed = Embed(cfg.d_vocab, cfg.d_model, cfg.embedding_multiplier)
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
         self.blocks = nn.ModuleList(build_blocks(cfg))
+        # Blocks that read the token embeddings besides the residual stream (Zamba2's hybrid layers).
+        self.reads_embeddings = [layer_kind(name).reads_embeddings for name in cfg.layer_types]
         self.ln_final = build_final_norm(cfg)
         self.unembed = Unembed(cfg.d_vocab, cfg.d_model, cfg.logits_divisor, cfg.output_logits_soft_cap)
         if cfg.tie_word_embeddings:
@@ -105,6 +108,7 @@ class HookedSSM(HookedRootModule):
         state_positions: Sequence[int] | None = None,
         v_first: Float[Tensor, "batch pos head d_v"] | None = None,
         check_finite: bool = False,
+        embeddings: Float[Tensor, "batch pos d_model"] | None = None,
     ) -> Any:
         """Run the model.
 
@@ -128,6 +132,8 @@ class HookedSSM(HookedRootModule):
             past_state: a ``RecurrentState`` to continue from; it is updated in place.
             v_first: RWKV-7 with ``start_at_layer >= 1``: layer 0's value for these positions (the
                 value residual later layers mix in; ``blocks.0.mixer.hook_v_first``).
+            embeddings: Zamba2 with ``start_at_layer >= 1``: the token embeddings of these positions
+                (``hook_embed``), which its hybrid layers read besides the residual stream.
             state_positions: positions (of this call) at which ``hook_state`` materialises the state.
                 Default: every position. Only paid for when ``hook_state`` has hooks.
             check_finite: raise at the first hook point where a NaN or an infinity appears (see
@@ -136,10 +142,13 @@ class HookedSSM(HookedRootModule):
         if check_finite:
             with self.detect_non_finite():
                 return self.forward(input, return_type, loss_per_token, prepend_bos, padding_side, attention_mask,
-                                    start_at_layer, stop_at_layer, past_state, state_positions, v_first)
-        first = 0 if start_at_layer is None else self._check_start_layer(start_at_layer, input, return_type, v_first)
+                                    start_at_layer, stop_at_layer, past_state, state_positions, v_first,
+                                    embeddings=embeddings)
+        first = 0 if start_at_layer is None else self._check_start_layer(start_at_layer, input, return_type, v_first,
+                                                                          embeddings)
         if first > 0:
             resid = input.to(self.cfg.device)
+            embeddings = None if embeddings is None else embeddings.to(self.cfg.device)
             tokens = None
         else:
             if isinstance(input, (str, list)):
@@ -158,13 +167,14 @@ class HookedSSM(HookedRootModule):
         self.current_position_offset = 0 if past_state is None else past_state.n_tokens
 
         if tokens is not None:
-            resid = self.hook_embed(self.embed(tokens))
+            resid = embeddings = self.hook_embed(self.embed(tokens))
         if v_first is not None:
             self.blocks[0].mixer.value_residual.value = v_first.to(self.cfg.device)
         last = len(self.blocks) if stop_at_layer is None else stop_at_layer
         for layer in range(first, last):
             cache = None if past_state is None else past_state.layers[layer]
-            resid = self.blocks[layer](resid, cache, attention_mask, state_positions)
+            side_inputs = {"embeddings": embeddings} if self.reads_embeddings[layer] else {}
+            resid = self.blocks[layer](resid, cache, attention_mask, state_positions, **side_inputs)
         if past_state is not None and last == len(self.blocks):
             past_state.n_tokens += length
         if stop_at_layer is not None:
@@ -194,7 +204,8 @@ class HookedSSM(HookedRootModule):
             raise ValueError(f"The input holds no tokens (shape {tuple(tokens.shape)}); pass at least one token.")
         return tokens
 
-    def _check_start_layer(self, start_at_layer: int, input: Any, return_type: ReturnType, v_first: Tensor | None) -> int:
+    def _check_start_layer(self, start_at_layer: int, input: Any, return_type: ReturnType, v_first: Tensor | None,
+                           embeddings: Tensor | None) -> int:
         if not 0 <= start_at_layer <= len(self.blocks):
             raise ValueError(f"start_at_layer={start_at_layer} is outside [0, {len(self.blocks)}] (the model has {len(self.blocks)} blocks).")
         if start_at_layer == 0:
@@ -206,6 +217,12 @@ class HookedSSM(HookedRootModule):
             raise ValueError("return_type='loss' needs token ids; with start_at_layer use return_type='logits' and your own targets.")
         if "rwkv7" in self.cfg.layer_types and v_first is None:
             raise ValueError("RWKV-7 blocks >= 1 mix in layer 0's value: pass v_first= (blocks.0.mixer.hook_v_first of these positions).")
+        if any(self.reads_embeddings[start_at_layer:]) and embeddings is None:
+            raise ValueError("Zamba2's hybrid layers read the token embeddings besides the residual stream: pass "
+                             "embeddings= (hook_embed of these positions).")
+        if embeddings is not None and embeddings.shape != input.shape:
+            raise ValueError(f"embeddings has shape {tuple(embeddings.shape)}, the residual stream {tuple(input.shape)}: "
+                             f"pass hook_embed of the same positions.")
         return start_at_layer
 
     def _check_tokens(self, tokens: Tensor) -> Tensor:

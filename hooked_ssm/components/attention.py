@@ -49,17 +49,20 @@ class PartialRotary(nn.Module):
 
 class GatedAttention(nn.Module):
     """``sliding=True``: each query sees its last ``cfg.attn_sliding_window`` tokens only;
-    ``rotary=False``: no RoPE in this layer (LaraMini's global layers). Set per layer kind."""
+    ``rotary=False``: no RoPE in this layer (LaraMini's global layers). Set per layer kind.
+    ``d_in``: the width of its input (default ``d_model``; Zamba2's shared blocks attend over
+    ``[resid | embeddings]``, ``2 d_model`` wide)."""
 
-    def __init__(self, cfg: HookedSSMConfig, sliding: bool = False, rotary: bool = True):
+    def __init__(self, cfg: HookedSSMConfig, sliding: bool = False, rotary: bool = True, d_in: int | None = None):
         super().__init__()
+        d_in = cfg.d_model if d_in is None else d_in
         self.n_heads, self.n_kv_heads, self.d_head = cfg.n_attn_heads, cfg.n_kv_heads, cfg.d_head
         self.output_gate = cfg.attn_output_gate
         self.scale = cfg.d_head**-0.5 if cfg.attn_scale is None else cfg.attn_scale
         q_out = self.n_heads * self.d_head * (2 if self.output_gate else 1)
-        self.q_proj = nn.Linear(cfg.d_model, q_out, bias=cfg.attn_bias)
-        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.d_head, bias=cfg.attn_bias)
-        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.d_head, bias=cfg.attn_bias)
+        self.q_proj = nn.Linear(d_in, q_out, bias=cfg.attn_bias)
+        self.k_proj = nn.Linear(d_in, self.n_kv_heads * self.d_head, bias=cfg.attn_bias)
+        self.v_proj = nn.Linear(d_in, self.n_kv_heads * self.d_head, bias=cfg.attn_bias)
         self.o_proj = nn.Linear(self.n_heads * self.d_head, cfg.d_model, bias=cfg.attn_bias)
         self.qk_norm = cfg.attn_qk_norm
         if self.qk_norm != "none":

@@ -102,7 +102,8 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.ones(self.n_heads))
         if cfg.ssm_norm != "none":
             gate_first = cfg.ssm_norm == "gate_then_norm"
-            self.norm = GroupedGatedRMSNorm(self.d_inner, self.d_inner // self.n_groups, cfg.eps, gate_first)
+            eps = cfg.eps if cfg.ssm_norm_eps is None else cfg.ssm_norm_eps
+            self.norm = GroupedGatedRMSNorm(self.d_inner, self.d_inner // self.n_groups, eps, gate_first)
         self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=cfg.proj_bias)
 
         self.hook_x = HookPoint()  # [batch, pos, head, headdim]: post-conv, post-SiLU input x_t

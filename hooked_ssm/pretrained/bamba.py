@@ -54,14 +54,15 @@ def mamba_fields(hf: PretrainedConfig) -> dict[str, Any]:
 
 def plain_attention_fields(hf: PretrainedConfig, head_dim: int) -> dict[str, Any]:
     """The attention layers' fields of hybrids whose attention is plain (no output gate, no q/k norm):
-    Bamba, Granite 4.0-H, Falcon-H1, NemotronH. RoPE comes separately (``rope_fields``)."""
+    Bamba, Granite 4.0-H, Falcon-H1, NemotronH, Zamba2 (whose config names no ``attention_bias``: it
+    has none). RoPE comes separately (``rope_fields``)."""
     return dict(
         n_attn_heads=hf.num_attention_heads,
         n_kv_heads=hf.num_key_value_heads,
         d_head=head_dim,
         attn_output_gate=False,
         attn_qk_norm="none",
-        attn_bias=bool(hf.attention_bias),
+        attn_bias=bool(getattr(hf, "attention_bias", False)),
     )
 
 

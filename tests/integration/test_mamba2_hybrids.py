@@ -27,15 +27,18 @@ from transformers import (
     NemotronHConfig,
     NemotronHForCausalLM,
     PreTrainedModel,
+    Zamba2Config,
+    Zamba2ForCausalLM,
 )
 
 from hooked_ssm import HookedSSM, RecurrentState
+from hooked_ssm.components.attention import GatedAttention
 from hooked_ssm.components.mamba2 import Mamba2Mixer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB, TOL = 300, 1e-4
-MAMBA_LAYER = 2  # a Mamba-2 layer after an attention layer in every row
+MAMBA_LAYER = 2  # a Mamba-2 layer after an attention layer (Zamba2: a hybrid layer) in every row
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,25 @@ def _falcon_h1(**overrides) -> PreTrainedModel:
     return randomize_(FalconH1ForCausalLM(FalconH1Config(**{**kwargs, **overrides})))
 
 
+def _zamba2(**overrides) -> PreTrainedModel:
+    # Hybrid layers 1, 2, 4, 5 (a shared transformer feeding the mixer) between plain Mamba-2 layers;
+    # one shared block for all four, or two alternating (num_mem_blocks=2); an rms_norm_eps other
+    # than the mixer's fixed 1e-5.
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
+        layers_block_type=["mamba", "hybrid", "hybrid", "mamba", "hybrid", "hybrid"], num_attention_heads=4,
+        num_key_value_heads=2, n_mamba_heads=8, mamba_ngroups=2, mamba_d_state=16, chunk_size=16, adapter_rank=8,
+        rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    return randomize_(Zamba2ForCausalLM(Zamba2Config(**{**kwargs, **overrides})))
+
+
+def _zamba2_mixer(hf: PreTrainedModel, layer: int) -> torch.nn.Module:
+    decoder = hf.model.layers[layer]
+    return getattr(decoder, "mamba_decoder", decoder).mamba
+
+
 HYBRIDS = {
     "bamba": Hybrid(_bamba, lambda hf, layer: hf.model.layers[layer].mamba),
     "granitemoehybrid": Hybrid(_granite, lambda hf, layer: hf.model.layers[layer].mamba),
@@ -127,6 +149,12 @@ HYBRIDS = {
     # the gated RMSNorm variant (norm, then gate)
     "falcon_h1_rmsnorm": Hybrid(
         lambda: _falcon_h1(mamba_rms_norm=True), lambda hf, layer: hf.model.layers[layer].mamba, _falcon_as_mamba2
+    ),
+    "zamba2": Hybrid(_zamba2, _zamba2_mixer),
+    # two shared blocks, LoRA adapters on q/k/v too (they need as many key/value heads as heads), RoPE
+    "zamba2_two_blocks": Hybrid(
+        lambda: _zamba2(num_mem_blocks=2, use_shared_attention_adapter=True, num_key_value_heads=4, use_mem_rope=True),
+        _zamba2_mixer,
     ),
 }
 
@@ -164,7 +192,7 @@ def brute_force_logits(hf_model, row, tokens, layer, write_override=None, states
 def test_logits_match_transformers(hybrid, execution):
     name, directory, hf_model, _ = hybrid
     model = HookedSSM.from_pretrained(directory, execution=execution)
-    assert any(hasattr(block, "attn") for block in model.blocks)
+    assert any(isinstance(module, GatedAttention) for module in model.modules())
     assert isinstance(model.blocks[MAMBA_LAYER].mixer, Mamba2Mixer)
     assert len(model.W_O) == model.cfg.n_layers  # None only for MLP-only layers
     for length in (37, 70):

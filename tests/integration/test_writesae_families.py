@@ -4,7 +4,8 @@ put through the substitution test, whose fast path must equal naive re-runs. So 
 ``writesae_lens`` assumes one family.
 
 The tiny models are the parity tests' own (``HYBRIDS`` of test_mamba2_hybrids, ``VARIANTS`` of
-test_gdn_variants, test_minimax's, test_xlstm's), each with its recurrent layer at index 2.
+test_gdn_variants, test_minimax's, test_xlstm's), each with its recurrent layer at index 2 (Zamba2: a
+hybrid layer, so the substitution test's runs from layer 2 on carry the token embeddings).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ FAMILIES = {"bamba": HYBRIDS["bamba"].build, "granitemoehybrid": HYBRIDS["granit
             "nemotron_h": HYBRIDS["nemotron_h"].build, "falcon_h1": HYBRIDS["falcon_h1"].build,
             "olmo_hybrid": VARIANTS["olmo_hybrid"].build, "lara_mini": VARIANTS["lara_mini"].build,
             "qwen3_5_moe": VARIANTS["qwen3_5_moe"].build, "minimax": build_minimax,
-            "xlstm": build_xlstm}
+            "xlstm": build_xlstm, "zamba2": HYBRIDS["zamba2_two_blocks"].build}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

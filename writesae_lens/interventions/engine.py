@@ -336,11 +336,9 @@ class _Unit:
         return self.end - self.start
 
 
-def _gather(x: Tensor | None, rows: Tensor, cols: Tensor) -> Tensor | None:
+def _gather(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """``x[rows[i], cols[i, j]]``, ``cols`` clamped into the prompt (positions past a row's end
     only pad it: the model is causal, so padding cannot reach the row's scored positions)."""
-    if x is None:
-        return None
     cols = cols.clamp(max=x.shape[1] - 1).to(x.device)
     return x[rows.to(x.device)[:, None], cols]
 
@@ -421,9 +419,9 @@ class InterventionEngine:
         # blocks from first_layer); an unpatched row per unit costs its window. Take the cheaper.
         base_slot = (scorer.needs_base and first_layer == 0
                      and sum(u.n_after + 1 for u in units.values()) < tokens.numel())
-        inputs, v_first = self._inputs(tokens, first_layer)
-        base = self._base_logits(inputs, v_first, first_layer, branches, rows) if scorer.needs_base and not base_slot else None
-        walk = _PrefixWalk(self, inputs, first_layer, v_first)
+        inputs, side = self._inputs(tokens, first_layer)
+        base = self._base_logits(inputs, side, first_layer, branches, rows) if scorer.needs_base and not base_slot else None
+        walk = _PrefixWalk(self, inputs, first_layer, side)
         order = sorted(units.values(), key=lambda u: (u.start, u.row))
         group: list[_Unit] = []
         n_rows = 0
@@ -438,7 +436,7 @@ class InterventionEngine:
                 snapshot = [0] * len(group)
                 for slot, i in enumerate(i for members in at.values() for i in members):
                     snapshot[i] = slot
-                run = _GroupRun(self, group, snapshot, states, branches, index, tokens, inputs, v_first, first_layer,
+                run = _GroupRun(self, group, snapshot, states, branches, index, tokens, inputs, side, first_layer,
                                 base, base_slot, scorer)
                 results = run.run()
                 yield [index[i] for i in results], list(results.values())
@@ -447,20 +445,26 @@ class InterventionEngine:
                 group.append(unit)
                 n_rows += per
 
-    def _inputs(self, tokens, first_layer):
-        """The input of block ``first_layer`` for every position (token ids for block 0), and
-        RWKV-7's value residual when starting past block 0."""
+    def _inputs(self, tokens, first_layer) -> tuple[Tensor, dict[str, Tensor]]:
+        """The input of block ``first_layer`` for every position (token ids for block 0), and the
+        side inputs that blocks past it read besides the residual stream, by ``forward`` keyword:
+        RWKV-7's value residual (``v_first``), Zamba2's token embeddings (``embeddings``)."""
         if first_layer == 0:
-            return tokens, None
+            return tokens, {}
         captured: dict[str, Tensor] = {}
-        hooks = list(self.extra_hooks)
+        side_hooks: dict[str, str] = {}  # forward keyword -> the hook point that gives it
         if "blocks.0.mixer.hook_v_first" in self.model.hook_dict:
-            hooks.append(("blocks.0.mixer.hook_v_first", lambda act, hook: captured.__setitem__("v_first", act.detach())))
+            side_hooks["v_first"] = "blocks.0.mixer.hook_v_first"
+        if any(self.model.reads_embeddings[first_layer:]):
+            side_hooks["embeddings"] = "hook_embed"
+        hooks = list(self.extra_hooks) + [
+            (name, lambda act, hook, key=key: captured.__setitem__(key, act.detach())) for key, name in side_hooks.items()
+        ]
         with self.model.hooks(fwd_hooks=hooks):
             resid = self.model(tokens, stop_at_layer=first_layer)
-        return resid, captured.get("v_first")
+        return resid, captured
 
-    def forward(self, inputs: Tensor, state: RecurrentState, first_layer: int, v_first: Tensor | None,
+    def forward(self, inputs: Tensor, state: RecurrentState, first_layer: int, side: dict[str, Tensor],
                 hooks: Hooks = ()) -> Float[Tensor, "batch pos d_model"]:
         """The final residual stream (before ``ln_final``) continuing ``state`` (advanced in place),
         blocks ``first_layer..`` only, through :meth:`HookedSSM.forward`."""
@@ -469,14 +473,14 @@ class InterventionEngine:
         with model.hooks(fwd_hooks=hooks):
             if first_layer == 0:
                 return model(inputs, past_state=state, stop_at_layer=n_blocks)
-            return model(inputs, start_at_layer=first_layer, stop_at_layer=n_blocks, past_state=state, v_first=v_first)
+            return model(inputs, start_at_layer=first_layer, stop_at_layer=n_blocks, past_state=state, **side)
 
     def unembed(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
         return self.model.unembed(self.model.ln_final(resid))
 
-    def _base_logits(self, inputs, v_first, first_layer, branches, rows) -> dict[tuple[int, int], Tensor]:
+    def _base_logits(self, inputs, side, first_layer, branches, rows) -> dict[tuple[int, int], Tensor]:
         """One unpatched pass over the batch: the base logits at every scored ``(row, position)``."""
-        resid = self.forward(inputs, RecurrentState.empty(self.model.cfg.layer_types), first_layer, v_first)
+        resid = self.forward(inputs, RecurrentState.empty(self.model.cfg.layer_types), first_layer, side)
         pairs = sorted({(row, p) for b, row in zip(branches, rows) for p in b.scored})
         if not pairs:
             return {}
@@ -488,15 +492,15 @@ class _PrefixWalk:
     """The unpatched prefix of a prompt batch, advanced incrementally (blocks ``first_layer..``)
     to each requested position in increasing order; :meth:`snapshot` copies rows of it at ``t``."""
 
-    def __init__(self, engine: InterventionEngine, inputs: Tensor, first_layer: int, v_first: Tensor | None):
-        self.engine, self.inputs, self.first_layer, self.v_first = engine, inputs, first_layer, v_first
+    def __init__(self, engine: InterventionEngine, inputs: Tensor, first_layer: int, side: dict[str, Tensor]):
+        self.engine, self.inputs, self.first_layer, self.side = engine, inputs, first_layer, side
         self.state = RecurrentState.empty(engine.model.cfg.layer_types)
         self.done = 0
 
     def snapshot(self, t: int, rows: Sequence[int]) -> RecurrentState:
         if t > self.done:
-            v_first = None if self.v_first is None else self.v_first[:, self.done : t]
-            self.engine.forward(self.inputs[:, self.done : t], self.state, self.first_layer, v_first)
+            side = {key: value[:, self.done : t] for key, value in self.side.items()}
+            self.engine.forward(self.inputs[:, self.done : t], self.state, self.first_layer, side)
             self.done = t
         return select_rows(self.state, torch.tensor(rows))
 
@@ -509,12 +513,12 @@ class _GroupRun:
     are unembedded as they pass; generating rows are kept aside at the prompt's end and decode
     together."""
 
-    def __init__(self, engine, units, snapshot, states, branches, index, tokens, inputs, v_first, first_layer, base,
+    def __init__(self, engine, units, snapshot, states, branches, index, tokens, inputs, side, first_layer, base,
                  base_slot, scorer):
         order = sorted(range(len(units)), key=lambda i: (-units[i].n_after, units[i].start))
         self.units = [units[i] for i in order]
         self.engine, self.branches, self.tokens = engine, branches, tokens
-        self.inputs, self.v_first, self.first_layer = inputs, v_first, first_layer
+        self.inputs, self.side, self.first_layer = inputs, side, first_layer
         self.base, self.scorer = base, scorer
         self.global_index = torch.tensor(index)  # the scorer sees the caller's branch indices
         # Row layout: per unit, its branches, then (base_slot) one unpatched row.
@@ -544,8 +548,8 @@ class _GroupRun:
             cols = self.starts[:active, None] + torch.arange(done + 1, stop + 1)
             rows = self.prompt_rows[:active]
             hooks = self._edit_hooks(active, done + 1, stop)
-            resid = self.engine.forward(_gather(self.inputs, rows, cols), self.state, self.first_layer,
-                                        _gather(self.v_first, rows, cols), hooks)
+            side = {key: _gather(value, rows, cols) for key, value in self.side.items()}
+            resid = self.engine.forward(_gather(self.inputs, rows, cols), self.state, self.first_layer, side, hooks)
             self._score(resid, active, done + 1)
             done = stop
             still = sum(n > done for n in self.lengths[:active])  # a prefix: lengths are non-increasing
@@ -640,7 +644,7 @@ class _GroupRun:
             chosen.append(logits.argmax(-1))
             if g < steps - 1:
                 hooks = self._generation_edit_hooks(branches, position + g)
-                resid = self.engine.forward(chosen[-1][:, None], state, 0, None, hooks)
+                resid = self.engine.forward(chosen[-1][:, None], state, 0, {}, hooks)
                 logits = self.engine.unembed(resid[:, -1])
         tokens = torch.stack(chosen, dim=1).cpu()
         for i, b in enumerate(branches):

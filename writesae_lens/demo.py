@@ -1,7 +1,9 @@
 """``writesae demo``: the paper's headline checks on the bundled toy GDN model and its WriteSAE.
 
-Loads ``toy-gdn`` and the bundled release ``writesae-toy-gdn`` (or, with ``--train``, trains a
-fresh WriteSAE through SAELens's runner first), then on held-out windows of the toy's data (the
+Loads ``toy-gdn`` (or ``--model``, another bundled toy) and its bundled release
+``writesae-<model>`` at the head that release was trained on (the head whose memory the model
+relies on most, recorded in the release's ``head_choice.json``; or, with ``--train``, trains a
+fresh WriteSAE there through SAELens's runner first), then on held-out windows of the toy's data (the
 validation split: corpus text and synthetic memory tasks, alternating, as the toy was trained) runs
 
 1. the substitution test with the paper's defaults (feature i's own atom at its firings, >= 5
@@ -21,19 +23,43 @@ a CPU: its numbers test the machinery, they are not a replication.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-TOY_RELEASE = "writesae-toy-gdn"
-TOY_SITE = ("state", 1, 0)  # (site, layer, head) of the bundled SAE the demo uses
+RELEASES = Path(__file__).resolve().parent / "releases"
+TOY_MODELS = ("toy-gdn", "toy-mamba2", "toy-rwkv7")
+
+
+def toy_release(model: str = "toy-gdn") -> str:
+    """The bundled WriteSAE release of toy model ``model``."""
+    return f"writesae-{model}"
+
+
+def toy_site(model: str = "toy-gdn") -> tuple[int, int]:
+    """``(layer, head)`` of the bundled release of ``model`` (its ``head_choice.json``)."""
+    path = RELEASES / toy_release(model) / "head_choice.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{model} has no bundled WriteSAE release ({path} is missing); "
+                                "train one with scripts/train_toy_saes.py --model {model}.")
+    choice = json.loads(path.read_text())
+    return int(choice["layer"]), int(choice["head"])
+
+
+def toy_sae_id(model: str = "toy-gdn", site: str = "state") -> str:
+    """The id of the bundled ``hook_{site}`` WriteSAE of ``model``, e.g. ``blocks.1.mixer.hook_state.h1``."""
+    layer, head = toy_site(model)
+    return f"blocks.{layer}.mixer.hook_{site}.h{head}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=TOY_MODELS, default="toy-gdn", help="the bundled toy model")
     parser.add_argument("--train", action="store_true", help="retrain the WriteSAE through SAELens first")
     parser.add_argument("--train-tokens", type=int, default=51_200, help="tokens for --train")
-    parser.add_argument("--site", choices=["state", "write"], default=TOY_SITE[0])
+    parser.add_argument("--site", choices=["state", "write"], default="state")
     parser.add_argument("--windows", type=int, default=24, help="held-out windows of --length tokens")
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--firings", type=int, default=520, help="firings for the substitution test (whole features, "
@@ -58,9 +84,9 @@ def corpus_windows(model, split: str, length: int, limit: int | None = None) -> 
 def load_or_train_sae(model, args: argparse.Namespace):
     from sae_lens import SAE
 
-    _, layer, head = TOY_SITE
+    layer, head = toy_site(args.model)
     if not args.train:
-        return SAE.from_pretrained(TOY_RELEASE, f"blocks.{layer}.mixer.hook_{args.site}.h{head}")
+        return SAE.from_pretrained(toy_release(args.model), toy_sae_id(args.model, args.site))
     from datasets import Dataset
 
     from hooked_ssm.pretrained.toy.data import mixed_windows, text_windows
@@ -88,18 +114,18 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     start = time.time()
-    model = HookedSSM.from_pretrained("toy-gdn", device="cpu")
+    model = HookedSSM.from_pretrained(args.model, device="cpu")
     sae = load_or_train_sae(model, args)
-    _, layer, head = TOY_SITE
+    layer, head = toy_site(args.model)
     tokens = mixed_windows("validation", args.length, args.windows)
-    print(f"toy-gdn, WriteSAE on blocks.{layer}.mixer.hook_{args.site} head {head}: {sae.cfg.d_sae} atoms, "
+    print(f"{args.model}, WriteSAE on blocks.{layer}.mixer.hook_{args.site} head {head}: {sae.cfg.d_sae} atoms, "
           f"k={sae.cfg.k}; held-out text: {tokens.shape[0]} windows x {tokens.shape[1]} tokens\n")
 
     with torch.no_grad():
         rows, summary = run_substitution_test(
             model, sae, layer, head, tokens, max_firings=args.firings, seed=args.seed, progress=True
         )
-    summary["config"]["model"] = "toy-gdn (toy)"
+    summary["config"]["model"] = f"{args.model} (toy)"
     print(format_summary_table(summary, paper=PAPER_SUBSTITUTION,
                                title="Substitution test: the toy GDN (this run) beside the paper's Qwen3.5-0.8B"))
     with torch.no_grad():
@@ -109,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     _, shift_summary = run_logit_shift_audit(
         model, sae, layer, head, tokens, n_atoms=args.atoms, seed=args.seed, progress=True
     )
-    shift_summary["config"]["model"] = "toy-gdn (toy)"
+    shift_summary["config"]["model"] = f"{args.model} (toy)"
     print()
     print(format_logit_shift_table(shift_summary, paper=PAPER_LOGIT_SHIFT,
                                    title="Closed-form logit shift: R^2 against measured shifts, toy GDN beside the paper"))

@@ -19,6 +19,7 @@ from hooked_ssm import HookedSSM
 from writesae_lens.cli import load_sae
 from writesae_lens.dashboard import DashboardConfig, build_dashboard
 from writesae_lens.interventions.tokens import token_windows, toy_validation_texts
+from writesae_lens.demo import toy_sae_id
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "dashboard"
 REQUIRED = os.environ.get("WRITESAE_REQUIRE_BROWSER") == "1"
@@ -56,7 +57,7 @@ def browser():
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     model = HookedSSM.from_pretrained("toy-gdn")
-    sae = load_sae("writesae-toy-gdn/blocks.1.mixer.hook_write.h0")
+    sae = load_sae("writesae-toy-gdn/" + toy_sae_id(site="write"))
     tokens = token_windows(model, toy_validation_texts(), 64, 3)
     out = tmp_path_factory.mktemp("dashboard")
     data = build_dashboard(model, sae, tokens, out, config=DashboardConfig(n_contexts=4, min_firings=10), progress=False,

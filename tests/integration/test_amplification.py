@@ -6,8 +6,9 @@ from sae_lens import SAE
 import writesae_lens  # noqa: F401  (registers the bundled release)
 from hooked_ssm import HookedSSM
 from writesae_lens.interventions.amplification import amplified, amplified_generate
+from writesae_lens.demo import toy_sae_id
 
-SAE_ID = "blocks.1.mixer.hook_write.h0"
+SAE_ID = toy_sae_id(site="write")
 
 
 def test_amplification_equals_adding_the_atom_to_the_write():

@@ -19,6 +19,7 @@ from writesae_lens.dashboard import (
     substitution_by_atom,
 )
 from writesae_lens.interventions.tokens import token_windows, toy_validation_texts
+from writesae_lens.demo import toy_sae_id
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIG = DashboardConfig(n_contexts=3, min_firings=3)
@@ -37,7 +38,7 @@ def tokens(model):
 
 @pytest.fixture(scope="module", params=["write", "state"])
 def site_data(request, model, tokens):
-    sae = load_sae(f"writesae-toy-gdn/blocks.1.mixer.hook_{request.param}.h0")
+    sae = load_sae("writesae-toy-gdn/" + toy_sae_id(site=request.param))
     return request.param, sae, compute_dashboard_data(model, sae, tokens, config=CONFIG, progress=False)
 
 
@@ -142,7 +143,7 @@ def test_other_families(name):
 
 
 def test_second_call_loads_the_cache_without_running_the_model(model, tokens, tmp_path, monkeypatch):
-    sae = load_sae("writesae-toy-gdn/blocks.1.mixer.hook_write.h0")
+    sae = load_sae("writesae-toy-gdn/" + toy_sae_id(site="write"))
     first = compute_dashboard_data(model, sae, tokens[:2], config=CONFIG, cache_dir=tmp_path, progress=False)
     assert len(list(tmp_path.glob("dashboard-*.json"))) == 1
 
@@ -176,7 +177,7 @@ def test_substitution_rows_per_atom(tmp_path):
 
 
 def test_build_dashboard_writes_the_site_and_the_neuronpedia_batch(model, tokens, tmp_path):
-    sae = load_sae("writesae-toy-gdn/blocks.1.mixer.hook_write.h0")
+    sae = load_sae("writesae-toy-gdn/" + toy_sae_id(site="write"))
     config = DashboardConfig(n_contexts=2, min_firings=12)
     rows = [dict(atom=a, prompt=0, position=3, kl_atom=0.1, kl_delete=0.2 * a % 1, kl_random=0.5) for a in range(50)]
     data = build_dashboard(model, sae, tokens[:3], tmp_path / "site", rows, config=config, progress=False)
@@ -203,7 +204,7 @@ def test_build_dashboard_writes_the_site_and_the_neuronpedia_batch(model, tokens
 def test_cli_dashboard(tmp_path, capsys):
     assert "dashboard" in SUBCOMMANDS
     out = tmp_path / "site"
-    assert main(["dashboard", "--sae", "writesae-toy-gdn/blocks.1.mixer.hook_state.h0", "--out", str(out),
+    assert main(["dashboard", "--sae", "writesae-toy-gdn/" + toy_sae_id(site="state"), "--out", str(out),
                  "--context-size", "32", "--n-windows", "2", "--min-firings", "8", "--quiet", "--no-neuronpedia"]) == 0
     assert "alive atoms" in capsys.readouterr().out
     assert (out / "index.html").is_file() and not (out / "neuronpedia").exists()

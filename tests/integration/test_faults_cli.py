@@ -17,11 +17,12 @@ import pytest
 
 from writesae_lens.cli import main
 from writesae_lens.loading import load_sae
+from writesae_lens.demo import toy_sae_id
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[2]
-SAE = "writesae-toy-gdn/blocks.1.mixer.hook_write.h0"
+SAE = "writesae-toy-gdn/" + toy_sae_id(site="write")
 SMALL = ["--n-windows", "3", "--context-size", "32", "--batch-size", "2", "--quiet", "--no-paper"]
 
 
@@ -69,7 +70,7 @@ def test_bad_argument_is_a_usage_error(argv, fragments, capsys):
 
 RUN_ERRORS = [  # the run itself fails: one line, exit status 1
     ("release without an id", lambda d: ["substitute", "--sae", "writesae-toy-gdn", *SMALL],
-     ["holds SAEs under ids", "blocks.1.mixer.hook_write.h0", "--sae-id"]),
+     ["holds SAEs under ids", toy_sae_id(site="write"), "--sae-id"]),
     ("release with an unknown id", lambda d: ["substitute", "--sae", "writesae-toy-gdn/nope", *SMALL],
      ["has no SAE 'nope'", "its ids are"]),
     ("SAE directory that does not exist", lambda d: ["substitute", "--sae", "no/such/dir", *SMALL],
@@ -85,7 +86,7 @@ RUN_ERRORS = [  # the run itself fails: one line, exit status 1
     ("resume with another seed", lambda d: substitute("--out", str(d["finished"]), "--resume", "--seed", "1"),
      ["Cannot resume", "would mix two runs", "seed: file has 0, this run has 1", "--seed", "Use another --out file"]),
     ("resume with another SAE", lambda d: [*substitute("--out", str(d["finished"]), "--resume")[:2],
-                                           "writesae-toy-gdn/blocks.1.mixer.hook_state.h0",
+                                           "writesae-toy-gdn/" + toy_sae_id(site="state"),
                                            *substitute("--out", str(d["finished"]), "--resume")[3:]],
      ["Cannot resume", "sae.weights_sha256", "sae.hook_name: file has 'blocks.1.mixer.hook_write'"]),
     ("resume a file without a run record", lambda d: substitute("--out", str(d["legacy"]), "--resume"),

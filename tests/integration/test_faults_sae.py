@@ -17,10 +17,11 @@ from writesae_lens.interventions.firings import resolve_site
 from writesae_lens.interventions.logit_shift import run_logit_shift_audit
 from writesae_lens.loading import load_sae
 from writesae_lens.sae_checks import SAEModelMismatchError, SAEModelMismatchWarning
+from writesae_lens.demo import toy_sae_id
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-RELEASE, SAE_ID = "writesae-toy-gdn", "blocks.1.mixer.hook_write.h0"
+RELEASE, SAE_ID = "writesae-toy-gdn", toy_sae_id(site="write")
 TOKENS = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
@@ -49,9 +50,9 @@ def _with_amplified(model, sae, features):
 
 ERRORS = [
     ("release without an id", lambda s, m, d: load_sae(RELEASE), ValueError,
-     [RELEASE, "blocks.1.mixer.hook_state.h0, blocks.1.mixer.hook_write.h0", "release/id or --sae-id"]),
-    ("release with an unknown id", lambda s, m, d: load_sae(f"{RELEASE}/blocks.1.mixer.hook_writ.h0"), ValueError,
-     ["has no SAE 'blocks.1.mixer.hook_writ.h0'", "its ids are", f"Did you mean '{SAE_ID}'?"]),
+     [RELEASE, f"{toy_sae_id(site='state')}, {toy_sae_id(site='write')}", "release/id or --sae-id"]),
+    ("release with an unknown id", lambda s, m, d: load_sae(f"{RELEASE}/{SAE_ID.replace('hook_write', 'hook_writ')}"), ValueError,
+     [f"has no SAE '{SAE_ID.replace('hook_write', 'hook_writ')}'", "its ids are", f"Did you mean '{SAE_ID}'?"]),
     ("unknown release or missing directory", lambda s, m, d: load_sae("writesae-toy-gdm/x"), FileNotFoundError,
      ["neither an existing directory nor a known release", f"Did you mean '{RELEASE}'?"]),
     ("SAE path is a file", lambda s, m, d: load_sae(d / "cfg.json"), FileNotFoundError,

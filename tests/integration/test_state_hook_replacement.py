@@ -15,6 +15,7 @@ import writesae_lens  # noqa: F401  (registers the bundled releases)
 from hooked_ssm import HookedSSM
 from hooked_ssm.state import RecurrentState
 from writesae_lens.splicing import HookedSAESSM
+from writesae_lens.demo import toy_sae_id
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -241,7 +242,7 @@ def test_identity_hooks_change_nothing(setup, identity, monkeypatch):
 def test_spliced_state_sae_loss_equals_a_loop_reading_the_sae_reconstruction(execution):
     """(d) The bundled state-site SAE spliced by HookedSAESSM: the loss equals that of a model whose
     head reads ``sae(S_t)`` at every t, with S_t from the float64 loop."""
-    sae = SAE.from_pretrained("writesae-toy-gdn", "blocks.1.mixer.hook_state.h0")
+    sae = SAE.from_pretrained("writesae-toy-gdn", toy_sae_id(site="state"))
     assert sae.cfg.metadata.hook_name == mixer_hook("hook_state")
     head = sae.cfg.metadata.hook_head_index
     model = HookedSAESSM.from_pretrained("toy-gdn", execution=execution)

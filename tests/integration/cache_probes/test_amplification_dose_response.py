@@ -17,9 +17,10 @@ from writesae_lens.interventions.amplification import (
     text_metrics,
 )
 from writesae_lens.interventions.tokens import token_windows, toy_validation_texts
+from writesae_lens.demo import toy_sae_id
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SAE_ID = "blocks.1.mixer.hook_write.h0"
+SAE_ID = toy_sae_id(site="write")
 
 
 @pytest.fixture(scope="module")

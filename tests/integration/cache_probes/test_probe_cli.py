@@ -6,9 +6,10 @@ import json
 import pytest
 
 from writesae_lens.cli import main
+from writesae_lens.demo import toy_sae_id
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SAE = "writesae-toy-gdn/blocks.1.mixer.hook_write.h0"
+SAE = "writesae-toy-gdn/" + toy_sae_id(site="write")
 COMMON = ["--sae", SAE, "--quiet", "--context-size", "16"]
 
 

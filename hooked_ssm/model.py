@@ -114,7 +114,8 @@ class HookedSSM(HookedRootModule):
 
         Args:
             input: text, a list of texts, or token ids ``[batch, pos]`` / ``[pos]``; with
-                ``start_at_layer``, the residual stream entering that block ``[batch, pos, d_model]``.
+                ``start_at_layer``, the residual stream entering that block ``[batch, pos, d_model]``
+                (``[batch, pos, hc_count * d_model]`` with hyper-connections).
                 A list of texts of different lengths is padded (``padding_side``) and masked, as in
                 HookedTransformer.
             return_type: "logits", "loss" (mean next-token loss over real tokens), "both"
@@ -168,6 +169,8 @@ class HookedSSM(HookedRootModule):
 
         if tokens is not None:
             resid = embeddings = self.hook_embed(self.embed(tokens))
+            if self.cfg.hc_count > 1:  # hyper-connections: every stream starts as the embedding
+                resid = resid.repeat(1, 1, self.cfg.hc_count)
         if v_first is not None:
             self.blocks[0].mixer.value_residual.value = v_first.to(self.cfg.device)
         last = len(self.blocks) if stop_at_layer is None else stop_at_layer
@@ -210,8 +213,8 @@ class HookedSSM(HookedRootModule):
             raise ValueError(f"start_at_layer={start_at_layer} is outside [0, {len(self.blocks)}] (the model has {len(self.blocks)} blocks).")
         if start_at_layer == 0:
             return 0
-        if not isinstance(input, Tensor) or input.dim() != 3 or input.shape[-1] != self.cfg.d_model:
-            raise TypeError(f"With start_at_layer={start_at_layer}, input must be the residual stream [batch, pos, d_model={self.cfg.d_model}] "
+        if not isinstance(input, Tensor) or input.dim() != 3 or input.shape[-1] != self.cfg.d_resid:
+            raise TypeError(f"With start_at_layer={start_at_layer}, input must be the residual stream [batch, pos, {self.cfg.d_resid}] "
                             f"entering that block (e.g. from stop_at_layer={start_at_layer} or hook_resid_pre).")
         if return_type in ("loss", "both"):
             raise ValueError("return_type='loss' needs token ids; with start_at_layer use return_type='logits' and your own targets.")

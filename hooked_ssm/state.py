@@ -63,6 +63,13 @@ class AttentionCache:
 
 
 @dataclass
+class IndexedAttentionCache(AttentionCache):
+    """An attention layer with Qwen4-Exp's QSA indexer: also the raw index keys of every slot."""
+
+    index_keys: Float[Tensor, "batch pos d_index"] | None = None
+
+
+@dataclass
 class ParallelCache(AttentionCache):
     """A layer that runs a Mamba-2 mixer and attention side by side (Falcon-H1): one flat cache that
     serves as both (the attention's keys and values, the mixer's conv window and state), so that
@@ -81,7 +88,7 @@ class NoCache:
 class RecurrentState:
     """Per-layer caches plus the number of tokens already consumed."""
 
-    layers: list[MixerCache | RWKV7Cache | AttentionCache | ParallelCache | NoCache] = field(default_factory=list)
+    layers: list[MixerCache | RWKV7Cache | AttentionCache | IndexedAttentionCache | ParallelCache | NoCache] = field(default_factory=list)
     n_tokens: int = 0
 
     @classmethod

@@ -26,10 +26,13 @@ from transformers import (
     PreTrainedModel,
     Qwen3_5MoeForCausalLM,
     Qwen3_5MoeTextConfig,
+    Qwen4ExpForCausalLM,
+    Qwen4ExpTextConfig,
 )
 from transformers.models.lara_mini import modeling_lara_mini
 from transformers.models.olmo_hybrid import modeling_olmo_hybrid
 from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe
+from transformers.models.qwen4_exp import modeling_qwen4_exp
 
 from hooked_ssm import HookedSSM, as_flat
 
@@ -87,10 +90,29 @@ def _qwen3_5_moe() -> PreTrainedModel:
     return randomize_(Qwen3_5MoeForCausalLM(cfg))
 
 
+def _qwen4_exp() -> PreTrainedModel:
+    # Two hyper-connected streams; the GDN's output gate is a sigmoid; the attention layer's QSA
+    # indexer keeps 2 blocks of 4 tokens (plus the last incomplete block), so it narrows every query
+    # past 12 tokens; experts in every layer. No Per-Layer Embeddings (not supported).
+    cfg = Qwen4ExpTextConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, layer_types=["linear_attention", "indexed_attention", "linear_attention", "linear_attention"],
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
+        moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+        hc_count=2, hc_lowrank=8, output_gate_type="sigmoid",
+        indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8, indexer_compress_ratio=4,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    return randomize_(Qwen4ExpForCausalLM(cfg))
+
+
 VARIANTS = {
     "olmo_hybrid": Variant(_olmo_hybrid, modeling_olmo_hybrid),
     "lara_mini": Variant(_lara_mini, modeling_lara_mini),
     "qwen3_5_moe": Variant(_qwen3_5_moe, modeling_qwen3_5_moe),
+    "qwen4_exp": Variant(_qwen4_exp, modeling_qwen4_exp),
 }
 
 
@@ -161,3 +183,32 @@ def test_write_edit_is_exact_and_causal(variant, execution, monkeypatch):
 def test_generation_with_the_recurrent_cache(variant, execution):
     _, directory, hf_model, _ = variant
     check_generation(HookedSSM.from_pretrained(directory, execution=execution), hf_model)
+
+
+@pytest.mark.parametrize("execution", ["chunked", "recurrent"])
+def test_state_edit_reads_back_exactly_and_is_causal(variant, execution):
+    """``hook_state`` at one selected position returning ``S_t + E`` (one head): that position's read
+    moves by exactly ``E^T q_t``, nothing before it moves (bit for bit), later positions read the
+    recurrence continued from the edited state."""
+    name, directory, _, _ = variant
+    model = HookedSSM.from_pretrained(directory, execution=execution)
+    tokens, t, head = _tokens(2, 90, seed=4), 70, 1
+    edit = torch.randn(model.cfg.d_k, model.cfg.d_v, generator=torch.Generator().manual_seed(1))
+    mixer = f"blocks.{LAYER}.mixer"
+
+    def add_edit(states, hook):
+        states = states.clone()
+        states[:, 0, head] += as_flat(edit)
+        return states
+
+    with torch.no_grad():
+        clean, cache = model.run_with_cache(tokens, names_filter=[f"{mixer}.hook_q", f"{mixer}.hook_read"])
+        reads = {}
+        keep = lambda act, hook: reads.__setitem__("read", act.clone())  # noqa: E731
+        edited = model.run_with_hooks(tokens, state_positions=[t],
+                                      fwd_hooks=[(f"{mixer}.hook_state", add_edit), (f"{mixer}.hook_read", keep)])
+    moved = reads["read"][:, t, head] - cache[f"{mixer}.hook_read"][:, t, head]
+    expected = cache[f"{mixer}.hook_q"][:, t, head] @ edit
+    assert (moved - expected).abs().max() <= TOL, f"{name}/{execution}: read-back {(moved - expected).abs().max():.2e}"
+    assert torch.equal(edited[:, :t], clean[:, :t])
+    assert (edited[:, t + 1 :] - clean[:, t + 1 :]).abs().max() > 1e-4  # the edit persists in the recurrence

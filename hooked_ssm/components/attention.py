@@ -136,8 +136,9 @@ class GatedAttention(nn.Module):
         if attention_mask is not None:  # [batch, key_pos] with 1 for real tokens
             allowed = allowed & attention_mask[:, None, None, -keys.shape[1] :].bool()
             # A pad query sees no real key; letting it see itself keeps its (unused) output finite
-            # instead of the NaN of a softmax over nothing, which would reach later layers.
-            allowed = allowed | (key_positions[None, :] == slots[:, None])
+            # instead of the NaN of a softmax over nothing, which would reach later layers. (Only a
+            # query that sees nothing: an indexer may leave a real query's own key out.)
+            allowed = allowed | ((key_positions[None, :] == slots[:, None]) & ~allowed.any(-1, keepdim=True))
         z = None
         # A NaN/inf key or value must not reach earlier queries through 0 * nan in a matmul (see
         # hooked_ssm.ops.causality): then every query sums only over the keys it may see.

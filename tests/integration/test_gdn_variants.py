@@ -145,6 +145,22 @@ def test_logits_match_transformers(variant, execution):
         assert diff <= TOL, f"{name}/{execution}/T={length}: max |logit diff| {diff:.2e}"
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_matches_transformers(variant, side):
+    """Pads (one row padded by 7) write nothing and are seen by no real token, as in transformers;
+    Qwen4-Exp's indexer cuts each row's real tokens into blocks."""
+    name, directory, hf_model, _ = variant
+    model = HookedSSM.from_pretrained(directory)
+    tokens = _tokens(2, 40, seed=6)
+    mask = torch.ones_like(tokens)
+    mask[0, :7] = 0 if side == "left" else 1
+    mask[0, -7:] = 0 if side == "right" else 1
+    with torch.no_grad():
+        expected = hf_model(input_ids=tokens, attention_mask=mask, use_cache=False).logits
+        diff = (model(tokens, attention_mask=mask) - expected)[mask.bool()].abs().max().item()
+    assert diff <= TOL, f"{name}/{side} padding: max |logit diff| {diff:.2e}"
+
+
 def test_beta_range(variant):
     """OLMo-Hybrid's allow_neg_eigval: beta = 2 sigmoid(b) in (0, 2), seen as such by hook_beta;
     (0, 1) elsewhere."""

@@ -27,12 +27,21 @@ class IndexedAttention(GatedAttention):
         cache: IndexedAttentionCache | None = None,
         attention_mask: Tensor | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        if cache is not None and cache.row_lengths is not None:
-            raise ValueError("Indexed attention does not support ragged caches (rows continuing prefixes of different "
-                             "lengths); continue the rows one length at a time.")
+        batch, length, _ = x.shape
         offset = 0 if cache is None else cache.length
-        positions = torch.arange(offset, offset + x.shape[1], device=x.device)
-        selected, index_keys = self.indexer(x, positions, None if cache is None else cache.index_keys, attention_mask)
+        real = None if attention_mask is None else attention_mask[:, -(offset + length) :].bool()
+        positions = torch.arange(offset, offset + length, device=x.device).expand(batch, -1)
+        if cache is not None and cache.row_lengths is not None:
+            # A ragged cache (rows continuing prefixes of different lengths): a row's tokens go on from
+            # its own length, and the slots between its prefix and this call's tokens hold nothing.
+            positions = cache.row_lengths[:, None] + torch.arange(length, device=x.device)
+            past_real = torch.cat([cache.key_mask, cache.key_mask.new_ones(batch, length)], dim=1)
+            real = past_real if real is None else real & past_real
+        key_positions = positions if cache is None or cache.index_positions is None else (
+            torch.cat([cache.index_positions, positions], dim=1))
+        selected, index_keys = self.indexer(
+            x, positions, key_positions, None if cache is None else cache.index_keys, real
+        )
         if cache is not None:
-            cache.index_keys = index_keys
+            cache.index_keys, cache.index_positions = index_keys, key_positions
         return super().forward(x, cache, attention_mask, key_selection=selected)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
@@ -51,12 +51,15 @@ class QSAIndexer(nn.Module):
     def forward(
         self,
         x: Float[Tensor, "batch pos d_model"],
-        positions: Tensor,
+        positions: Int[Tensor, "batch pos"],
+        key_positions: Int[Tensor, "batch key_pos"],
         past_keys: Float[Tensor, "batch past d_index"] | None,
         real: Bool[Tensor, "batch key_pos"] | None,
     ) -> tuple[Bool[Tensor, "batch pos key_pos"], Float[Tensor, "batch key_pos d_index"]]:
-        """The keys each of this call's queries may see (over past and current tokens), and the raw
-        index keys of all of them (the cache's next ``past_keys``). ``real``: False at pads."""
+        """The keys (cache slots: past, then this call's tokens) each of this call's queries may see,
+        and the raw index keys of all slots (the cache's next ``past_keys``). ``positions`` /
+        ``key_positions``: the RoPE positions of the queries and of every slot; ``real``: False at
+        pads and empty slots."""
         batch, length, _ = x.shape
         q, k = self.qk_proj(x).split([self.n_heads * self.d_head, self.d_head], dim=-1)
         q = self.hook_q(self.rotary(self.q_norm(q.view(batch, length, self.n_heads, self.d_head)), positions))
@@ -64,7 +67,7 @@ class QSAIndexer(nn.Module):
         keys = k if past_keys is None else torch.cat([past_keys, k], dim=1)
         n_keys = keys.shape[1]
         slots = torch.arange(n_keys, device=x.device)
-        real = torch.ones(batch, n_keys, dtype=torch.bool, device=x.device) if real is None else real[:, -n_keys:]
+        real = torch.ones(batch, n_keys, dtype=torch.bool, device=x.device) if real is None else real
 
         # Row b's real slots in order; block j holds the real slots j*r ... j*r + r - 1.
         real_slots = torch.sort(torch.where(real, slots, n_keys + slots), dim=1).values
@@ -74,7 +77,7 @@ class QSAIndexer(nn.Module):
         block_slots = block_slots.clamp_max(n_keys - 1)
         gathered = keys.gather(1, block_slots.flatten(1)[..., None].expand(-1, -1, self.d_head))
         pooled = gathered.view(batch, n_blocks, self.block_size, self.d_head).float().mean(dim=2).to(keys.dtype)
-        block_keys = self.rotary(self.k_norm(pooled)[:, :, None], block_slots[..., 0])[:, :, 0]
+        block_keys = self.rotary(self.k_norm(pooled)[:, :, None], key_positions.gather(1, block_slots[..., 0]))[:, :, 0]
 
         scores = torch.einsum("bqhd,bnd->bqnh", q.float(), block_keys.float()).relu().sum(-1) / self.d_head**0.5
         query_slots = slots[n_keys - length :]

@@ -265,6 +265,13 @@ def _cat_or_zeros(values: Sequence[Tensor | None], sizes: Sequence[int]) -> Tens
     return torch.cat([like.new_zeros(n, *like.shape[1:]) if v is None else v for v, n in zip(values, sizes)])
 
 
+def _pad_slots(value: Tensor | None, slots: int) -> Tensor | None:
+    """A per-slot cache tensor ``[batch, slot, ...]`` right-padded with zeros to ``slots`` slots."""
+    if value is None or value.shape[1] == slots:
+        return value
+    return torch.cat([value, value.new_zeros(value.shape[0], slots - value.shape[1], *value.shape[2:])], dim=1)
+
+
 def _stack_attention(caches: Sequence[AttentionCache], sizes: Sequence[int]) -> AttentionCache:
     """One attention cache for rows whose prefixes have different lengths (see ``AttentionCache``):
     keys and values right-padded to the longest prefix, with the key mask and row lengths."""
@@ -310,8 +317,10 @@ def stack_states(states: Sequence[RecurrentState], sizes: Sequence[int] | None =
         if isinstance(caches[0], AttentionCache):
             stacked = _stack_attention(caches, sizes)
             # A cache that extends the attention cache (Falcon-H1's ParallelCache) also carries
-            # recurrent fields: those concatenate like any recurrent cache's.
-            extra = {f.name: _cat_or_zeros([getattr(c, f.name) for c in caches], sizes)
+            # recurrent fields: those concatenate like any recurrent cache's; fields with one entry
+            # per slot (Qwen4-Exp's index keys) are right-padded to the stack's slots like the keys.
+            extra = {f.name: _cat_or_zeros([_pad_slots(getattr(c, f.name), stacked.length) if f.metadata.get("per_slot")
+                                            else getattr(c, f.name) for c in caches], sizes)
                      for f in dataclasses.fields(caches[0]) if f.name not in _ATTENTION_FIELDS}
             attention = {name: getattr(stacked, name) for name in _ATTENTION_FIELDS}
             layers.append(type(caches[0])(**attention, **extra) if extra else stacked)

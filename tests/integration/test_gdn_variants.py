@@ -238,7 +238,7 @@ def test_rows_of_different_lengths_continue_in_one_batch(variant):
     engine builds them) and continued in two calls, give each row's logits of one full forward."""
     name, directory, _, _ = variant
     if name == "lara_mini":
-        pytest.skip("LaraMini's sliding-window attention refuses ragged caches (a clear error, tested elsewhere).")
+        pytest.skip("LaraMini's sliding-window attention refuses ragged caches (with a clear error).")
     model = HookedSSM.from_pretrained(directory)
     tokens, prefixes = _tokens(2, 40, seed=7), (3, 21)
     states = [RecurrentState.empty(model.cfg.layer_types) for _ in prefixes]

@@ -137,6 +137,15 @@ class HookedSSMConfig:
     indexer_head_dim: int = 0
     indexer_budget: int = 0
     indexer_compress_ratio: int = 0
+    # Qwen4-Exp's Per-Layer Embeddings ("gated_deltanet_hc_ple" layers): hashed n-grams of orders
+    # 2..ngram_size, heads_per_ngram heads each, ple_embed_dim wide in all, from a table of
+    # ple_ngram_rows[layer] rows (its own per layer); a depthwise conv of ple_conv_kernel taps
+    # ngram_size tokens apart.
+    ple_embed_dim: int = 0
+    ple_ngram_rows: list[int] = field(default_factory=list)
+    ple_conv_kernel: int = 4
+    ngram_size: int = 3
+    heads_per_ngram: int = 0
     # Bookkeeping, as in HookedTransformerConfig.
     model_name: str = "custom"
     original_architecture: str = "custom"

@@ -36,7 +36,15 @@ from hooked_ssm.components.mlstm import MLSTMCache, MLSTMMixer
 from hooked_ssm.components.parallel_hybrid import ParallelHybridBlock
 from hooked_ssm.components.rwkv7 import RWKV7Block, RWKV7Mixer
 from hooked_ssm.components.shared_transformer import HYBRID_KIND, SharedTransformerMamba2Block
-from hooked_ssm.state import AttentionCache, IndexedAttentionCache, MixerCache, NoCache, ParallelCache, RWKV7Cache
+from hooked_ssm.state import (
+    AttentionCache,
+    IndexedAttentionCache,
+    MixerCache,
+    NoCache,
+    ParallelCache,
+    PLEMixerCache,
+    RWKV7Cache,
+)
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,8 @@ class LayerKind:
     options: dict[str, bool] = field(default_factory=dict)  # keyword arguments of ``mixer(cfg, **options)``
     # The block also reads the token embeddings (``forward(..., embeddings=)``: Zamba2's shared blocks).
     reads_embeddings: bool = False
+    # The block also reads the token ids (``forward(..., tokens=)``: Qwen4-Exp's Per-Layer Embeddings).
+    reads_tokens: bool = False
 
 
 LAYER_KINDS: dict[str, LayerKind] = {
@@ -75,9 +85,11 @@ LAYER_KINDS: dict[str, LayerKind] = {
     # Zamba2: a shared transformer block on [resid | embeddings] feeding a Mamba-2 mixer
     HYBRID_KIND: LayerKind(Mamba2Mixer, ParallelCache, grouped_keys=True, block=SharedTransformerMamba2Block,
                            reads_embeddings=True),
-    # Qwen4-Exp: a residual stream of cfg.hc_count hyper-connected streams, and attention narrowed by
-    # its QSA indexer
+    # Qwen4-Exp: a residual stream of cfg.hc_count hyper-connected streams, Per-Layer Embeddings (of
+    # the token ids) on some GDN layers, attention narrowed by its QSA indexer
     "gated_deltanet_hc": LayerKind(GatedDeltaNetMixer, MixerCache, grouped_keys=True, block=HyperConnectionBlock),
+    "gated_deltanet_hc_ple": LayerKind(GatedDeltaNetMixer, PLEMixerCache, grouped_keys=True, block=HyperConnectionBlock,
+                                       reads_tokens=True),
     "indexed_attention_hc": LayerKind(IndexedAttention, IndexedAttentionCache, slot="attn", block=HyperConnectionBlock),
 }
 

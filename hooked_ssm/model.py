@@ -61,6 +61,8 @@ class HookedSSM(HookedRootModule):
         self.blocks = nn.ModuleList(build_blocks(cfg))
         # Blocks that read the token embeddings besides the residual stream (Zamba2's hybrid layers).
         self.reads_embeddings = [layer_kind(name).reads_embeddings for name in cfg.layer_types]
+        # Blocks that read the token ids (Qwen4-Exp's Per-Layer Embeddings).
+        self.reads_tokens = [layer_kind(name).reads_tokens for name in cfg.layer_types]
         self.ln_final = build_final_norm(cfg)
         self.unembed = Unembed(cfg.d_vocab, cfg.d_model, cfg.logits_divisor, cfg.output_logits_soft_cap)
         if cfg.tie_word_embeddings:
@@ -109,6 +111,7 @@ class HookedSSM(HookedRootModule):
         v_first: Float[Tensor, "batch pos head d_v"] | None = None,
         check_finite: bool = False,
         embeddings: Float[Tensor, "batch pos d_model"] | None = None,
+        tokens: Int[Tensor, "batch pos"] | None = None,
     ) -> Any:
         """Run the model.
 
@@ -139,17 +142,20 @@ class HookedSSM(HookedRootModule):
                 Default: every position. Only paid for when ``hook_state`` has hooks.
             check_finite: raise at the first hook point where a NaN or an infinity appears (see
                 ``detect_non_finite``).
+            tokens: with ``start_at_layer``, the token ids of these positions, for blocks that read
+                them (Qwen4-Exp's Per-Layer Embeddings), as TransformerLens's ``tokens=``.
         """
         if check_finite:
             with self.detect_non_finite():
                 return self.forward(input, return_type, loss_per_token, prepend_bos, padding_side, attention_mask,
                                     start_at_layer, stop_at_layer, past_state, state_positions, v_first,
-                                    embeddings=embeddings)
+                                    embeddings=embeddings, tokens=tokens)
         first = 0 if start_at_layer is None else self._check_start_layer(start_at_layer, input, return_type, v_first,
-                                                                          embeddings)
+                                                                          embeddings, tokens)
         if first > 0:
             resid = input.to(self.cfg.device)
             embeddings = None if embeddings is None else embeddings.to(self.cfg.device)
+            block_tokens = None if tokens is None else self._check_tokens(self._check_token_shape(tokens))
             tokens = None
         else:
             if isinstance(input, (str, list)):
@@ -157,7 +163,7 @@ class HookedSSM(HookedRootModule):
                 attention_mask = text_mask if attention_mask is None else attention_mask
             else:
                 tokens = self._check_token_shape(input)
-            tokens = self._check_tokens(tokens)
+            tokens = block_tokens = self._check_tokens(tokens)
             resid = None
         length = resid.shape[1] if tokens is None else tokens.shape[1]
         if state_positions is not None:
@@ -177,6 +183,8 @@ class HookedSSM(HookedRootModule):
         for layer in range(first, last):
             cache = None if past_state is None else past_state.layers[layer]
             side_inputs = {"embeddings": embeddings} if self.reads_embeddings[layer] else {}
+            if self.reads_tokens[layer]:
+                side_inputs["tokens"] = block_tokens
             resid = self.blocks[layer](resid, cache, attention_mask, state_positions, **side_inputs)
         if past_state is not None and last == len(self.blocks):
             past_state.n_tokens += length
@@ -208,7 +216,7 @@ class HookedSSM(HookedRootModule):
         return tokens
 
     def _check_start_layer(self, start_at_layer: int, input: Any, return_type: ReturnType, v_first: Tensor | None,
-                           embeddings: Tensor | None) -> int:
+                           embeddings: Tensor | None, tokens: Tensor | None) -> int:
         if not 0 <= start_at_layer <= len(self.blocks):
             raise ValueError(f"start_at_layer={start_at_layer} is outside [0, {len(self.blocks)}] (the model has {len(self.blocks)} blocks).")
         if start_at_layer == 0:
@@ -223,6 +231,9 @@ class HookedSSM(HookedRootModule):
         if any(self.reads_embeddings[start_at_layer:]) and embeddings is None:
             raise ValueError("Zamba2's hybrid layers read the token embeddings besides the residual stream: pass "
                              "embeddings= (hook_embed of these positions).")
+        if any(self.reads_tokens[start_at_layer:]) and tokens is None:
+            raise ValueError("Qwen4-Exp's Per-Layer Embeddings read the token ids besides the residual stream: pass "
+                             "tokens= (the token ids of these positions).")
         if embeddings is not None and embeddings.shape != input.shape:
             raise ValueError(f"embeddings has shape {tuple(embeddings.shape)}, the residual stream {tuple(input.shape)}: "
                              f"pass hook_embed of the same positions.")

@@ -23,6 +23,15 @@ class MixerCache:
 
 
 @dataclass
+class PLEMixerCache(MixerCache):
+    """A mixer layer with a Per-Layer Embedding (Qwen4-Exp): also the PLE convolution's window and the
+    last tokens its n-grams read (None: nothing consumed yet, the n-grams see EOS)."""
+
+    ple_conv_state: Float[Tensor, "batch window hc_d_model"] | None = None
+    ngram_context: Int[Tensor, "batch context"] | None = None
+
+
+@dataclass
 class RWKV7Cache:
     """RWKV-7 layer: the previous token's normed inputs of the time mix and of the channel mix
     (the token-shift "x_prev" vectors) and the key-major matrix state."""
@@ -90,7 +99,7 @@ class NoCache:
 class RecurrentState:
     """Per-layer caches plus the number of tokens already consumed."""
 
-    layers: list[MixerCache | RWKV7Cache | AttentionCache | IndexedAttentionCache | ParallelCache | NoCache] = field(default_factory=list)
+    layers: list[MixerCache | PLEMixerCache | RWKV7Cache | AttentionCache | IndexedAttentionCache | ParallelCache | NoCache] = field(default_factory=list)
     n_tokens: int = 0
 
     @classmethod

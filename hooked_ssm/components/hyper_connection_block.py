@@ -7,6 +7,8 @@ before the MLP) and is written back into every stream with that connection's wei
 
 The residual hooks (``hook_resid_pre/mid/post``) are ``[batch, pos, hc * d_model]``; the sublayer
 outputs ``[batch, pos, d_model]``. The token mixer is the layer kind's (``.mixer`` or ``.attn``).
+A layer kind that reads the token ids (``reads_tokens``) first adds their Per-Layer Embedding to
+the streams (``.ple``; ``hook_resid_pre`` is before it).
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch.nn as nn
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from hooked_ssm.components.hyper_connection import HyperConnection
 from hooked_ssm.components.mlp import build_mlp
+from hooked_ssm.components.per_layer_embedding import PerLayerEmbedding
 from hooked_ssm.config import HookedSSMConfig
 from hooked_ssm.state import AttentionCache, MixerCache
 
@@ -34,6 +37,7 @@ class HyperConnectionBlock(nn.Module):
         if kind.slot not in ("mixer", "attn"):
             raise ValueError(f"A hyper-connection block holds a token mixer, not a {kind.slot!r} layer.")
         self.slot = kind.slot
+        self.ple = PerLayerEmbedding(cfg, layer) if kind.reads_tokens else None
         self.hc1 = HyperConnection(cfg)
         setattr(self, self.slot, kind.mixer(cfg, **kind.options))
         self.hc2 = HyperConnection(cfg)
@@ -51,8 +55,13 @@ class HyperConnectionBlock(nn.Module):
         cache: MixerCache | AttentionCache | None = None,
         attention_mask: Tensor | None = None,
         state_positions: Sequence[int] | None = None,
+        tokens: Int[Tensor, "batch pos"] | None = None,
     ) -> Float[Tensor, "batch pos hc_d_model"]:
         resid = self.hook_resid_pre(resid)
+        if self.ple is not None:
+            if tokens is None:
+                raise ValueError("This layer's Per-Layer Embedding reads the token ids: pass tokens=.")
+            resid = resid + self.ple(resid, tokens, cache, attention_mask)
         x, weights = self.hc1(resid)
         if self.slot == "attn":  # attention has no state to materialise
             out = self.attn(x, cache, attention_mask)

@@ -1,10 +1,11 @@
 """Qwen4-Exp (``Qwen4ExpForCausalLM``, the text model): Qwen3.5's Gated DeltaNet (output gate SiLU or
 sigmoid, ``output_gate_type``), gated attention narrowed by a QSA indexer (``indexed_attention``),
-a mixture of experts with a gated shared expert in every layer, and hyper-connections instead of
-residual norms -> HookedSSMConfig fields and state dict.
+a mixture of experts with a gated shared expert in every layer, hyper-connections instead of
+residual norms, and Per-Layer Embeddings (hashed n-grams) on the GDN layers ``ple_layer_ids``
+(one-indexed) -> HookedSSMConfig fields and state dict.
 
-Not supported: Per-Layer Embeddings (``ple_layer_ids``: hashed n-gram embeddings injected into the
-streams of some layers); a config that uses them is refused.
+Checkpoints split each n-gram table into ``ngram_embedding.shard_{i}`` row blocks (concatenated in
+order here, as transformers does); a single ``ngram_embedding.weight`` is accepted too.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 from transformers import AutoConfig, PretrainedConfig
 
@@ -29,21 +31,37 @@ _LAYER_TYPES = {"linear_attention": "gated_deltanet_hc", "indexed_attention": "i
 def read_checkpoint(
     source: Path, raw_config: dict, architecture: str, defaults: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    return config_from_hf(AutoConfig.from_pretrained(source)), read_weights(source)
+    state = read_weights(source)
+    fields = config_from_hf(AutoConfig.from_pretrained(source))
+    # The n-gram tables' rows are the checkpoint's (sums of per-layer prime sizes, padded).
+    fields["ple_ngram_rows"] = [
+        _ngram_table(dict(state), f"model.layers.{layer}.ple.ple_embedding.").shape[0] if kind.endswith("_ple") else 0
+        for layer, kind in enumerate(fields["layer_types"])
+    ]
+    return fields, state
+
+
+def _ngram_table(state: dict[str, Tensor], src: str) -> Tensor:
+    """The n-gram table under ``src``: its shards concatenated in order, or the whole table."""
+    if f"{src}ngram_embedding.weight" in state:
+        return take(state, f"{src}ngram_embedding.weight")
+    shards = sorted((int(key.removeprefix(f"{src}ngram_embedding.shard_").removesuffix(".weight")), key)
+                    for key in state if key.startswith(f"{src}ngram_embedding.shard_"))
+    if not shards:
+        raise CheckpointError(f"Checkpoint has no n-gram table under {src}ngram_embedding (shard_*.weight or weight).")
+    if [index for index, _ in shards] != list(range(len(shards))):
+        raise CheckpointError(f"The n-gram table under {src} is missing shards: has {[i for i, _ in shards]}.")
+    return torch.cat([take(state, key) for _, key in shards])
 
 
 def config_from_hf(hf: PretrainedConfig) -> dict[str, Any]:
-    if hf.ple_layer_ids:
-        raise CheckpointError(
-            f"Qwen4-Exp with Per-Layer Embeddings (ple_layer_ids={hf.ple_layer_ids}) is not supported: HookedSSM "
-            "does not implement the hashed n-gram embeddings. Only configs with ple_layer_ids=[] load."
-        )
     if hf.hidden_act != "silu":  # also the short conv's activation
         raise CheckpointError(f"Qwen4-Exp with hidden_act={hf.hidden_act!r} is not supported (only 'silu').")
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     return dict(
         **transformers_fields(hf, "Qwen4ExpForCausalLM"),
-        layer_types=[_LAYER_TYPES[kind] for kind in hf.layer_types],
+        layer_types=[_LAYER_TYPES[kind] + ("_ple" if layer + 1 in hf.ple_layer_ids else "")
+                     for layer, kind in enumerate(hf.layer_types)],
         n_heads=hf.linear_num_value_heads,
         n_key_heads=hf.linear_num_key_heads,
         d_k=hf.linear_key_head_dim,
@@ -59,6 +77,10 @@ def config_from_hf(hf: PretrainedConfig) -> dict[str, Any]:
         indexer_head_dim=hf.indexer_head_dim or 0,
         indexer_budget=hf.indexer_budget or 0,
         indexer_compress_ratio=hf.indexer_compress_ratio or 0,
+        ple_embed_dim=hf.ple_embed_dim if hf.ple_layer_ids else 0,
+        ple_conv_kernel=hf.ple_conv_kernel_size,
+        ngram_size=hf.ngram_size,
+        heads_per_ngram=hf.heads_per_ngram,
         hc_count=hf.hc_count,
         hc_lowrank=hf.hc_lowrank,
         act_fn=hf.hidden_act,
@@ -78,6 +100,18 @@ def _hyper_connection(state: dict[str, Tensor], src: str, inject: bool = True) -
            "read_up.weight": take(state, f"{src}input_mix_weight_up.weight")}
     if inject:
         out["inject_weights.weight"] = take(state, f"{src}block_inject_weight.weight")
+    return out
+
+
+def _per_layer_embedding(state: dict[str, Tensor], src: str) -> dict[str, Tensor]:
+    out = {f"{name}.weight": take(state, f"{src}{name}.weight") for name in ("key_proj", "value_proj")}
+    out.update({f"{name}.w": take(state, f"{src}{name}.weight") for name in ("norm_key", "norm_query", "norm_conv")})
+    out["conv_weight"] = take(state, f"{src}conv1d.weight")
+    embedding = f"{src}ple_embedding."
+    out["embedding.table.weight"] = _ngram_table(state, embedding)
+    out["embedding.multipliers"] = take(state, f"{embedding}layer_multipliers")
+    out["embedding.head_vocab_sizes"] = take(state, f"{embedding}ngram_heads_vocab_sizes")
+    out["embedding.head_offsets"] = take(state, f"{embedding}ngram_heads_offsets")
     return out
 
 
@@ -113,7 +147,9 @@ def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[s
         src, dst = f"model.layers.{layer}.", f"blocks.{layer}."
         out.update({f"{dst}hc1.{k}": v for k, v in _hyper_connection(state, f"{src}attn_hyper_connection.").items()})
         out.update({f"{dst}hc2.{k}": v for k, v in _hyper_connection(state, f"{src}mlp_hyper_connection.").items()})
-        if kind == "gated_deltanet_hc":
+        if kind == "gated_deltanet_hc_ple":
+            out.update({f"{dst}ple.{k}": v for k, v in _per_layer_embedding(state, f"{src}ple.").items()})
+        if kind.startswith("gated_deltanet"):
             out.update({f"{dst}mixer.{k}": v for k, v in gdn_mixer_weights(state, f"{src}linear_attn.", cfg).items()})
         else:
             out.update({f"{dst}attn.{k}": v for k, v in _indexed_attention(state, f"{src}self_attn.", cfg).items()})

@@ -96,13 +96,16 @@ def _qwen4_exp() -> PreTrainedModel:
     # Two hyper-connected streams; the GDN's output gate is a sigmoid; the attention layers' QSA
     # indexers keep 2 blocks of 4 tokens (plus the last incomplete block), so they narrow every query
     # past 12 tokens (one attention layer follows layer 2, so edits there reach ragged indexed caches
-    # in the intervention engine); experts in every layer. No Per-Layer Embeddings (not supported).
+    # in the intervention engine); experts in every layer; Per-Layer Embeddings (hashed 2- and 3-grams)
+    # on both GDN layers, so also on the edited one.
     cfg = Qwen4ExpTextConfig(
         vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, layer_types=["linear_attention", "indexed_attention", "linear_attention", "indexed_attention"],
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
         moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
         hc_count=2, hc_lowrank=8, output_gate_type="sigmoid",
+        ple_layer_ids=[1, 3], ple_embed_dim=32, ngram_size=3, heads_per_ngram=2, ngram_vocab_size_base=50,
+        make_ngram_vocab_size_divisible_by=8,
         indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=8, indexer_compress_ratio=4,
         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
@@ -253,3 +256,21 @@ def test_rows_of_different_lengths_continue_in_one_batch(variant):
     for row, n in enumerate(prefixes):
         diff = (continued[row] - full[row, n : n + 15]).abs().max().item()
         assert diff <= TOL, f"{name}: row {row} continued from {n} tokens differs by {diff:.2e}"
+
+
+def test_ngrams_restart_after_eos(variant):
+    """Qwen4-Exp's Per-Layer Embeddings hash no n-gram across an EOS: with EOS tokens inside the rows,
+    logits match transformers, in one forward and in single-token steps across the EOS."""
+    name, directory, hf_model, _ = variant
+    if not getattr(hf_model.config, "ple_layer_ids", None):
+        pytest.skip(f"{name} has no n-gram embeddings")
+    model = HookedSSM.from_pretrained(directory)
+    tokens = _tokens(2, 30, seed=8)
+    tokens[0, [5, 17]] = tokens[1, 20] = hf_model.config.eos_token_id
+    state = RecurrentState.empty(model.cfg.layer_types)
+    with torch.no_grad():
+        full = model(tokens)
+        steps = torch.cat([model(tokens[:, :16], past_state=state)]
+                          + [model(tokens[:, t : t + 1], past_state=state) for t in range(16, 30)], dim=1)
+    assert (full - _hf_logits(hf_model, tokens)).abs().max() <= TOL
+    assert (steps - full).abs().max() <= TOL

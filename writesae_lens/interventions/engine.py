@@ -457,7 +457,8 @@ class InterventionEngine:
     def _inputs(self, tokens, first_layer) -> tuple[Tensor, dict[str, Tensor]]:
         """The input of block ``first_layer`` for every position (token ids for block 0), and the
         side inputs that blocks past it read besides the residual stream, by ``forward`` keyword:
-        RWKV-7's value residual (``v_first``), Zamba2's token embeddings (``embeddings``)."""
+        RWKV-7's value residual (``v_first``), Zamba2's token embeddings (``embeddings``), the token
+        ids of Qwen4-Exp's Per-Layer Embeddings (``tokens``)."""
         if first_layer == 0:
             return tokens, {}
         captured: dict[str, Tensor] = {}
@@ -471,6 +472,8 @@ class InterventionEngine:
         ]
         with self.model.hooks(fwd_hooks=hooks):
             resid = self.model(tokens, stop_at_layer=first_layer)
+        if any(self.model.reads_tokens[first_layer:]):
+            captured["tokens"] = tokens
         return resid, captured
 
     def forward(self, inputs: Tensor, state: RecurrentState, first_layer: int, side: dict[str, Tensor],

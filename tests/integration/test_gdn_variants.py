@@ -16,6 +16,7 @@ from types import ModuleType
 import pytest
 import torch
 from random_weights import randomize_
+from safetensors.torch import load_file, save_file
 from test_gdn_hooks import brute_force_rule
 from test_mamba2_hybrids import check_generation
 from transformers import (
@@ -34,7 +35,7 @@ from transformers.models.olmo_hybrid import modeling_olmo_hybrid
 from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe
 from transformers.models.qwen4_exp import modeling_qwen4_exp
 
-from hooked_ssm import HookedSSM, as_flat
+from hooked_ssm import CheckpointError, HookedSSM, as_flat
 from hooked_ssm.state import RecurrentState
 from writesae_lens.interventions.engine import stack_states
 
@@ -274,3 +275,22 @@ def test_ngrams_restart_after_eos(variant):
                           + [model(tokens[:, t : t + 1], past_state=state) for t in range(16, 30)], dim=1)
     assert (full - _hf_logits(hf_model, tokens)).abs().max() <= TOL
     assert (steps - full).abs().max() <= TOL
+
+
+def test_qwen4_exp_errors_name_the_problem(tmp_path):
+    """A missing n-gram table shard fails the load naming the shards; starting past the embedding
+    without the token ids a Per-Layer Embedding reads asks for ``tokens=``."""
+    VARIANTS["qwen4_exp"].build().save_pretrained(tmp_path)
+    model = HookedSSM.from_pretrained(tmp_path)
+    tokens = _tokens(1, 12)
+    with torch.no_grad():
+        resid = model(tokens, stop_at_layer=2)
+        with pytest.raises(ValueError, match="pass tokens="):
+            model(resid, start_at_layer=2)
+        torch.testing.assert_close(model(resid, start_at_layer=2, tokens=tokens), model(tokens), atol=0, rtol=0)
+
+    state = load_file(tmp_path / "model.safetensors")
+    del state["model.layers.2.ple.ple_embedding.ngram_embedding.shard_3.weight"]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="missing shards"):
+        HookedSSM.from_pretrained(tmp_path)

@@ -19,7 +19,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from hooked_ssm.config import HookedSSMConfig
 from hooked_ssm.pretrained.bamba import attention_weights, rope_fields
-from hooked_ssm.pretrained.checkpoint import CheckpointError, ensure_consumed, take, transformers_fields
+from hooked_ssm.pretrained.checkpoint import CheckpointError, ensure_consumed, take, take_embeddings, transformers_fields
 from hooked_ssm.pretrained.lara_mini import fused_moe_weights
 from hooked_ssm.pretrained.qwen3_5 import gdn_mixer_weights, qwen_mlp_weights
 from hooked_ssm.pretrained.torch_files import read_weights
@@ -32,12 +32,19 @@ def read_checkpoint(
     source: Path, raw_config: dict, architecture: str, defaults: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     state = read_weights(source)
-    fields = config_from_hf(AutoConfig.from_pretrained(source))
-    # The n-gram tables' rows are the checkpoint's (sums of per-layer prime sizes, padded).
-    fields["ple_ngram_rows"] = [
-        _ngram_table(dict(state), f"model.layers.{layer}.ple.ple_embedding.").shape[0] if kind.endswith("_ple") else 0
-        for layer, kind in enumerate(fields["layer_types"])
-    ]
+    hf = AutoConfig.from_pretrained(source)
+    fields = config_from_hf(hf)
+    # Each layer's n-gram table holds its heads' prime-sized vocabularies (the checkpoint's
+    # ngram_heads_vocab_sizes) one after the other, padded to a multiple of
+    # make_ngram_vocab_size_divisible_by; a table of another size fails the load.
+    divisor = hf.make_ngram_vocab_size_divisible_by
+    rows = []
+    for layer, kind in enumerate(fields["layer_types"]):
+        sizes = state.get(f"model.layers.{layer}.ple.ple_embedding.ngram_heads_vocab_sizes")
+        if kind.endswith("_ple") and sizes is None:
+            raise CheckpointError(f"Checkpoint lacks layer {layer}'s ngram_heads_vocab_sizes that its config implies.")
+        rows.append(-(-int(sizes.sum()) // divisor) * divisor if kind.endswith("_ple") else 0)
+    fields["ple_ngram_rows"] = rows
     return fields, state
 
 
@@ -136,12 +143,7 @@ def _moe(state: dict[str, Tensor], src: str, cfg: HookedSSMConfig) -> dict[str, 
 def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[str, Tensor]:
     """Map a ``Qwen4ExpForCausalLM`` state dict to HookedSSM's names, consuming every tensor."""
     state = dict(state)
-    out = {"embed.W_E": take(state, "model.embed_tokens.weight")}
-    lm_head = state.pop("lm_head.weight", None)
-    if not cfg.tie_word_embeddings:
-        if lm_head is None:
-            raise CheckpointError("Checkpoint has no lm_head.weight but its config says the embeddings are untied.")
-        out["unembed.weight"] = lm_head
+    out = take_embeddings(state, cfg.tie_word_embeddings, "model.embed_tokens.weight", None)
     out.update({f"ln_final.{k}": v for k, v in _hyper_connection(state, "model.hyper_connection_mixer.", False).items()})
     for layer, kind in enumerate(cfg.layer_types):
         src, dst = f"model.layers.{layer}.", f"blocks.{layer}."

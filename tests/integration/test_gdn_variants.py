@@ -278,7 +278,8 @@ def test_ngrams_restart_after_eos(variant):
 
 
 def test_qwen4_exp_errors_name_the_problem(tmp_path):
-    """A missing n-gram table shard fails the load naming the shards; starting past the embedding
+    """A missing n-gram table shard fails the load (naming the shards, or the table's size when the
+    last one is missing); starting past the embedding
     without the token ids a Per-Layer Embedding reads asks for ``tokens=``."""
     VARIANTS["qwen4_exp"].build().save_pretrained(tmp_path)
     model = HookedSSM.from_pretrained(tmp_path)
@@ -290,7 +291,10 @@ def test_qwen4_exp_errors_name_the_problem(tmp_path):
         torch.testing.assert_close(model(resid, start_at_layer=2, tokens=tokens), model(tokens), atol=0, rtol=0)
 
     state = load_file(tmp_path / "model.safetensors")
-    del state["model.layers.2.ple.ple_embedding.ngram_embedding.shard_3.weight"]
-    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match="missing shards"):
-        HookedSSM.from_pretrained(tmp_path)
+    table = "model.layers.2.ple.ple_embedding.ngram_embedding"
+    last = max(int(key.removeprefix(f"{table}.shard_").removesuffix(".weight")) for key in state if key.startswith(table))
+    for shard, error in ((last, "do not fit its config"), (3, "missing shards")):  # the last one: no gap
+        del state[f"{table}.shard_{shard}.weight"]
+        save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(CheckpointError, match=error):
+            HookedSSM.from_pretrained(tmp_path)

@@ -25,7 +25,7 @@ class MixerCache:
 @dataclass
 class PLEMixerCache(MixerCache):
     """A mixer layer with a Per-Layer Embedding (Qwen4-Exp): also the PLE convolution's window and the
-    last tokens its n-grams read (None: nothing consumed yet, the n-grams see EOS)."""
+    last tokens its n-grams read, plus one (0 or None: before the first token)."""
 
     ple_conv_state: Float[Tensor, "batch window hc_d_model"] | None = None
     ngram_context: Int[Tensor, "batch context"] | None = None

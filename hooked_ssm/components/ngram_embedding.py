@@ -40,11 +40,12 @@ class NGramEmbedding(nn.Module):
     def forward(
         self, tokens: Int[Tensor, "batch pos"], past: Int[Tensor, "batch context"] | None
     ) -> tuple[Float[Tensor, "batch pos ple_embed"], Int[Tensor, "batch context"]]:
-        """The embeddings of this call's tokens, and the last ``context`` tokens (the next ``past``;
-        EOS before the first token)."""
+        """The embeddings of this call's tokens, and the next ``past``: the last ``context`` tokens
+        plus one. 0 stands for "before the first token" (read as EOS), so a context of zeros, as an
+        untouched decoding cache holds, is the start of a sequence."""
         if past is None:
-            past = tokens.new_full((tokens.shape[0], self.context), self.eos)
-        history = torch.cat([past, tokens.long()], dim=1)
+            past = tokens.new_zeros(tokens.shape[0], self.context)
+        history = torch.cat([torch.where(past > 0, past - 1, self.eos), tokens.long()], dim=1)
         shifted = [self._back(history, shift) for shift in range(self.ngram_size)]
         blocks = []
         for order in range(2, self.ngram_size + 1):
@@ -54,7 +55,7 @@ class NGramEmbedding(nn.Module):
             heads = slice((order - 2) * self.heads_per_ngram, (order - 1) * self.heads_per_ngram)
             blocks.append(torch.remainder(mixed[..., None], self.head_vocab_sizes[heads]) + self.head_offsets[heads])
         ids = self.hook_ids(torch.cat(blocks, dim=-1)[:, self.context :])
-        return self.table(ids).flatten(-2), history[:, -self.context :]
+        return self.table(ids).flatten(-2), history[:, -self.context :] + 1
 
     def _back(self, history: Int[Tensor, "batch pos"], shift: int) -> Int[Tensor, "batch pos"]:
         """The token ``shift`` back from each position, or EOS where that crosses an EOS or the start."""

@@ -45,7 +45,7 @@ class NGramEmbedding(nn.Module):
         untouched decoding cache holds, is the start of a sequence."""
         if past is None:
             past = tokens.new_zeros(tokens.shape[0], self.context)
-        history = torch.cat([torch.where(past > 0, past - 1, self.eos), tokens.long()], dim=1)
+        history = torch.cat([torch.where(past > 0, past - 1, self.eos).long(), tokens.long()], dim=1)
         shifted = [self._back(history, shift) for shift in range(self.ngram_size)]
         blocks = []
         for order in range(2, self.ngram_size + 1):

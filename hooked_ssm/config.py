@@ -42,6 +42,7 @@ class HookedSSMConfig:
     # beta in (0, 2): OLMo-Hybrid's allow_neg_eigval); eps of the gated output norm (None: eps).
     gdn_beta_scale: float = 1.0
     gdn_norm_eps: float | None = None
+    gdn_gate_act: Literal["silu", "sigmoid"] = "silu"  # the output gate's activation (Qwen4-Exp: either)
     chunk_size: int = 64
     execution: Execution = "chunked"
     # Mamba-2: conv bias, in/out projection bias, dt clamp, fp32 residual stream.
@@ -124,6 +125,27 @@ class HookedSSMConfig:
     # block slot ("mixer", "attn", "mlp"; absent: (1, 1)).
     normed_residual: bool = False
     residual_factors: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Hyper-connections (Qwen4-Exp): the residual stream is hc_count streams of d_model side by side,
+    # [batch, pos, hc_count * d_model]; each sublayer reads a learned mix of them (rank hc_lowrank) and
+    # writes into each with a learned weight. 1: one ordinary residual stream.
+    hc_count: int = 1
+    hc_lowrank: int = 0
+    # Qwen4-Exp's QSA indexer on "indexed_attention" layers: each query attends only to the tokens of
+    # the indexer_budget / indexer_compress_ratio best-scoring complete blocks of indexer_compress_ratio
+    # tokens, plus the incomplete last block; indexer_n_heads query heads, one key head.
+    indexer_n_heads: int = 0
+    indexer_head_dim: int = 0
+    indexer_budget: int = 0
+    indexer_compress_ratio: int = 0
+    # Qwen4-Exp's Per-Layer Embeddings ("gated_deltanet_hc_ple" layers): hashed n-grams of orders
+    # 2..ngram_size, heads_per_ngram heads each, ple_embed_dim wide in all, from a table of
+    # ple_ngram_rows[layer] rows (its own per layer); a depthwise conv of ple_conv_kernel taps
+    # ngram_size tokens apart.
+    ple_embed_dim: int = 0
+    ple_ngram_rows: list[int] = field(default_factory=list)
+    ple_conv_kernel: int = 4
+    ngram_size: int = 3
+    heads_per_ngram: int = 0
     # Bookkeeping, as in HookedTransformerConfig.
     model_name: str = "custom"
     original_architecture: str = "custom"
@@ -157,8 +179,15 @@ class HookedSSMConfig:
             self.moe_layers = [self.n_experts > 0] * self.n_layers
         if self.execution not in ("chunked", "recurrent"):
             raise ValueError(f"execution must be 'chunked' or 'recurrent', not {self.execution!r}.")
+        if self.hc_count < 1:
+            raise ValueError(f"hc_count must be >= 1 (1: an ordinary residual stream), got {self.hc_count}.")
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def d_resid(self) -> int:
+        """Width of the residual stream between blocks: ``hc_count * d_model``."""
+        return self.hc_count * self.d_model
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -28,13 +28,23 @@ import torch.nn as nn
 
 from hooked_ssm.components.attention import GatedAttention
 from hooked_ssm.components.gated_deltanet import GatedDeltaNetMixer
+from hooked_ssm.components.hyper_connection_block import HyperConnectionBlock
+from hooked_ssm.components.indexed_attention import IndexedAttention
 from hooked_ssm.components.lightning_attention import LightningAttentionMixer
 from hooked_ssm.components.mamba2 import Mamba2Mixer
 from hooked_ssm.components.mlstm import MLSTMCache, MLSTMMixer
 from hooked_ssm.components.parallel_hybrid import ParallelHybridBlock
 from hooked_ssm.components.rwkv7 import RWKV7Block, RWKV7Mixer
 from hooked_ssm.components.shared_transformer import HYBRID_KIND, SharedTransformerMamba2Block
-from hooked_ssm.state import AttentionCache, MixerCache, NoCache, ParallelCache, RWKV7Cache
+from hooked_ssm.state import (
+    AttentionCache,
+    IndexedAttentionCache,
+    MixerCache,
+    NoCache,
+    ParallelCache,
+    PLEMixerCache,
+    RWKV7Cache,
+)
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,8 @@ class LayerKind:
     options: dict[str, bool] = field(default_factory=dict)  # keyword arguments of ``mixer(cfg, **options)``
     # The block also reads the token embeddings (``forward(..., embeddings=)``: Zamba2's shared blocks).
     reads_embeddings: bool = False
+    # The block also reads the token ids (``forward(..., tokens=)``: Qwen4-Exp's Per-Layer Embeddings).
+    reads_tokens: bool = False
 
 
 LAYER_KINDS: dict[str, LayerKind] = {
@@ -73,6 +85,12 @@ LAYER_KINDS: dict[str, LayerKind] = {
     # Zamba2: a shared transformer block on [resid | embeddings] feeding a Mamba-2 mixer
     HYBRID_KIND: LayerKind(Mamba2Mixer, ParallelCache, grouped_keys=True, block=SharedTransformerMamba2Block,
                            reads_embeddings=True),
+    # Qwen4-Exp: a residual stream of cfg.hc_count hyper-connected streams, Per-Layer Embeddings (of
+    # the token ids) on some GDN layers, attention narrowed by its QSA indexer
+    "gated_deltanet_hc": LayerKind(GatedDeltaNetMixer, MixerCache, grouped_keys=True, block=HyperConnectionBlock),
+    "gated_deltanet_hc_ple": LayerKind(GatedDeltaNetMixer, PLEMixerCache, grouped_keys=True, block=HyperConnectionBlock,
+                                       reads_tokens=True),
+    "indexed_attention_hc": LayerKind(IndexedAttention, IndexedAttentionCache, slot="attn", block=HyperConnectionBlock),
 }
 
 
@@ -111,6 +129,7 @@ CHECKPOINT_FAMILIES: tuple[CheckpointFamily, ...] = (
     CheckpointFamily("MiniMax", "minimax", ("MiniMaxForCausalLM",), ("minimax",)),
     CheckpointFamily("xLSTM", "xlstm", ("xLSTMForCausalLM",), ("xlstm",)),
     CheckpointFamily("Zamba2", "zamba2", ("Zamba2ForCausalLM",), ("zamba2",)),
+    CheckpointFamily("Qwen4-Exp", "qwen4_exp", ("Qwen4ExpForCausalLM",), ("qwen4_exp_text",)),
 )
 
 

@@ -61,6 +61,8 @@ class HookedSSM(HookedRootModule):
         self.blocks = nn.ModuleList(build_blocks(cfg))
         # Blocks that read the token embeddings besides the residual stream (Zamba2's hybrid layers).
         self.reads_embeddings = [layer_kind(name).reads_embeddings for name in cfg.layer_types]
+        # Blocks that read the token ids (Qwen4-Exp's Per-Layer Embeddings).
+        self.reads_tokens = [layer_kind(name).reads_tokens for name in cfg.layer_types]
         self.ln_final = build_final_norm(cfg)
         self.unembed = Unembed(cfg.d_vocab, cfg.d_model, cfg.logits_divisor, cfg.output_logits_soft_cap)
         if cfg.tie_word_embeddings:
@@ -109,12 +111,14 @@ class HookedSSM(HookedRootModule):
         v_first: Float[Tensor, "batch pos head d_v"] | None = None,
         check_finite: bool = False,
         embeddings: Float[Tensor, "batch pos d_model"] | None = None,
+        tokens: Int[Tensor, "batch pos"] | None = None,
     ) -> Any:
         """Run the model.
 
         Args:
             input: text, a list of texts, or token ids ``[batch, pos]`` / ``[pos]``; with
-                ``start_at_layer``, the residual stream entering that block ``[batch, pos, d_model]``.
+                ``start_at_layer``, the residual stream entering that block ``[batch, pos, d_model]``
+                (``[batch, pos, hc_count * d_model]`` with hyper-connections).
                 A list of texts of different lengths is padded (``padding_side``) and masked, as in
                 HookedTransformer.
             return_type: "logits", "loss" (mean next-token loss over real tokens), "both"
@@ -138,17 +142,20 @@ class HookedSSM(HookedRootModule):
                 Default: every position. Only paid for when ``hook_state`` has hooks.
             check_finite: raise at the first hook point where a NaN or an infinity appears (see
                 ``detect_non_finite``).
+            tokens: with ``start_at_layer``, the token ids of these positions, for blocks that read
+                them (Qwen4-Exp's Per-Layer Embeddings), as TransformerLens's ``tokens=``.
         """
         if check_finite:
             with self.detect_non_finite():
                 return self.forward(input, return_type, loss_per_token, prepend_bos, padding_side, attention_mask,
                                     start_at_layer, stop_at_layer, past_state, state_positions, v_first,
-                                    embeddings=embeddings)
+                                    embeddings=embeddings, tokens=tokens)
         first = 0 if start_at_layer is None else self._check_start_layer(start_at_layer, input, return_type, v_first,
-                                                                          embeddings)
+                                                                          embeddings, tokens)
         if first > 0:
             resid = input.to(self.cfg.device)
             embeddings = None if embeddings is None else embeddings.to(self.cfg.device)
+            block_tokens = None if tokens is None else self._check_tokens(self._check_token_shape(tokens))
             tokens = None
         else:
             if isinstance(input, (str, list)):
@@ -156,7 +163,7 @@ class HookedSSM(HookedRootModule):
                 attention_mask = text_mask if attention_mask is None else attention_mask
             else:
                 tokens = self._check_token_shape(input)
-            tokens = self._check_tokens(tokens)
+            tokens = block_tokens = self._check_tokens(tokens)
             resid = None
         length = resid.shape[1] if tokens is None else tokens.shape[1]
         if state_positions is not None:
@@ -168,12 +175,16 @@ class HookedSSM(HookedRootModule):
 
         if tokens is not None:
             resid = embeddings = self.hook_embed(self.embed(tokens))
+            if self.cfg.hc_count > 1:  # hyper-connections: every stream starts as the embedding
+                resid = resid.repeat(1, 1, self.cfg.hc_count)
         if v_first is not None:
             self.blocks[0].mixer.value_residual.value = v_first.to(self.cfg.device)
         last = len(self.blocks) if stop_at_layer is None else stop_at_layer
         for layer in range(first, last):
             cache = None if past_state is None else past_state.layers[layer]
             side_inputs = {"embeddings": embeddings} if self.reads_embeddings[layer] else {}
+            if self.reads_tokens[layer]:
+                side_inputs["tokens"] = block_tokens
             resid = self.blocks[layer](resid, cache, attention_mask, state_positions, **side_inputs)
         if past_state is not None and last == len(self.blocks):
             past_state.n_tokens += length
@@ -205,13 +216,13 @@ class HookedSSM(HookedRootModule):
         return tokens
 
     def _check_start_layer(self, start_at_layer: int, input: Any, return_type: ReturnType, v_first: Tensor | None,
-                           embeddings: Tensor | None) -> int:
+                           embeddings: Tensor | None, tokens: Tensor | None) -> int:
         if not 0 <= start_at_layer <= len(self.blocks):
             raise ValueError(f"start_at_layer={start_at_layer} is outside [0, {len(self.blocks)}] (the model has {len(self.blocks)} blocks).")
         if start_at_layer == 0:
             return 0
-        if not isinstance(input, Tensor) or input.dim() != 3 or input.shape[-1] != self.cfg.d_model:
-            raise TypeError(f"With start_at_layer={start_at_layer}, input must be the residual stream [batch, pos, d_model={self.cfg.d_model}] "
+        if not isinstance(input, Tensor) or input.dim() != 3 or input.shape[-1] != self.cfg.d_resid:
+            raise TypeError(f"With start_at_layer={start_at_layer}, input must be the residual stream [batch, pos, {self.cfg.d_resid}] "
                             f"entering that block (e.g. from stop_at_layer={start_at_layer} or hook_resid_pre).")
         if return_type in ("loss", "both"):
             raise ValueError("return_type='loss' needs token ids; with start_at_layer use return_type='logits' and your own targets.")
@@ -220,6 +231,9 @@ class HookedSSM(HookedRootModule):
         if any(self.reads_embeddings[start_at_layer:]) and embeddings is None:
             raise ValueError("Zamba2's hybrid layers read the token embeddings besides the residual stream: pass "
                              "embeddings= (hook_embed of these positions).")
+        if any(self.reads_tokens[start_at_layer:]) and tokens is None:
+            raise ValueError("Qwen4-Exp's Per-Layer Embeddings read the token ids besides the residual stream: pass "
+                             "tokens= (the token ids of these positions).")
         if embeddings is not None and embeddings.shape != input.shape:
             raise ValueError(f"embeddings has shape {tuple(embeddings.shape)}, the residual stream {tuple(input.shape)}: "
                              f"pass hook_embed of the same positions.")

@@ -23,6 +23,15 @@ class MixerCache:
 
 
 @dataclass
+class PLEMixerCache(MixerCache):
+    """A mixer layer with a Per-Layer Embedding (Qwen4-Exp): also the PLE convolution's window and the
+    last tokens its n-grams read, plus one (0 or None: before the first token)."""
+
+    ple_conv_state: Float[Tensor, "batch window hc_d_model"] | None = None
+    ngram_context: Int[Tensor, "batch context"] | None = None
+
+
+@dataclass
 class RWKV7Cache:
     """RWKV-7 layer: the previous token's normed inputs of the time mix and of the channel mix
     (the token-shift "x_prev" vectors) and the key-major matrix state."""
@@ -63,6 +72,15 @@ class AttentionCache:
 
 
 @dataclass
+class IndexedAttentionCache(AttentionCache):
+    """An attention layer with Qwen4-Exp's QSA indexer: also the raw index keys and the RoPE position
+    of every slot (``per_slot``: a ragged stack pads them like the keys)."""
+
+    index_keys: Float[Tensor, "batch pos d_index"] | None = field(default=None, metadata={"per_slot": True})
+    index_positions: Int[Tensor, "batch pos"] | None = field(default=None, metadata={"per_slot": True})
+
+
+@dataclass
 class ParallelCache(AttentionCache):
     """A layer that runs a Mamba-2 mixer and attention side by side (Falcon-H1): one flat cache that
     serves as both (the attention's keys and values, the mixer's conv window and state), so that
@@ -81,7 +99,7 @@ class NoCache:
 class RecurrentState:
     """Per-layer caches plus the number of tokens already consumed."""
 
-    layers: list[MixerCache | RWKV7Cache | AttentionCache | ParallelCache | NoCache] = field(default_factory=list)
+    layers: list[MixerCache | PLEMixerCache | RWKV7Cache | AttentionCache | IndexedAttentionCache | ParallelCache | NoCache] = field(default_factory=list)
     n_tokens: int = 0
 
     @classmethod

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
@@ -93,7 +93,10 @@ class GatedAttention(nn.Module):
         x: Float[Tensor, "batch pos d_model"],
         cache: AttentionCache | None = None,
         attention_mask: Tensor | None = None,
+        key_selection: Bool[Tensor, "batch pos key_pos"] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
+        """``key_selection``: the keys (cache slots) each query may see besides the causal mask
+        (Qwen4-Exp's indexer); None: all."""
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.n_heads, -1)
         if self.output_gate:
@@ -128,11 +131,14 @@ class GatedAttention(nn.Module):
             allowed = allowed & (key_positions[None, :] > slots[:, None] - self.window)
         if ragged:  # the padding slots between a row's prefix and this call's tokens hold nothing
             allowed = allowed[None, None] & cache.key_mask[:, None, None, :]
+        if key_selection is not None:
+            allowed = allowed & key_selection[:, None]
         if attention_mask is not None:  # [batch, key_pos] with 1 for real tokens
             allowed = allowed & attention_mask[:, None, None, -keys.shape[1] :].bool()
             # A pad query sees no real key; letting it see itself keeps its (unused) output finite
-            # instead of the NaN of a softmax over nothing, which would reach later layers.
-            allowed = allowed | (key_positions[None, :] == slots[:, None])
+            # instead of the NaN of a softmax over nothing, which would reach later layers. (Only a
+            # query that sees nothing: an indexer may leave a real query's own key out.)
+            allowed = allowed | ((key_positions[None, :] == slots[:, None]) & ~allowed.any(-1, keepdim=True))
         z = None
         # A NaN/inf key or value must not reach earlier queries through 0 * nan in a matmul (see
         # hooked_ssm.ops.causality): then every query sums only over the keys it may see.

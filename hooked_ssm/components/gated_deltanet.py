@@ -5,7 +5,7 @@ Per value head ``h`` (key-major state ``S`` of shape ``[d_k, d_v]``)::
     S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T        hook_write = b_t k_t v_t^T
         = a_t S_{t-1} + k_t u_t^T,  u_t = b_t (v_t - a_t S_{t-1}^T k_t)   hook_delta_v = u_t
     o_t = S_t^T q_t                                               hook_read = o_t
-    y_t = w * o_t / rms(o_t) * silu(z_t)                          hook_z = y_t
+    y_t = w * o_t / rms(o_t) * silu(z_t)  (sigmoid: Qwen4-Exp)    hook_z = y_t
 
 ``hook_write`` is the input-determined rank-1 write (the paper's native write), and
 ``hook_write_factors`` its factors ``[k_t | b_t v_t]`` (observation only); ``hook_delta_v``
@@ -68,7 +68,7 @@ class GatedDeltaNetMixer(nn.Module):
         nn.init.normal_(self.conv_weight, std=cfg.conv_kernel**-0.5)
         self.A_log = nn.Parameter(torch.zeros(self.n_heads))
         self.dt_bias = nn.Parameter(torch.ones(self.n_heads))
-        self.norm = GatedRMSNorm(self.d_v, cfg.eps if cfg.gdn_norm_eps is None else cfg.gdn_norm_eps)
+        self.norm = GatedRMSNorm(self.d_v, cfg.eps if cfg.gdn_norm_eps is None else cfg.gdn_norm_eps, cfg.gdn_gate_act)
         self.beta_scale = cfg.gdn_beta_scale
         self.out_proj = nn.Linear(value_dim, cfg.d_model, bias=False)
 

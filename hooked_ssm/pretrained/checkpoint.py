@@ -69,10 +69,15 @@ def take(state: dict[str, Tensor], key: str) -> Tensor:
         raise CheckpointError(f"Checkpoint is missing the tensor {key!r} that its config implies.") from None
 
 
-def take_embeddings(state: dict[str, Tensor], tie_word_embeddings: bool, embed: str, final_norm: str) -> dict[str, Tensor]:
-    """``embed.W_E``, ``ln_final.w`` and, untied, ``unembed.weight`` (``lm_head.weight``); a tied
-    checkpoint's ``lm_head.weight`` copy is dropped."""
-    out = {"embed.W_E": take(state, embed), "ln_final.w": take(state, final_norm)}
+def take_embeddings(
+    state: dict[str, Tensor], tie_word_embeddings: bool, embed: str, final_norm: str | None
+) -> dict[str, Tensor]:
+    """``embed.W_E``, ``ln_final.w`` (unless ``final_norm`` is None: a final layer of other
+    parameters) and, untied, ``unembed.weight`` (``lm_head.weight``); a tied checkpoint's
+    ``lm_head.weight`` copy is dropped."""
+    out = {"embed.W_E": take(state, embed)}
+    if final_norm is not None:
+        out["ln_final.w"] = take(state, final_norm)
     lm_head = state.pop("lm_head.weight", None)
     if not tie_word_embeddings:
         if lm_head is None:

@@ -79,7 +79,7 @@ def _mixer(state: dict[str, Tensor], src: str, cfg: HookedSSMConfig) -> dict[str
     return out
 
 
-def _moe(state: dict[str, Tensor], src: str, cfg: HookedSSMConfig) -> dict[str, Tensor]:
+def fused_moe_weights(state: dict[str, Tensor], src: str, cfg: HookedSSMConfig) -> dict[str, Tensor]:
     out = {"router.weight": take(state, f"{src}gate.weight")}
     for p in ("gate_proj", "up_proj", "down_proj"):
         out[f"shared_expert.{p}.weight"] = take(state, f"{src}shared_expert.{p}.weight")
@@ -106,6 +106,6 @@ def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[s
             out.update({f"{dst}attn.{k}": v for k, v in attention_weights(state, attn, cfg).items()})
             out[f"{dst}attn.q_norm.w"] = take(state, f"{attn}q_norm.weight")
             out[f"{dst}attn.k_norm.w"] = take(state, f"{attn}k_norm.weight")
-        out.update({f"{dst}mlp.{k}": v for k, v in _moe(state, f"{src}mlp.", cfg).items()})
+        out.update({f"{dst}mlp.{k}": v for k, v in fused_moe_weights(state, f"{src}mlp.", cfg).items()})
     ensure_consumed(state)
     return out

@@ -93,7 +93,7 @@ def _split_fused_mixer(state: dict[str, Tensor], src: str, cfg: HookedSSMConfig)
     }
 
 
-def _mixer(state: dict[str, Tensor], src: str, cfg: HookedSSMConfig) -> dict[str, Tensor]:
+def gdn_mixer_weights(state: dict[str, Tensor], src: str, cfg: HookedSSMConfig) -> dict[str, Tensor]:
     if f"{src}in_proj_qkvz.weight" in state:
         out = _split_fused_mixer(state, src, cfg)
     else:
@@ -106,7 +106,7 @@ def _mixer(state: dict[str, Tensor], src: str, cfg: HookedSSMConfig) -> dict[str
     return out
 
 
-def _mlp(state: dict[str, Tensor], src: str, cfg: HookedSSMConfig, moe: bool) -> dict[str, Tensor]:
+def qwen_mlp_weights(state: dict[str, Tensor], src: str, cfg: HookedSSMConfig, moe: bool) -> dict[str, Tensor]:
     projections = ("gate_proj", "up_proj", "down_proj")
     if not moe:
         return {f"{p}.weight": take(state, f"{src}{p}.weight") for p in projections}
@@ -143,8 +143,8 @@ def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[s
             out[f"{dst}attn.q_norm.w"] = take(state, f"{src}self_attn.q_norm.weight")
             out[f"{dst}attn.k_norm.w"] = take(state, f"{src}self_attn.k_norm.weight")
         else:
-            out.update({f"{dst}mixer.{k}": v for k, v in _mixer(state, f"{src}linear_attn.", cfg).items()})
-        out.update({f"{dst}mlp.{k}": v for k, v in _mlp(state, f"{src}mlp.", cfg, cfg.moe_layers[layer]).items()})
+            out.update({f"{dst}mixer.{k}": v for k, v in gdn_mixer_weights(state, f"{src}linear_attn.", cfg).items()})
+        out.update({f"{dst}mlp.{k}": v for k, v in qwen_mlp_weights(state, f"{src}mlp.", cfg, cfg.moe_layers[layer]).items()})
     if state:
         raise CheckpointError(f"Checkpoint has tensors the config does not account for: {sorted(state)[:8]}")
     return out

@@ -118,6 +118,22 @@ def test_branches_equal_full_reruns_on_rwkv7(tmp_path):
     check_against_brute(model, prompts, random_branches(model, prompts, 1, 1, 8), max_rows=4, min_segment=2)
 
 
+def test_branches_equal_full_reruns_on_qwen4_exp(tmp_path):
+    """Edits at layer 2 of Qwen4-Exp: the branches start there with the token ids its Per-Layer
+    Embedding reads, and continue ragged caches of its indexed attention (layer 3)."""
+    from test_gdn_variants import VARIANTS
+
+    VARIANTS["qwen4_exp"].build().save_pretrained(tmp_path)
+    model = HookedSSM.from_pretrained(tmp_path, device="cpu")
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 300, (n,), generator=gen) for n in (30, 30, 21)]
+    branches = random_branches(model, prompts, 2, 1, 12)
+    # An edit at the first token: its row starts from an untouched state, stacked with rows that are not.
+    branches.append(Branch(1, [replace_write(2, 1, 0, torch.randn(model.cfg.d_k * model.cfg.d_v, generator=gen))],
+                           scored=[0, 5, 20], end=20))
+    check_against_brute(model, prompts, branches, max_rows=5, min_segment=3)
+
+
 def test_generation_equals_a_greedy_loop_of_full_reruns(hybrid):
     """Installs inside the prompt and during decoding, then greedy tokens: each step equals the
     argmax of a full re-run of prompt + tokens so far, with every edit applied by a plain hook."""

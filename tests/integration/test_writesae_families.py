@@ -32,8 +32,8 @@ LAYER, HEAD = 2, 1
 FAMILIES = {"bamba": HYBRIDS["bamba"].build, "granitemoehybrid": HYBRIDS["granitemoehybrid"].build,
             "nemotron_h": HYBRIDS["nemotron_h"].build, "falcon_h1": HYBRIDS["falcon_h1"].build,
             "olmo_hybrid": VARIANTS["olmo_hybrid"].build, "lara_mini": VARIANTS["lara_mini"].build,
-            "qwen3_5_moe": VARIANTS["qwen3_5_moe"].build, "minimax": build_minimax,
-            "xlstm": build_xlstm, "zamba2": HYBRIDS["zamba2_two_blocks"].build}
+            "qwen3_5_moe": VARIANTS["qwen3_5_moe"].build, "qwen4_exp": VARIANTS["qwen4_exp"].build,
+            "minimax": build_minimax, "xlstm": build_xlstm, "zamba2": HYBRIDS["zamba2_two_blocks"].build}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -265,6 +265,13 @@ def _cat_or_zeros(values: Sequence[Tensor | None], sizes: Sequence[int]) -> Tens
     return torch.cat([like.new_zeros(n, *like.shape[1:]) if v is None else v for v, n in zip(values, sizes)])
 
 
+def _pad_slots(value: Tensor | None, slots: int) -> Tensor | None:
+    """A per-slot cache tensor ``[batch, slot, ...]`` right-padded with zeros to ``slots`` slots."""
+    if value is None or value.shape[1] == slots:
+        return value
+    return torch.cat([value, value.new_zeros(value.shape[0], slots - value.shape[1], *value.shape[2:])], dim=1)
+
+
 def _stack_attention(caches: Sequence[AttentionCache], sizes: Sequence[int]) -> AttentionCache:
     """One attention cache for rows whose prefixes have different lengths (see ``AttentionCache``):
     keys and values right-padded to the longest prefix, with the key mask and row lengths."""
@@ -310,8 +317,10 @@ def stack_states(states: Sequence[RecurrentState], sizes: Sequence[int] | None =
         if isinstance(caches[0], AttentionCache):
             stacked = _stack_attention(caches, sizes)
             # A cache that extends the attention cache (Falcon-H1's ParallelCache) also carries
-            # recurrent fields: those concatenate like any recurrent cache's.
-            extra = {f.name: _cat_or_zeros([getattr(c, f.name) for c in caches], sizes)
+            # recurrent fields: those concatenate like any recurrent cache's; fields with one entry
+            # per slot (Qwen4-Exp's index keys) are right-padded to the stack's slots like the keys.
+            extra = {f.name: _cat_or_zeros([_pad_slots(getattr(c, f.name), stacked.length) if f.metadata.get("per_slot")
+                                            else getattr(c, f.name) for c in caches], sizes)
                      for f in dataclasses.fields(caches[0]) if f.name not in _ATTENTION_FIELDS}
             attention = {name: getattr(stacked, name) for name in _ATTENTION_FIELDS}
             layers.append(type(caches[0])(**attention, **extra) if extra else stacked)
@@ -448,7 +457,8 @@ class InterventionEngine:
     def _inputs(self, tokens, first_layer) -> tuple[Tensor, dict[str, Tensor]]:
         """The input of block ``first_layer`` for every position (token ids for block 0), and the
         side inputs that blocks past it read besides the residual stream, by ``forward`` keyword:
-        RWKV-7's value residual (``v_first``), Zamba2's token embeddings (``embeddings``)."""
+        RWKV-7's value residual (``v_first``), Zamba2's token embeddings (``embeddings``), the token
+        ids of Qwen4-Exp's Per-Layer Embeddings (``tokens``)."""
         if first_layer == 0:
             return tokens, {}
         captured: dict[str, Tensor] = {}
@@ -462,6 +472,8 @@ class InterventionEngine:
         ]
         with self.model.hooks(fwd_hooks=hooks):
             resid = self.model(tokens, stop_at_layer=first_layer)
+        if any(self.model.reads_tokens[first_layer:]):
+            captured["tokens"] = tokens
         return resid, captured
 
     def forward(self, inputs: Tensor, state: RecurrentState, first_layer: int, side: dict[str, Tensor],

@@ -44,6 +44,7 @@ from hooked_ssm.config import HookedSSMConfig
 from hooked_ssm.hook_names import MATRIX_STATE_HOOK_DIMS, HookDims
 from hooked_ssm.ops.causal_conv import causal_depthwise_conv
 from hooked_ssm.ops.gated_delta_rule import (
+    LogDecay,
     chunked_gated_delta_rule,
     gated_delta_rule_with_edits,
     l2_normalize,
@@ -138,30 +139,47 @@ class GatedDeltaNetMixer(nn.Module):
         return log_decay_through_hook(self.hook_decay, fill_pads(g, real))
 
     def _scan(self, q, k, v, beta, g, initial_state, state_positions):
-        """Run the recurrence: hook_write / hook_delta_v edits persist, hook_state returns replace."""
-        native_write = lambda: (beta[..., None, None] * k[..., :, None] * v[..., None, :]).flatten(-2)  # noqa: E731
-        edits = write_edits(self.hook_write, native_write, self.d_k, self.d_v)
-        if self.hook_delta_v.has_hooks():
-            edits = merge_edits(edits, self._delta_v_edits(q, k, v, beta, g, initial_state, edits))
-        if not (edits or self.hook_state.has_hooks()):
-            if runs_recurrent(self.execution, q.shape[1], q.device):
-                return recurrent_gated_delta_rule(q, k, v, beta, g, initial_state)[:2]
-            return chunked_gated_delta_rule(q, k, v, beta, g, initial_state, self.chunk_size)[:2]
+        return scan_delta_rule_with_hooks(self, q, k, v, beta, g, initial_state, state_positions)
 
-        def scan(segment, state, edits, positions):
-            inputs = (q[:, segment], k[:, segment], v[:, segment], beta[:, segment], g[:, segment], state, edits, positions)
-            if runs_recurrent(self.execution, segment.stop - segment.start, q.device):
-                return recurrent_gated_delta_rule(*inputs)[:3]
-            return gated_delta_rule_with_edits(*inputs, self.chunk_size)
 
-        return scan_with_state_hooks(self.hook_state, scan, q, initial_state, edits, state_positions)
+def scan_delta_rule_with_hooks(
+    mixer: nn.Module,
+    q: Float[Tensor, "batch pos head d_k"],
+    k: Float[Tensor, "batch pos head d_k"],
+    v: Float[Tensor, "batch pos head d_v"],
+    beta: Float[Tensor, "batch pos head"],
+    g: LogDecay,
+    initial_state: Float[Tensor, "batch head d_k d_v"] | None,
+    state_positions: Sequence[int] | None,
+) -> tuple[Float[Tensor, "batch pos head d_v"], Float[Tensor, "batch head d_k d_v"]]:
+    """The gated delta rule of ``mixer`` (Gated DeltaNet, or Kimi Delta Attention with its per-channel
+    ``g``), honouring its hooks: hook_write / hook_delta_v edits persist, hook_state returns replace
+    (recurrent_mixer). ``mixer`` supplies those hooks, ``execution`` and ``chunk_size``."""
+    d_k, d_v = k.shape[-1], v.shape[-1]
+    native_write = lambda: (beta[..., None, None] * k[..., :, None] * v[..., None, :]).flatten(-2)  # noqa: E731
+    edits = write_edits(mixer.hook_write, native_write, d_k, d_v)
+    if mixer.hook_delta_v.has_hooks():
+        edits = merge_edits(edits, _delta_v_edits(mixer.hook_delta_v, q, k, v, beta, g, initial_state, edits))
+    if not (edits or mixer.hook_state.has_hooks()):
+        if runs_recurrent(mixer.execution, q.shape[1], q.device):
+            return recurrent_gated_delta_rule(q, k, v, beta, g, initial_state)[:2]
+        return chunked_gated_delta_rule(q, k, v, beta, g, initial_state, mixer.chunk_size)[:2]
 
-    def _delta_v_edits(self, q, k, v, beta, g, initial_state, edits) -> dict[int, Tensor]:
-        """Run ``hook_delta_v`` on ``u_t`` (the trajectory with the write edits); a change ``du`` at ``t``
-        is the additive state edit ``k_t du^T`` there (it persists, like a write edit)."""
-        delta_v = lambda: recurrent_gated_delta_rule(q, k, v, beta, g, initial_state, edits, None, True)[3]  # noqa: E731
-        hooked = run_hook(self.hook_delta_v, delta_v())
-        if hooked is None:
-            return {}
-        diff = hooked - delta_v()  # recomputed: the hook may have edited its input in place
-        return {t: k[:, t, :, :, None] * diff[:, t, :, None, :] for t in changed_positions(diff)}
+    def scan(segment, state, edits, positions):
+        inputs = (q[:, segment], k[:, segment], v[:, segment], beta[:, segment], g[:, segment], state, edits, positions)
+        if runs_recurrent(mixer.execution, segment.stop - segment.start, q.device):
+            return recurrent_gated_delta_rule(*inputs)[:3]
+        return gated_delta_rule_with_edits(*inputs, mixer.chunk_size)
+
+    return scan_with_state_hooks(mixer.hook_state, scan, q, initial_state, edits, state_positions)
+
+
+def _delta_v_edits(hook_delta_v: HookPoint, q, k, v, beta, g, initial_state, edits) -> dict[int, Tensor]:
+    """Run ``hook_delta_v`` on ``u_t`` (the trajectory with the write edits); a change ``du`` at ``t``
+    is the additive state edit ``k_t du^T`` there (it persists, like a write edit)."""
+    delta_v = lambda: recurrent_gated_delta_rule(q, k, v, beta, g, initial_state, edits, None, True)[3]  # noqa: E731
+    hooked = run_hook(hook_delta_v, delta_v())
+    if hooked is None:
+        return {}
+    diff = hooked - delta_v()  # recomputed: the hook may have edited its input in place
+    return {t: k[:, t, :, :, None] * diff[:, t, :, None, :] for t in changed_positions(diff)}

@@ -25,8 +25,8 @@ def states_inside_chunks(
     entering: Float[Tensor, "batch head n_chunks d_k d_v"],
     keys: Float[Tensor, "batch head n_chunks chunk d_k"],
     values: Float[Tensor, "batch head n_chunks chunk d_v"],
-    pair_decay: Float[Tensor, "batch head n_chunks chunk chunk"],
-    cum_log_decay: Float[Tensor, "batch head n_chunks chunk"],
+    pair_decay: Float[Tensor, "batch head n_chunks chunk chunk"] | Float[Tensor, "batch head n_chunks chunk chunk d_k"],
+    cum_log_decay: Float[Tensor, "batch head n_chunks chunk"] | Float[Tensor, "batch head n_chunks chunk d_k"],
     positions: Sequence[int],
     chunk_size: int,
 ) -> Float[Tensor, "batch n_sel head d_k d_v"]:
@@ -36,7 +36,8 @@ def states_inside_chunks(
     ``S_t = exp(cum_r) S_enter + sum_{j <= r} pair_decay[r, j] k_j values_j^T``: the entering state
     decayed, plus the chunk's writes so far, each decayed to ``t`` (``values`` are what was actually
     written: the delta-rule values for Gated DeltaNet, ``dt x`` for SSD; ``cum_log_decay`` is the
-    in-chunk cumulative log decay, ``pair_decay`` zero above the diagonal). Computed for whole
+    in-chunk cumulative log decay, ``pair_decay`` zero above the diagonal; both with a trailing d_k
+    axis where the decay is per key channel, Kimi Delta Attention). Computed for whole
     chunks (those holding a wanted position), all chunks in parallel, never token by token.
     """
     index = torch.as_tensor(list(positions), device=keys.device)
@@ -58,6 +59,9 @@ def states_inside_chunks(
 def _states_by_matmul(entering, keys, values, pair_decay, cum_log_decay):
     """GPU form: one matmul of the decay matrix with the chunk's writes (few large kernels; it
     does ``chunk`` times the arithmetic of the walk, which launch-bound GPUs do not notice)."""
+    if cum_log_decay.dim() == keys.dim():  # per key channel: the decay weighs each row of the writes
+        states = torch.einsum("...rjk,...jk,...jv->...rkv", pair_decay, keys, values)
+        return states + cum_log_decay.exp()[..., None] * entering[:, :, :, None]
     writes = (keys[..., :, None] * values[..., None, :]).flatten(-2)
     states = pair_decay @ writes
     states.addcmul_(cum_log_decay.exp()[..., None], entering.flatten(-2)[:, :, :, None])
@@ -67,8 +71,10 @@ def _states_by_matmul(entering, keys, values, pair_decay, cum_log_decay):
 def _states_by_walk(entering, keys, values, pair_decay, cum_log_decay):
     """CPU form: ``S_r = exp(a_r) S_{r-1} + k_r values_r^T`` over the positions of a chunk, every
     chunk at once (``chunk`` batched steps, not one per token; arithmetic-bound CPUs prefer it)."""
-    step_log_decay = torch.diff(cum_log_decay, dim=-1, prepend=torch.zeros_like(cum_log_decay[..., :1]))
-    step_decay = step_log_decay.exp()[..., None, None]
+    per_channel = cum_log_decay.dim() == keys.dim()  # [.., chunk, d_k], else [.., chunk]
+    cum = cum_log_decay if per_channel else cum_log_decay[..., None]
+    step_log_decay = torch.diff(cum, dim=-2, prepend=torch.zeros_like(cum[..., :1, :]))
+    step_decay = step_log_decay.exp()[..., None]  # scales the rows of the state: [.., chunk, d_k or 1, 1]
     state, walked = entering, []
     for r in range(keys.shape[3]):
         state = torch.addcmul(keys[:, :, :, r, :, None] * values[:, :, :, r, None, :], step_decay[:, :, :, r], state)

@@ -26,6 +26,7 @@ class HookedSSMConfig:
       (B and C are shared by ``n_heads // n_groups`` heads, like grouped keys).
     - RWKV-7: ``d_k`` = ``d_v`` = head size, ``n_key_heads`` = ``n_heads``; ``d_mlp`` is the
       channel-mix width; the ``rwkv_*_lora`` fields are the LoRA ranks.
+    - Kimi Delta Attention: as Gated DeltaNet, without grouped keys (``n_key_heads`` = ``n_heads``).
     """
 
     d_model: int
@@ -42,6 +43,8 @@ class HookedSSMConfig:
     # beta in (0, 2): OLMo-Hybrid's allow_neg_eigval); eps of the gated output norm (None: eps).
     gdn_beta_scale: float = 1.0
     gdn_norm_eps: float | None = None
+    # Kimi Delta Attention: rank of the low-rank forget-gate and output-gate projections (0: full rank).
+    kda_gate_rank: int = 0
     chunk_size: int = 64
     execution: Execution = "chunked"
     # Mamba-2: conv bias, in/out projection bias, dt clamp, fp32 residual stream.
@@ -77,6 +80,14 @@ class HookedSSMConfig:
     attn_bias: bool = False  # biases on q/k/v/o projections
     attn_sliding_window: int = 0  # tokens a "sliding_attention" layer sees (LaraMini)
     attn_scale: float | None = None  # the scores' scale; None: d_head ** -0.5 (muP models set their own)
+    # Multi-head latent attention (Kimi Linear's attention layers): the query's LoRA rank (0: a full
+    # q projection), the key/value latent's rank, the per-head key part, the key part shared by all
+    # heads, and the value head size.
+    mla_q_lora_rank: int = 0
+    mla_kv_lora_rank: int = 0
+    mla_qk_nope_dim: int = 0
+    mla_qk_rope_dim: int = 0
+    mla_v_head_dim: int = 0
     # MLP: dense (SwiGLU, or plain with mlp_gated=False) or a sparse mixture of experts with a shared expert.
     d_mlp: int = 0
     act_fn: str = "silu"

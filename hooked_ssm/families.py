@@ -28,6 +28,8 @@ import torch.nn as nn
 
 from hooked_ssm.components.attention import GatedAttention
 from hooked_ssm.components.gated_deltanet import GatedDeltaNetMixer
+from hooked_ssm.components.kimi_delta_attention import KimiDeltaAttentionMixer
+from hooked_ssm.components.latent_attention import LatentAttention
 from hooked_ssm.components.lightning_attention import LightningAttentionMixer
 from hooked_ssm.components.mamba2 import Mamba2Mixer
 from hooked_ssm.components.mlstm import MLSTMCache, MLSTMMixer
@@ -67,6 +69,8 @@ LAYER_KINDS: dict[str, LayerKind] = {
     "sliding_attention": LayerKind(GatedAttention, AttentionCache, slot="attn", options={"sliding": True}),
     "lightning_attention": LayerKind(LightningAttentionMixer, MixerCache),
     "mlstm": LayerKind(MLSTMMixer, MLSTMCache),  # xLSTM
+    "kimi_delta_attention": LayerKind(KimiDeltaAttentionMixer, MixerCache),
+    "latent_attention": LayerKind(LatentAttention, AttentionCache, slot="attn"),  # Kimi Linear's MLA, no RoPE
     "mlp": LayerKind(None, NoCache, slot="mlp"),  # NemotronH's MLP / MoE layers
     # Falcon-H1: Mamba-2 and attention side by side in one block
     "mamba2_parallel_attention": LayerKind(Mamba2Mixer, ParallelCache, grouped_keys=True, block=ParallelHybridBlock),
@@ -111,6 +115,7 @@ CHECKPOINT_FAMILIES: tuple[CheckpointFamily, ...] = (
     CheckpointFamily("MiniMax", "minimax", ("MiniMaxForCausalLM",), ("minimax",)),
     CheckpointFamily("xLSTM", "xlstm", ("xLSTMForCausalLM",), ("xlstm",)),
     CheckpointFamily("Zamba2", "zamba2", ("Zamba2ForCausalLM",), ("zamba2",)),
+    CheckpointFamily("Kimi Linear", "kimi_linear", ("KimiLinearForCausalLM",), ("kimi_linear",)),
 )
 
 

@@ -123,7 +123,7 @@ class GroupRoutedMoE(nn.Module):
     for the choice only; the experts are chosen among the ``topk_group`` best of ``n_group`` groups
     (a group scores the sum of its two best); the chosen experts weigh their unbiased scores,
     renormalised if ``norm_topk_prob``, times ``routed_scale``; plain (ungated) MLP experts and an
-    always-on shared expert."""
+    always-on shared expert, or gated ones (``gated=True``: Kimi Linear)."""
 
     def __init__(
         self,
@@ -137,14 +137,16 @@ class GroupRoutedMoE(nn.Module):
         n_group: int,
         topk_group: int,
         routed_scale: float,
+        gated: bool = False,
     ):
         super().__init__()
         self.top_k, self.n_group, self.topk_group = n_experts_per_tok, n_group, topk_group
         self.norm_topk_prob, self.routed_scale = norm_topk_prob, routed_scale
         self.router = nn.Linear(d_model, n_experts, bias=False)
         self.score_bias = nn.Parameter(torch.zeros(n_experts))  # e_score_correction_bias
-        self.experts = nn.ModuleList(MLP(d_model, d_expert, act_fn, with_hooks=False) for _ in range(n_experts))
-        self.shared_expert = MLP(d_model, d_shared_expert, act_fn, with_hooks=False)
+        expert = GatedMLP if gated else MLP
+        self.experts = nn.ModuleList(expert(d_model, d_expert, act_fn, with_hooks=False) for _ in range(n_experts))
+        self.shared_expert = expert(d_model, d_shared_expert, act_fn, with_hooks=False)
         self.hook_expert_weights = HookPoint()  # [batch, pos, top_k]
         self.hook_expert_indices = HookPoint()  # [batch, pos, top_k]
 
@@ -174,7 +176,7 @@ def build_mlp(cfg: HookedSSMConfig, layer: int) -> nn.Module:
     if cfg.moe_layers[layer] and cfg.moe_router == "sigmoid_group":
         return GroupRoutedMoE(
             cfg.d_model, cfg.n_experts, cfg.n_experts_per_tok, cfg.d_expert, cfg.d_shared_expert, cfg.act_fn,
-            cfg.norm_topk_prob, cfg.moe_n_group, cfg.moe_topk_group, cfg.moe_routed_scale,
+            cfg.norm_topk_prob, cfg.moe_n_group, cfg.moe_topk_group, cfg.moe_routed_scale, cfg.mlp_gated,
         )
     if cfg.moe_layers[layer]:
         return SparseMoE(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -28,14 +30,16 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(nn.Module):
-    """Per-head RMS norm followed by a SiLU gate: ``w * o / rms(o) * silu(z)`` (norm before gate).
+    """Per-head RMS norm followed by a gate: ``w * o / rms(o) * silu(z)`` (norm before gate), or
+    ``sigmoid(z)`` with ``gate_act="sigmoid"`` (Kimi Delta Attention).
 
     The cast points follow transformers' ``Qwen3_5RMSNormGated`` so bf16 runs match it too.
     """
 
-    def __init__(self, d: int, eps: float):
+    def __init__(self, d: int, eps: float, gate_act: Literal["silu", "sigmoid"] = "silu"):
         super().__init__()
         self.eps = eps
+        self.gate_act = F.silu if gate_act == "silu" else torch.sigmoid
         self.w = nn.Parameter(torch.ones(d))
 
     def forward(
@@ -44,7 +48,7 @@ class GatedRMSNorm(nn.Module):
         dtype = o.dtype
         o32 = o.float()
         normed = (o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
-        return (self.w * normed * F.silu(gate.float())).to(dtype)
+        return (self.w * normed * self.gate_act(gate.float())).to(dtype)
 
 
 class LayerNorm(nn.Module):

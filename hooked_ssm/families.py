@@ -71,6 +71,7 @@ LAYER_KINDS: dict[str, LayerKind] = {
     "mlstm": LayerKind(MLSTMMixer, MLSTMCache),  # xLSTM
     "kimi_delta_attention": LayerKind(KimiDeltaAttentionMixer, MixerCache),
     "latent_attention": LayerKind(LatentAttention, AttentionCache, slot="attn"),  # Kimi Linear's MLA, no RoPE
+    "latent_attention_rope": LayerKind(LatentAttention, AttentionCache, slot="attn", options={"rotary": True}),
     "mlp": LayerKind(None, NoCache, slot="mlp"),  # NemotronH's MLP / MoE layers
     # Falcon-H1: Mamba-2 and attention side by side in one block
     "mamba2_parallel_attention": LayerKind(Mamba2Mixer, ParallelCache, grouped_keys=True, block=ParallelHybridBlock),
@@ -116,6 +117,7 @@ CHECKPOINT_FAMILIES: tuple[CheckpointFamily, ...] = (
     CheckpointFamily("xLSTM", "xlstm", ("xLSTMForCausalLM",), ("xlstm",)),
     CheckpointFamily("Zamba2", "zamba2", ("Zamba2ForCausalLM",), ("zamba2",)),
     CheckpointFamily("Kimi Linear", "kimi_linear", ("KimiLinearForCausalLM",), ("kimi_linear",)),
+    CheckpointFamily("BailingHybrid (Ling 3)", "bailing_hybrid", ("BailingHybridForCausalLM",), ("bailing_hybrid",)),
 )
 
 

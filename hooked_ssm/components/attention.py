@@ -27,14 +27,15 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 class PartialRotary(nn.Module):
-    """RoPE on the first ``rotary_dim`` channels of each head (``rotate_half`` convention).
+    """RoPE on the first ``rotary_dim`` channels of each head (``rotate_half`` convention), or on the
+    last ones (``at_end=True``: latent attention's shared key part).
 
     Qwen3.5's multimodal RoPE reduces to this for text, where its three position streams coincide.
     """
 
-    def __init__(self, rotary_dim: int, theta: float):
+    def __init__(self, rotary_dim: int, theta: float, at_end: bool = False):
         super().__init__()
-        self.rotary_dim, self.theta = rotary_dim, theta
+        self.rotary_dim, self.theta, self.at_end = rotary_dim, theta, at_end
 
     def inv_freq(self, device: torch.device) -> Tensor:
         exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.float, device=device) / self.rotary_dim
@@ -47,6 +48,9 @@ class PartialRotary(nn.Module):
         freqs = positions.float()[..., None] * self.inv_freq(x.device)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype)[..., None, :], emb.sin().to(x.dtype)[..., None, :]
+        if self.at_end and self.rotary_dim:
+            rest, rot = x[..., : -self.rotary_dim], x[..., -self.rotary_dim :]
+            return torch.cat((rest, rot * cos + _rotate_half(rot) * sin), dim=-1)
         rot, rest = x[..., : emb.shape[-1]], x[..., emb.shape[-1] :]
         return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
 
@@ -63,8 +67,8 @@ class SoftmaxAttention(nn.Module, ABC):
     output_gate: bool
     o_proj: nn.Linear
 
-    def _init_attention(self, cfg: HookedSSMConfig, sliding: bool, rotary_dim: int) -> None:
-        self.rotary = PartialRotary(rotary_dim, cfg.rope_theta)
+    def _init_attention(self, cfg: HookedSSMConfig, sliding: bool, rotary_dim: int, rotary_at_end: bool = False) -> None:
+        self.rotary = PartialRotary(rotary_dim, cfg.rope_theta, rotary_at_end)
         self.window = cfg.attn_sliding_window if sliding else None
         if sliding and not cfg.attn_sliding_window:
             raise ValueError("A sliding-attention layer needs cfg.attn_sliding_window > 0.")
@@ -75,7 +79,7 @@ class SoftmaxAttention(nn.Module, ABC):
         self.hook_rot_k = HookPoint()  # [batch, pos, kv_head, d_head]
         self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos], masked, pre-softmax
         self.hook_pattern = HookPoint()  # [batch, head, query_pos, key_pos]
-        self.hook_gate = HookPoint()  # [batch, pos, head, d_head], output-gate logits
+        self.hook_gate = HookPoint()  # [batch, pos, head, d_head] (a per-head gate: [.., head, 1]), output-gate logits
         self.hook_z = HookPoint()  # [batch, pos, head, d_head], gated output entering o_proj
 
     @abstractmethod

@@ -1,4 +1,4 @@
-"""Kimi Delta Attention (KDA: ``KimiLinearForCausalLM``, moonshotai/Kimi-Linear-*), with every quantity
+"""Kimi Delta Attention (KDA: ``KimiLinearForCausalLM``, ``BailingHybridForCausalLM``), with every quantity
 of the recurrence hooked. The gated delta rule with a decay per key channel instead of per head; run
 by the Gated DeltaNet scan (``hooked_ssm.ops.gated_delta_rule`` takes either decay). Per head
 (key-major state ``S`` ``[d_k, d_v]``, ``A_t = diag(a_t)``, ``a_t`` in ``(0, 1]^{d_k}``)::
@@ -10,7 +10,9 @@ by the Gated DeltaNet scan (``hooked_ssm.ops.gated_delta_rule`` takes either dec
 
 with ``q, k, v = silu(conv(W_q x | W_k x | W_v x))``, ``q, k`` L2-normalised (``q`` times
 ``d_k ** -0.5``), ``b_t = sigmoid(W_b x)``, the log decay ``log a_t = -exp(A_log_h) softplus(W_f x +
-dt_bias)`` (``W_f``, and the output gate's ``W_g``, low rank: ``W_b W_a``, rank ``cfg.kda_gate_rank``).
+dt_bias)`` or, bounded, ``L sigmoid(exp(A_log_h) (W_f x + dt_bias))`` (``cfg.kda_gate_lower_bound =
+L``: BailingHybrid, GLM-5.3's safe gate); ``W_f`` and the output gate's ``W_g`` are low rank
+(``W_b W_a``, rank ``cfg.kda_gate_rank``: Kimi Linear) or full (BailingHybrid).
 The write is rank 1 as in Gated DeltaNet, and its edits and ``hook_state`` edits are exact in the
 same way (``recurrent_mixer``); ``hook_decay`` is the per-channel ``a_t`` ``[batch, pos, head, d_k]``.
 """
@@ -61,6 +63,7 @@ class KimiDeltaAttentionMixer(nn.Module):
         self.f_proj = _projection(cfg.d_model, key_dim, cfg.kda_gate_rank)  # forget gate, one per key channel
         self.dt_bias = nn.Parameter(torch.zeros(key_dim))
         self.A_log = nn.Parameter(torch.zeros(self.n_heads))
+        self.gate_lower_bound = cfg.kda_gate_lower_bound
         self.b_proj = nn.Linear(cfg.d_model, self.n_heads, bias=False)
         self.g_proj = _projection(cfg.d_model, value_dim, cfg.kda_gate_rank)  # output gate
         self.norm = GatedRMSNorm(self.d_v, cfg.eps if cfg.gdn_norm_eps is None else cfg.gdn_norm_eps, "sigmoid")
@@ -121,5 +124,9 @@ class KimiDeltaAttentionMixer(nn.Module):
 
     def _log_decay(self, x: Tensor, real: Tensor | None) -> Float[Tensor, "batch pos head d_k"]:
         gate = (self.f_proj(x).float() + self.dt_bias.float()).view(*x.shape[:2], self.n_heads, self.d_k)
-        g = -self.A_log.float().exp()[:, None] * F.softplus(gate)
+        rate = self.A_log.float().exp()[:, None]
+        if self.gate_lower_bound is None:
+            g = -rate * F.softplus(gate)
+        else:
+            g = self.gate_lower_bound * torch.sigmoid(rate * gate)
         return log_decay_through_hook(self.hook_decay, fill_pads(g, real))

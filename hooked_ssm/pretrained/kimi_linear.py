@@ -36,12 +36,6 @@ def read_checkpoint(
 def config_from_hf(hf: PretrainedConfig) -> dict[str, Any]:
     if hf.hidden_act != "silu":  # also the short conv's activation
         raise CheckpointError(f"Kimi Linear with hidden_act={hf.hidden_act!r} is not supported (only 'silu').")
-    if hf.num_key_value_heads != hf.num_attention_heads:
-        raise CheckpointError(
-            f"Kimi Linear's latent attention expands one key/value head per query head; num_key_value_heads="
-            f"{hf.num_key_value_heads} != num_attention_heads={hf.num_attention_heads} is not supported."
-        )
-    sparse = [kind == "sparse" for kind in hf.mlp_layer_types]
     return dict(
         **transformers_fields(hf, "KimiLinearForCausalLM"),
         layer_types=[_LAYER_TYPES[kind] for kind in hf.layer_types],
@@ -51,16 +45,38 @@ def config_from_hf(hf: PretrainedConfig) -> dict[str, Any]:
         d_v=hf.linear_head_dim,
         conv_kernel=hf.linear_conv_kernel_dim,
         kda_gate_rank=hf.linear_head_dim,  # f_a_proj / g_a_proj: hidden_size -> head_dim
+        **latent_attention_fields(hf),
+        rotary_dim=0,
+        **group_routed_moe_fields(hf),
+        eps=hf.rms_norm_eps,
+        norm_zero_centered=False,
+    )
+
+
+def latent_attention_fields(hf: PretrainedConfig) -> dict[str, Any]:
+    """The latent attention's config fields (Kimi Linear, BailingHybrid)."""
+    if hf.num_key_value_heads != hf.num_attention_heads:
+        raise CheckpointError(
+            f"Latent attention expands one key/value head per query head; num_key_value_heads="
+            f"{hf.num_key_value_heads} != num_attention_heads={hf.num_attention_heads} is not supported."
+        )
+    return dict(
         n_attn_heads=hf.num_attention_heads,
         n_kv_heads=hf.num_attention_heads,
         d_head=hf.qk_nope_head_dim + hf.qk_rope_head_dim,
-        rotary_dim=0,
         attn_bias=bool(hf.attention_bias),
         mla_q_lora_rank=hf.q_lora_rank or 0,
         mla_kv_lora_rank=hf.kv_lora_rank,
         mla_qk_nope_dim=hf.qk_nope_head_dim,
         mla_qk_rope_dim=hf.qk_rope_head_dim,
         mla_v_head_dim=hf.v_head_dim,
+    )
+
+
+def group_routed_moe_fields(hf: PretrainedConfig) -> dict[str, Any]:
+    """Dense SwiGLU or group-routed SwiGLU experts per ``mlp_layer_types`` (Kimi Linear, BailingHybrid)."""
+    sparse = [kind == "sparse" for kind in hf.mlp_layer_types]
+    return dict(
         d_mlp=hf.intermediate_size,
         act_fn=hf.hidden_act,
         n_experts=hf.num_local_experts if any(sparse) else 0,
@@ -73,52 +89,60 @@ def config_from_hf(hf: PretrainedConfig) -> dict[str, Any]:
         moe_n_group=hf.n_group,
         moe_topk_group=hf.topk_group,
         moe_routed_scale=float(hf.routed_scaling_factor),
-        eps=hf.rms_norm_eps,
-        norm_zero_centered=False,
     )
 
 
-def _delta_attention(state: dict[str, Tensor], src: str) -> dict[str, Tensor]:
+def delta_attention_weights(state: dict[str, Tensor], src: str, out_name: str) -> dict[str, Tensor]:
+    """A KDA mixer's tensors: per-q/k/v short convs concatenated; low-rank gates (``f_a_proj`` /
+    ``f_b_proj``: Kimi Linear) or full-rank ones (``f_proj``: BailingHybrid); ``out_name`` the output projection."""
     out = {f"{x}_proj.weight": take(state, f"{src}{x}_proj.weight") for x in "qkvb"}
     out["conv_weight"] = torch.cat([take(state, f"{src}{x}_conv1d.weight") for x in "qkv"]).squeeze(1)
     for gate in "fg":
-        out[f"{gate}_proj.0.weight"] = take(state, f"{src}{gate}_a_proj.weight")
-        out[f"{gate}_proj.1.weight"] = take(state, f"{src}{gate}_b_proj.weight")
+        if f"{src}{gate}_a_proj.weight" in state:
+            out[f"{gate}_proj.0.weight"] = take(state, f"{src}{gate}_a_proj.weight")
+            out[f"{gate}_proj.1.weight"] = take(state, f"{src}{gate}_b_proj.weight")
+        else:
+            out[f"{gate}_proj.weight"] = take(state, f"{src}{gate}_proj.weight")
     out["dt_bias"] = take(state, f"{src}dt_bias").flatten()
     out["A_log"] = take(state, f"{src}A_log").flatten()
     out["norm.w"] = take(state, f"{src}o_norm.weight")
-    out["out_proj.weight"] = take(state, f"{src}o_proj.weight")
+    out["out_proj.weight"] = take(state, f"{src}{out_name}.weight")
     return out
 
 
-def _latent_attention(state: dict[str, Tensor], src: str, cfg: HookedSSMConfig) -> dict[str, Tensor]:
-    biased = ("kv_a_proj", "o_proj", *(("q_a_proj",) if cfg.mla_q_lora_rank else ()))
-    names = {"kv_a_proj": "kv_a_proj_with_mqa", "kv_b_proj": "kv_b_proj", "o_proj": "o_proj"}
-    if cfg.mla_q_lora_rank:
-        names.update(q_a_proj="q_a_proj", q_b_proj="q_b_proj")
-    else:
-        names["q_proj"] = "q_proj"
+def latent_attention_weights(state: dict[str, Tensor], src: str, cfg: HookedSSMConfig, out_name: str) -> dict[str, Tensor]:
+    """A latent attention's tensors (``out_name``: the checkpoint's output projection); the head gate's if any."""
+    names = {"kv_a_proj": "kv_a_proj_with_mqa", "kv_b_proj": "kv_b_proj", "o_proj": out_name}
+    names.update({"q_a_proj": "q_a_proj", "q_b_proj": "q_b_proj"} if cfg.mla_q_lora_rank else {"q_proj": "q_proj"})
+    biased = {"kv_a_proj", "o_proj", "q_a_proj"} if cfg.attn_bias else set()
     out = {}
     for ours, theirs in names.items():
         out[f"{ours}.weight"] = take(state, f"{src}{theirs}.weight")
-        if cfg.attn_bias and ours in biased:
+        if ours in biased:
             out[f"{ours}.bias"] = take(state, f"{src}{theirs}.bias")
     out["kv_a_norm.w"] = take(state, f"{src}kv_a_layernorm.weight")
     if cfg.mla_q_lora_rank:
         out["q_a_norm.w"] = take(state, f"{src}q_a_layernorm.weight")
+    if cfg.mla_head_gate:
+        out["g_proj.weight"] = take(state, f"{src}g_proj.weight")
     return out
 
 
-def _mlp(state: dict[str, Tensor], src: str, cfg: HookedSSMConfig, moe: bool) -> dict[str, Tensor]:
-    if not moe:
-        return {f"{p}.weight": take(state, f"{src}{p}.weight") for p in _MLP}
-    out = {"router.weight": take(state, f"{src}gate.weight"),
-           "score_bias": take(state, f"{src}gate.e_score_correction_bias")}
+def moe_weights(
+    state: dict[str, Tensor], src: str, cfg: HookedSSMConfig, experts: dict[str, str], score_bias: str
+) -> dict[str, Tensor]:
+    """Group-routed experts: router, score bias (``score_bias``: its name under ``gate.``), shared
+    expert, and each expert's projections (``experts``: the checkpoint's names -> ours)."""
+    out = {"router.weight": take(state, f"{src}gate.weight"), "score_bias": take(state, f"{src}gate.{score_bias}")}
     out.update({f"shared_expert.{p}.weight": take(state, f"{src}shared_experts.{p}.weight") for p in _MLP})
     for e in range(cfg.n_experts):
         out.update({f"experts.{e}.{ours}.weight": take(state, f"{src}experts.{e}.{theirs}.weight")
-                    for theirs, ours in _EXPERT.items()})
+                    for theirs, ours in experts.items()})
     return out
+
+
+def mlp_weights(state: dict[str, Tensor], src: str) -> dict[str, Tensor]:
+    return {f"{p}.weight": take(state, f"{src}{p}.weight") for p in _MLP}
 
 
 def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[str, Tensor]:
@@ -129,11 +153,14 @@ def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[s
         src, dst = f"model.layers.{layer}.", f"blocks.{layer}."
         out[f"{dst}ln1.w"] = take(state, f"{src}input_layernorm.weight")
         out[f"{dst}ln2.w"] = take(state, f"{src}post_attention_layernorm.weight")
+        attn = f"{src}self_attn."
         if kind == "latent_attention":
-            out.update({f"{dst}attn.{k}": v for k, v in _latent_attention(state, f"{src}self_attn.", cfg).items()})
+            out.update({f"{dst}attn.{k}": v for k, v in latent_attention_weights(state, attn, cfg, "o_proj").items()})
         else:
-            out.update({f"{dst}mixer.{k}": v for k, v in _delta_attention(state, f"{src}self_attn.").items()})
-        mlp = _mlp(state, f"{src}block_sparse_moe.", cfg, cfg.moe_layers[layer])
-        out.update({f"{dst}mlp.{k}": v for k, v in mlp.items()})
+            out.update({f"{dst}mixer.{k}": v for k, v in delta_attention_weights(state, attn, "o_proj").items()})
+        mlp = f"{src}block_sparse_moe."
+        weights = moe_weights(state, mlp, cfg, _EXPERT, "e_score_correction_bias") if cfg.moe_layers[layer] else (
+            mlp_weights(state, mlp))
+        out.update({f"{dst}mlp.{k}": v for k, v in weights.items()})
     ensure_consumed(state)
     return out

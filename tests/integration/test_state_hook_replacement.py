@@ -9,7 +9,7 @@ quantity compared is ``hook_read``, the read ``o_t = S_t^T q_t`` of each positio
 import pytest
 import torch
 from sae_lens import SAE
-from test_kimi_linear import build as build_kimi_linear
+from test_kda_hybrids import build_kimi_linear
 
 import hooked_ssm.components.recurrent_mixer as recurrent_mixer
 import writesae_lens  # noqa: F401  (registers the bundled releases)

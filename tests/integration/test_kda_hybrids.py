@@ -1,15 +1,27 @@
-"""Kimi Linear (Kimi Delta Attention + latent attention + group-routed MoE) from a tiny random
-``save_pretrained`` checkpoint: parity with transformers (chunked and recurrent), write edits and
+"""The Kimi Delta Attention hybrids of transformers (Kimi Linear; BailingHybrid, Ling 3: full-rank
+gates, bounded forget gate, latent attention with RoPE and a head gate), from tiny random
+``save_pretrained`` checkpoints: parity with transformers (chunked and recurrent), write edits and
 states against a brute-force per-token KDA run inside the transformers model, exact causality,
-and generation with the recurrent cache."""
+and generation with the recurrent cache. One row of ``HYBRIDS`` per family."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
 
 import pytest
 import torch
 from random_weights import randomize_
 from test_mamba2_hybrids import check_generation
-from transformers import KimiLinearConfig, KimiLinearForCausalLM
+from transformers import (
+    BailingHybridConfig,
+    BailingHybridForCausalLM,
+    KimiLinearConfig,
+    KimiLinearForCausalLM,
+    PreTrainedModel,
+)
+from transformers.models.bailing_hybrid import modeling_bailing_hybrid
 from transformers.models.kimi_linear import modeling_kimi_linear
 
 from hooked_ssm import HookedSSM, as_flat
@@ -17,20 +29,21 @@ from hooked_ssm import HookedSSM, as_flat
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB, TOL = 300, 1e-4
-LAYER, KDA_CALL = 2, 2  # model layer 2 is the third Kimi Delta Attention layer (calls count from 0)
+LAYER, KDA_CALL = 2, 2  # model layer 2 is the third Kimi Delta Attention layer of every row (calls count from 0)
+# Three KDA layers, then latent attention (low-rank query) after them; dense and sparse MLPs,
+# experts in two groups (one eligible per token).
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8,
+    qk_nope_head_dim=16, v_head_dim=12, num_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
 
 
-def build(**overrides) -> KimiLinearForCausalLM:
-    # Three KDA layers, then latent attention (low-rank query) after them; dense and sparse MLPs,
-    # experts in two groups (one eligible per token).
-    kwargs = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8,
-        qk_nope_head_dim=16, v_head_dim=12, num_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
-        linear_head_dim=16, linear_num_heads=4,
-        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
-        mlp_layer_types=["dense", "sparse", "sparse", "dense"], pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
+def build_kimi_linear(**overrides) -> KimiLinearForCausalLM:
+    kwargs = dict(**COMMON, linear_head_dim=16, linear_num_heads=4,
+                  layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+                  mlp_layer_types=["dense", "sparse", "sparse", "dense"])
     torch.manual_seed(0)
     model = randomize_(KimiLinearForCausalLM(KimiLinearConfig(**{**kwargs, **overrides})))
     with torch.no_grad():  # slower forget gates than the init's, so states carry over several chunks
@@ -40,12 +53,38 @@ def build(**overrides) -> KimiLinearForCausalLM:
     return model
 
 
-@pytest.fixture(scope="module")
-def kimi(tmp_path_factory):
-    hf_model = build()
-    directory = tmp_path_factory.mktemp("kimi_linear")
+def build_bailing_hybrid(**overrides) -> BailingHybridForCausalLM:
+    # The bounded gate log a = -5 sigmoid(exp(A_log) f): dt_bias spread so channels decay at different rates.
+    kwargs = dict(**COMMON, head_dim=16, layer_group_size=4, first_k_dense_replace=1, rope_theta=1e4)
+    torch.manual_seed(0)
+    model = randomize_(BailingHybridForCausalLM(BailingHybridConfig(**{**kwargs, **overrides})))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if hasattr(layer.self_attn, "forget_gate"):
+                layer.self_attn.forget_gate.A_log.fill_(0.0)
+                layer.self_attn.forget_gate.dt_bias.copy_(torch.linspace(-6.0, -1.0, 64))
+    return model
+
+
+@dataclass(frozen=True)
+class Hybrid:
+    build: Callable[..., PreTrainedModel]
+    modeling: ModuleType  # where transformers looks up its chunk / recurrent KDA functions
+
+
+HYBRIDS = {
+    "kimi_linear": Hybrid(build_kimi_linear, modeling_kimi_linear),
+    "bailing_hybrid": Hybrid(build_bailing_hybrid, modeling_bailing_hybrid),
+}
+
+
+@pytest.fixture(scope="module", params=list(HYBRIDS))
+def hybrid(request, tmp_path_factory):
+    row = HYBRIDS[request.param]
+    hf_model = row.build()
+    directory = tmp_path_factory.mktemp(request.param)
     hf_model.save_pretrained(directory)
-    return directory, hf_model
+    return directory, hf_model, row
 
 
 def _tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -93,18 +132,18 @@ def brute_force_kda(write_override=None, states=None):
     return rule
 
 
-def brute_force_logits(hf_model, tokens, monkeypatch, write_override=None, states=None):
+def brute_force_logits(hf_model, row, tokens, monkeypatch, write_override=None, states=None):
     rule = brute_force_kda(write_override, states)
     with monkeypatch.context() as patch:
-        patch.setattr(modeling_kimi_linear, "chunk_kimi_delta_attention", rule)
-        patch.setattr(modeling_kimi_linear, "recurrent_kimi_delta_attention", rule)
+        patch.setattr(row.modeling, "chunk_kimi_delta_attention", rule)
+        patch.setattr(row.modeling, "recurrent_kimi_delta_attention", rule)
         with torch.no_grad():
             return hf_model(input_ids=tokens, use_cache=False).logits
 
 
 @pytest.mark.parametrize("execution", ["chunked", "recurrent"])
-def test_logits_match_transformers(kimi, execution):
-    directory, hf_model = kimi
+def test_logits_match_transformers(hybrid, execution):
+    directory, hf_model, row = hybrid
     model = HookedSSM.from_pretrained(directory, execution=execution)
     assert [type(block.mixer if hasattr(block, "mixer") else block.attn).__name__ for block in model.blocks] == [
         "KimiDeltaAttentionMixer"] * 3 + ["LatentAttention"]
@@ -115,9 +154,9 @@ def test_logits_match_transformers(kimi, execution):
         assert diff <= TOL, f"{execution}/T={length}: max |logit diff| {diff:.2e}"
 
 
-def test_full_rank_query_and_biases(tmp_path):
+def test_full_rank_query_and_biases(hybrid, tmp_path):
     """Latent attention without the low-rank query, with projection biases."""
-    hf_model = build(q_lora_rank=None, attention_bias=True)
+    hf_model = hybrid[2].build(q_lora_rank=None, attention_bias=True)
     hf_model.save_pretrained(tmp_path)
     model = HookedSSM.from_pretrained(tmp_path)
     tokens = _tokens(2, 30)
@@ -126,16 +165,29 @@ def test_full_rank_query_and_biases(tmp_path):
     assert diff <= TOL
 
 
-def test_brute_force_reference_matches_transformers(kimi, monkeypatch):
-    _, hf_model = kimi
+def test_swiglu_limits(tmp_path):
+    """BailingHybrid's clipped SwiGLU in the routed and shared experts (limits small enough to clip)."""
+    hf_model = build_bailing_hybrid(swiglu_limits=[0, 0.05, 0.1, 0], swiglu_limits_shared=[0, 0.1, 0, 0.05])
+    hf_model.save_pretrained(tmp_path)
+    model = HookedSSM.from_pretrained(tmp_path)
+    tokens = _tokens(2, 30)
+    with torch.no_grad():
+        expected = hf_model(input_ids=tokens, use_cache=False).logits
+        unclipped = build_bailing_hybrid()(input_ids=tokens, use_cache=False).logits  # the same weights
+        assert (model(tokens) - expected).abs().max() <= TOL
+        assert (unclipped - expected).abs().max() > 1e-3  # the limits clip something
+
+
+def test_brute_force_reference_matches_transformers(hybrid, monkeypatch):
+    _, hf_model, row = hybrid
     tokens = _tokens(2, 37)
     with torch.no_grad():
         expected = hf_model(input_ids=tokens, use_cache=False).logits
-    assert (brute_force_logits(hf_model, tokens, monkeypatch) - expected).abs().max() <= TOL
+    assert (brute_force_logits(hf_model, row, tokens, monkeypatch) - expected).abs().max() <= TOL
 
 
-def test_decay_is_per_channel(kimi):
-    directory, _ = kimi
+def test_decay_is_per_channel(hybrid):
+    directory, hf_model, _ = hybrid
     model = HookedSSM.from_pretrained(directory)
     name = f"blocks.{LAYER}.mixer.hook_decay"
     _, cache = model.run_with_cache(_tokens(2, 20), names_filter=name)
@@ -143,11 +195,13 @@ def test_decay_is_per_channel(kimi):
     assert decay.shape == (2, 20, model.cfg.n_heads, model.cfg.d_k)
     assert 0 < decay.min() and decay.max() <= 1
     assert (decay.std(dim=-1) > 1e-3).all()  # the channels of a head decay differently
+    if getattr(hf_model.config, "kda_safe_gate", False):  # BailingHybrid's bounded gate: log a in (lower_bound, 0)
+        assert decay.min() > torch.tensor(hf_model.config.kda_lower_bound).exp()
 
 
 @pytest.mark.parametrize("execution", ["chunked", "recurrent"])
-def test_write_edit_is_exact_and_causal(kimi, execution, monkeypatch):
-    directory, hf_model = kimi
+def test_write_edit_is_exact_and_causal(hybrid, execution, monkeypatch):
+    directory, hf_model, row = hybrid
     model = HookedSSM.from_pretrained(directory, execution=execution)
     tokens, edits_at = _tokens(2, 90, seed=3), (21, 70)
     gen = torch.Generator().manual_seed(7)
@@ -162,7 +216,7 @@ def test_write_edit_is_exact_and_causal(kimi, execution, monkeypatch):
     with torch.no_grad():
         clean = model(tokens)
         edited = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{LAYER}.mixer.hook_write", replace_write)])
-    diff = (edited - brute_force_logits(hf_model, tokens, monkeypatch, replacement)).abs().max().item()
+    diff = (edited - brute_force_logits(hf_model, row, tokens, monkeypatch, replacement)).abs().max().item()
     assert diff <= TOL, f"{execution}: edited logits vs brute force {diff:.2e}"
     first = min(edits_at)
     assert torch.equal(edited[:, :first], clean[:, :first])  # nothing before the edit moves, bit for bit
@@ -170,11 +224,11 @@ def test_write_edit_is_exact_and_causal(kimi, execution, monkeypatch):
 
 
 @pytest.mark.parametrize("execution", ["chunked", "recurrent"])
-def test_state_hook_equals_brute_force_states(kimi, execution, monkeypatch):
-    directory, hf_model = kimi
+def test_state_hook_equals_brute_force_states(hybrid, execution, monkeypatch):
+    directory, hf_model, row = hybrid
     model = HookedSSM.from_pretrained(directory, execution=execution)
     tokens, states = _tokens(2, 75, seed=5), {}
-    brute_force_logits(hf_model, tokens, monkeypatch, states=states)
+    brute_force_logits(hf_model, row, tokens, monkeypatch, states=states)
     expected = torch.stack([states[t] for t in range(75)], dim=1).flatten(-2).float()
     name = f"blocks.{LAYER}.mixer.hook_state"
     _, cache = model.run_with_cache(tokens, names_filter=name)
@@ -182,6 +236,6 @@ def test_state_hook_equals_brute_force_states(kimi, execution, monkeypatch):
 
 
 @pytest.mark.parametrize("execution", ["chunked", "recurrent"])
-def test_generation_with_the_recurrent_cache(kimi, execution):
-    directory, hf_model = kimi
+def test_generation_with_the_recurrent_cache(hybrid, execution):
+    directory, hf_model, row = hybrid
     check_generation(HookedSSM.from_pretrained(directory, execution=execution), hf_model)

@@ -69,7 +69,7 @@ LAYER_KINDS: dict[str, LayerKind] = {
     "sliding_attention": LayerKind(GatedAttention, AttentionCache, slot="attn", options={"sliding": True}),
     "lightning_attention": LayerKind(LightningAttentionMixer, MixerCache),
     "mlstm": LayerKind(MLSTMMixer, MLSTMCache),  # xLSTM
-    "kimi_delta_attention": LayerKind(KimiDeltaAttentionMixer, MixerCache),
+    "kimi_delta_attention": LayerKind(KimiDeltaAttentionMixer, MixerCache, grouped_keys=True),  # n_key_heads = n_heads
     "latent_attention": LayerKind(LatentAttention, AttentionCache, slot="attn"),  # Kimi Linear's MLA, no RoPE
     "latent_attention_rope": LayerKind(LatentAttention, AttentionCache, slot="attn", options={"rotary": True}),
     "mlp": LayerKind(None, NoCache, slot="mlp"),  # NemotronH's MLP / MoE layers

@@ -93,16 +93,20 @@ def group_routed_moe_fields(hf: PretrainedConfig) -> dict[str, Any]:
 
 
 def delta_attention_weights(state: dict[str, Tensor], src: str, out_name: str) -> dict[str, Tensor]:
-    """A KDA mixer's tensors: per-q/k/v short convs concatenated; low-rank gates (``f_a_proj`` /
-    ``f_b_proj``: Kimi Linear) or full-rank ones (``f_proj``: BailingHybrid); ``out_name`` the output projection."""
-    out = {f"{x}_proj.weight": take(state, f"{src}{x}_proj.weight") for x in "qkvb"}
-    out["conv_weight"] = torch.cat([take(state, f"{src}{x}_conv1d.weight") for x in "qkv"]).squeeze(1)
-    for gate in "fg":
-        if f"{src}{gate}_a_proj.weight" in state:
-            out[f"{gate}_proj.0.weight"] = take(state, f"{src}{gate}_a_proj.weight")
-            out[f"{gate}_proj.1.weight"] = take(state, f"{src}{gate}_b_proj.weight")
+    """A KDA mixer's tensors in ``GatedDeltaNetMixer``'s layout: q/k/v projections and their short convs
+    concatenated; the forget gate (``f``) and output gate (``g``) low rank (``f_a_proj`` / ``f_b_proj``:
+    Kimi Linear) or full rank (``f_proj``: BailingHybrid); ``out_name`` the output projection."""
+    out = {
+        "in_proj_qkv.weight": torch.cat([take(state, f"{src}{x}_proj.weight") for x in "qkv"]),
+        "in_proj_b.weight": take(state, f"{src}b_proj.weight"),
+        "conv_weight": torch.cat([take(state, f"{src}{x}_conv1d.weight") for x in "qkv"]).squeeze(1),
+    }
+    for theirs, ours in (("f", "in_proj_a"), ("g", "in_proj_z")):
+        if f"{src}{theirs}_a_proj.weight" in state:
+            out[f"{ours}.0.weight"] = take(state, f"{src}{theirs}_a_proj.weight")
+            out[f"{ours}.1.weight"] = take(state, f"{src}{theirs}_b_proj.weight")
         else:
-            out[f"{gate}_proj.weight"] = take(state, f"{src}{gate}_proj.weight")
+            out[f"{ours}.weight"] = take(state, f"{src}{theirs}_proj.weight")
     out["dt_bias"] = take(state, f"{src}dt_bias").flatten()
     out["A_log"] = take(state, f"{src}A_log").flatten()
     out["norm.w"] = take(state, f"{src}o_norm.weight")

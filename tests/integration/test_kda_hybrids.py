@@ -235,6 +235,23 @@ def test_state_hook_equals_brute_force_states(hybrid, execution, monkeypatch):
     torch.testing.assert_close(cache[name], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_left_padded_row_equals_the_row_alone_and_transformers(hybrid):
+    """Pads are identity steps of KDA and invisible to the latent attention: a left-padded row gives
+    the logits of the row run alone, and those of transformers on the padded batch."""
+    directory, hf_model, _ = hybrid
+    model = HookedSSM.from_pretrained(directory)
+    tokens, pads = _tokens(2, 40, seed=8), 9
+    mask = torch.ones_like(tokens)
+    mask[1, :pads] = 0
+    with torch.no_grad():
+        padded = model(tokens, attention_mask=mask)
+        alone = model(tokens[1:, pads:])
+        reference = hf_model(input_ids=tokens, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(padded[1, pads:], alone[0], atol=TOL, rtol=0)
+    assert (padded[:, pads:] - reference[:, pads:]).abs().max() <= TOL
+    assert (padded[0] - reference[0]).abs().max() <= TOL
+
+
 @pytest.mark.parametrize("execution", ["chunked", "recurrent"])
 def test_generation_with_the_recurrent_cache(hybrid, execution):
     directory, hf_model, row = hybrid

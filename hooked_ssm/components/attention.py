@@ -67,7 +67,9 @@ class SoftmaxAttention(nn.Module, ABC):
     output_gate: bool
     o_proj: nn.Linear
 
-    def _init_attention(self, cfg: HookedSSMConfig, sliding: bool, rotary_dim: int, rotary_at_end: bool = False) -> None:
+    def _init_attention(
+        self, cfg: HookedSSMConfig, sliding: bool, rotary_dim: int, rotary_at_end: bool = False
+    ) -> None:
         self.rotary = PartialRotary(rotary_dim, cfg.rope_theta, rotary_at_end)
         self.window = cfg.attn_sliding_window if sliding else None
         if sliding and not cfg.attn_sliding_window:

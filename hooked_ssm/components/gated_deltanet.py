@@ -104,7 +104,8 @@ class GatedDeltaNetMixer(nn.Module):
         self.hook_k = HookPoint()  # [batch, pos, head, d_k]: L2-normalised write/erase key
         self.hook_v = HookPoint()  # [batch, pos, head, d_v]
         self.hook_beta = HookPoint()  # [batch, pos, head]: write strength b_t in (0, beta_scale): (0, 1) or (0, 2)
-        self.hook_decay = HookPoint()  # [batch, pos, head] (per channel: [batch, pos, head, d_k]): a_t = exp(g_t) in (0, 1]
+        # [batch, pos, head] (per channel: [batch, pos, head, d_k]): forget gate a_t = exp(g_t) in (0, 1]
+        self.hook_decay = HookPoint()
         self.hook_gate = HookPoint()  # [batch, pos, head, d_v]: output gate logits z_t
         self.hook_write = HookPoint()  # [batch, pos, head, d_k*d_v]: b_t k_t v_t^T, key-major
         self.hook_write_factors = HookPoint()  # [batch, pos, head, d_k+d_v]: [k_t | b_t v_t], observation only

@@ -107,7 +107,10 @@ def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[s
         else:
             out.update({f"{dst}mixer.{k}": v for k, v in delta_attention_weights(state, attn, "dense").items()})
         mlp = f"{src}mlp."
-        weights = moe_weights(state, mlp, cfg, _EXPERT, "expert_bias") if cfg.moe_layers[layer] else mlp_weights(state, mlp)
+        if cfg.moe_layers[layer]:
+            weights = moe_weights(state, mlp, cfg, _EXPERT, "expert_bias")
+        else:
+            weights = mlp_weights(state, mlp)
         out.update({f"{dst}mlp.{k}": v for k, v in weights.items()})
     ensure_consumed(state)
     return out

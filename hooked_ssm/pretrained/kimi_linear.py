@@ -114,7 +114,9 @@ def delta_attention_weights(state: dict[str, Tensor], src: str, out_name: str) -
     return out
 
 
-def latent_attention_weights(state: dict[str, Tensor], src: str, cfg: HookedSSMConfig, out_name: str) -> dict[str, Tensor]:
+def latent_attention_weights(
+    state: dict[str, Tensor], src: str, cfg: HookedSSMConfig, out_name: str
+) -> dict[str, Tensor]:
     """A latent attention's tensors (``out_name``: the checkpoint's output projection); the head gate's if any."""
     names = {"kv_a_proj": "kv_a_proj_with_mqa", "kv_b_proj": "kv_b_proj", "o_proj": out_name}
     names.update({"q_a_proj": "q_a_proj", "q_b_proj": "q_b_proj"} if cfg.mla_q_lora_rank else {"q_proj": "q_proj"})
@@ -163,8 +165,10 @@ def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[s
         else:
             out.update({f"{dst}mixer.{k}": v for k, v in delta_attention_weights(state, attn, "o_proj").items()})
         mlp = f"{src}block_sparse_moe."
-        weights = moe_weights(state, mlp, cfg, _EXPERT, "e_score_correction_bias") if cfg.moe_layers[layer] else (
-            mlp_weights(state, mlp))
+        if cfg.moe_layers[layer]:
+            weights = moe_weights(state, mlp, cfg, _EXPERT, "e_score_correction_bias")
+        else:
+            weights = mlp_weights(state, mlp)
         out.update({f"{dst}mlp.{k}": v for k, v in weights.items()})
     ensure_consumed(state)
     return out

@@ -1,8 +1,9 @@
 """``hook_state`` is a replacement: the state that position t reads is exactly what the hook returned.
 
 Checked on the three bundled toys (Gated DeltaNet, Mamba-2, RWKV-7), a tiny random Kimi Linear
-(Kimi Delta Attention: per-channel decay) and both execution paths against a float64 per-token loop written here from the mixer's own input hooks (``hook_q/k/v``,
-decay, ``hook_beta`` / ``hook_a`` / ``hook_erase_key``), independent of ``hooked_ssm.ops``. The
+(Kimi Delta Attention: per-channel decay) and both execution paths against a float64 per-token
+loop written here from the mixer's own input hooks (``hook_q/k/v``, decay, ``hook_beta`` /
+``hook_a`` / ``hook_erase_key``), independent of ``hooked_ssm.ops``. The
 quantity compared is ``hook_read``, the read ``o_t = S_t^T q_t`` of each position.
 """
 

@@ -60,8 +60,8 @@ def _per_channel(g: LogDecay) -> Float[Tensor, "batch pos head d_k_or_1"]:
 
 def _pair_decay(cum_g: Float[Tensor, "... chunk d_k_or_1"], causal: Tensor) -> Tensor:
     """``exp(cum_i - cum_j)`` for ``j <= i``, 0 above the diagonal: ``[.., chunk, chunk]`` for a
-    per-head decay, ``[.., chunk, chunk, d_k]`` per channel. Exponents are masked before ``exp``,
-    so only ``cum_i - cum_j <= 0`` is exponentiated: no overflow, however strong the decay."""
+    per-head decay (``cum_g`` ``[.., chunk, 1]``), ``[.., chunk, chunk, d_k]`` per channel. Exponents
+    are masked before ``exp``: only ``cum_i - cum_j <= 0`` is exponentiated, however strong the decay."""
     if cum_g.shape[-1] == 1:
         cum = cum_g[..., 0]
         return (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()
@@ -69,17 +69,30 @@ def _pair_decay(cum_g: Float[Tensor, "... chunk d_k_or_1"], causal: Tensor) -> T
     return diff.masked_fill(~causal[..., None], float("-inf")).exp()
 
 
-def _decayed_products(
-    a: Float[Tensor, "... chunk d_k"], b: Float[Tensor, "... chunk d_k"], pair_decay: Tensor
-) -> Float[Tensor, "... chunk chunk"]:
-    """``M[i, j] = sum_c a_ic b_jc exp(cum_ic - cum_jc)`` (``pair_decay`` from :func:`_pair_decay`).
+def _intra_chunk_products(
+    k_beta: Float[Tensor, "batch head n chunk d_k"],
+    k: Float[Tensor, "batch head n chunk d_k"],
+    q: Float[Tensor, "batch head n chunk d_k"],
+    cum_g: Float[Tensor, "batch head n chunk d_k_or_1"],
+    causal: Tensor,
+) -> tuple[Float[Tensor, "batch head n chunk chunk"], Float[Tensor, "batch head n chunk chunk"], Tensor | None]:
+    """``(system, intra, decay)``: ``M[i, j] = sum_c a_ic k_jc exp(cum_ic - cum_jc)`` for ``j <= i`` (0
+    above), with ``a = k_beta`` and ``a = q``.
 
-    A per-head decay factors out of the dot product (one matmul); a per-channel one does not, so
-    the pairs are weighted per channel, as transformers' ``chunk_kimi_delta_attention`` does.
+    A per-head decay factors out of the dot products: two matmuls times the pair decay, which is
+    returned for the in-chunk states. A per-channel one does not, so each pair is weighted per
+    channel (``[chunk, chunk, d_k]``, as transformers' ``chunk_kimi_delta_attention`` does), one
+    chunk at a time to keep that tensor to one chunk's size; no pair decay is returned.
     """
-    if pair_decay.dim() == a.dim():
-        return (a @ b.transpose(-1, -2)) * pair_decay
-    return torch.einsum("...ic,...jc,...ijc->...ij", a, b, pair_decay)
+    if cum_g.shape[-1] == 1:
+        decay = _pair_decay(cum_g, causal)
+        return (k_beta @ k.transpose(-1, -2)) * decay, (q @ k.transpose(-1, -2)) * decay, decay
+    system, intra = [], []
+    for i in range(cum_g.shape[2]):
+        decay = _pair_decay(cum_g[:, :, i], causal)
+        system.append(torch.einsum("...ic,...jc,...ijc->...ij", k_beta[:, :, i], k[:, :, i], decay))
+        intra.append(torch.einsum("...ic,...jc,...ijc->...ij", q[:, :, i], k[:, :, i], decay))
+    return torch.stack(system, dim=2), torch.stack(intra, dim=2), None
 
 
 def recurrent_gated_delta_rule(
@@ -166,17 +179,14 @@ def chunked_gated_delta_rule(
     # Log of the decay from the chunk start to each position, per key channel (or 1: per head).
     cum_g = g_c.cumsum(dim=-2)
     causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
-    # decay[i, j] = exp(cum_g_i - cum_g_j) for j <= i (per channel: one per key channel), 0 above the diagonal.
-    decay = _pair_decay(cum_g, causal)
-
     k_beta = k_c * beta_c[..., None]
+    # decay[i, j] = exp(cum_g_i - cum_g_j) for j <= i (per channel: one per key channel), 0 above the diagonal.
     # UT transform: (I + strictly-lower(k_beta k^T * decay)) [u | w] = [v_beta | k_beta * exp(cum_g)]
     # Only the strictly lower triangle is read: decay is 0 above the diagonal and
     # unitriangular=True takes the diagonal as 1 without looking at it.
-    system = _decayed_products(k_beta, k_c, decay)
+    system, intra, decay = _intra_chunk_products(k_beta, k_c, q_c, cum_g, causal)
     pseudo_values = torch.linalg.solve_triangular(system, v_c * beta_c[..., None], upper=False, unitriangular=True)
     state_readers = torch.linalg.solve_triangular(system, k_beta * cum_g.exp(), upper=False, unitriangular=True)
-    intra = _decayed_products(q_c, k_c, decay)
     q_decayed = q_c * cum_g.exp()
     k_to_end = k_c * (cum_g[..., -1:, :] - cum_g).exp()
     chunk_decay = cum_g[..., -1, :].exp()[..., None]  # scales the rows of the state: [.., d_k or 1, 1]

@@ -25,7 +25,7 @@ def states_inside_chunks(
     entering: Float[Tensor, "batch head n_chunks d_k d_v"],
     keys: Float[Tensor, "batch head n_chunks chunk d_k"],
     values: Float[Tensor, "batch head n_chunks chunk d_v"],
-    pair_decay: Float[Tensor, "batch head n_chunks chunk chunk"] | Float[Tensor, "batch head n_chunks chunk chunk d_k"],
+    pair_decay: Float[Tensor, "batch head n_chunks chunk chunk"] | None,
     cum_log_decay: Float[Tensor, "batch head n_chunks chunk"] | Float[Tensor, "batch head n_chunks chunk d_k"],
     positions: Sequence[int],
     chunk_size: int,
@@ -36,18 +36,20 @@ def states_inside_chunks(
     ``S_t = exp(cum_r) S_enter + sum_{j <= r} pair_decay[r, j] k_j values_j^T``: the entering state
     decayed, plus the chunk's writes so far, each decayed to ``t`` (``values`` are what was actually
     written: the delta-rule values for Gated DeltaNet, ``dt x`` for SSD; ``cum_log_decay`` is the
-    in-chunk cumulative log decay, ``pair_decay`` zero above the diagonal; both with a trailing d_k
-    axis where the decay is per key channel, Kimi Delta Attention). Computed for whole
-    chunks (those holding a wanted position), all chunks in parallel, never token by token.
+    in-chunk cumulative log decay, ``pair_decay`` zero above the diagonal; where the decay is per
+    key channel (Kimi Delta Attention) ``cum_log_decay`` has a trailing d_k axis and ``pair_decay``
+    is None: the states are walked). Computed for whole chunks (those holding a wanted position),
+    all chunks in parallel, never token by token.
     """
     index = torch.as_tensor(list(positions), device=keys.device)
     chunk, offset = index // chunk_size, index % chunk_size
     needed, slot = torch.unique(chunk, return_inverse=True)
     if len(needed) < keys.shape[2]:  # only the chunks holding a wanted position
         entering, keys, values, pair_decay, cum_log_decay = (
-            x.index_select(2, needed) for x in (entering, keys, values, pair_decay, cum_log_decay)
+            None if x is None else x.index_select(2, needed)
+            for x in (entering, keys, values, pair_decay, cum_log_decay)
         )
-    form = _states_by_matmul if keys.is_cuda else _states_by_walk
+    form = _states_by_matmul if keys.is_cuda and pair_decay is not None else _states_by_walk
     states = form(entering, keys, values, pair_decay, cum_log_decay).flatten(-2)  # [b, h, n, c, d_k*d_v]
     if index.tolist() == list(range(len(index))):  # a prefix of the positions (e.g. all): a view, no gather
         selected = states.flatten(2, 3)[:, :, : len(index)]
@@ -59,9 +61,6 @@ def states_inside_chunks(
 def _states_by_matmul(entering, keys, values, pair_decay, cum_log_decay):
     """GPU form: one matmul of the decay matrix with the chunk's writes (few large kernels; it
     does ``chunk`` times the arithmetic of the walk, which launch-bound GPUs do not notice)."""
-    if cum_log_decay.dim() == keys.dim():  # per key channel: the decay weighs each row of the writes
-        states = torch.einsum("...rjk,...jk,...jv->...rkv", pair_decay, keys, values)
-        return states + cum_log_decay.exp()[..., None] * entering[:, :, :, None]
     writes = (keys[..., :, None] * values[..., None, :]).flatten(-2)
     states = pair_decay @ writes
     states.addcmul_(cum_log_decay.exp()[..., None], entering.flatten(-2)[:, :, :, None])

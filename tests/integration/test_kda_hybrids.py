@@ -91,12 +91,13 @@ def _tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def brute_force_kda(write_override=None, states=None):
+def brute_force_kda(write_override=None, states=None, delta_v_override=None):
     """A drop-in for transformers' chunk / recurrent KDA that runs the rule token by token and head by
     head, from the formula: ``S_t = (I - b k k^T) diag(a_t) S_{t-1} + b k v^T``, ``o_t = S_t^T q_t``.
 
     ``write_override``: ``{t: [batch, head, d_k, d_v]}`` replaces the write ``b_t k_t v_t^T`` of call
-    ``KDA_CALL`` (key-major); ``states``: filled with that call's ``S_t`` ``[batch, head, d_k, d_v]``.
+    ``KDA_CALL`` (key-major); ``delta_v_override``: ``{t: [batch, head, d_v]}`` replaces the delta-form
+    value ``u_t`` (``S_t = A_t S_{t-1} + k_t u_t^T``); ``states``: filled with that call's ``S_t``.
     """
     calls = iter(range(1000))
 
@@ -121,7 +122,10 @@ def brute_force_kda(write_override=None, states=None):
                 if call == KDA_CALL and write_override is not None and t in write_override:
                     write = write_override[t][:, h].double()
                 decayed = g[:, t, h].exp()[:, :, None] * state[:, h]
-                new.append(erase @ decayed + write)
+                if call == KDA_CALL and delta_v_override is not None and t in delta_v_override:
+                    new.append(decayed + kt[:, :, None] * delta_v_override[t][:, h, None, :].double())
+                else:
+                    new.append(erase @ decayed + write)
             state = torch.stack(new, dim=1)
             if call == KDA_CALL and states is not None:
                 states[t] = state
@@ -132,8 +136,10 @@ def brute_force_kda(write_override=None, states=None):
     return rule
 
 
-def brute_force_logits(hf_model, row, tokens, monkeypatch, write_override=None, states=None):
-    rule = brute_force_kda(write_override, states)
+def brute_force_logits(
+    hf_model, row, tokens, monkeypatch, write_override=None, states=None, delta_v_override=None
+):
+    rule = brute_force_kda(write_override, states, delta_v_override)
     with monkeypatch.context() as patch:
         patch.setattr(row.modeling, "chunk_kimi_delta_attention", rule)
         patch.setattr(row.modeling, "recurrent_kimi_delta_attention", rule)
@@ -221,6 +227,29 @@ def test_write_edit_is_exact_and_causal(hybrid, execution, monkeypatch):
     first = min(edits_at)
     assert torch.equal(edited[:, :first], clean[:, :first])  # nothing before the edit moves, bit for bit
     assert (edited[:, first] - clean[:, first]).abs().max() > 1e-3
+
+
+def test_delta_v_edit_is_exact_and_causal(hybrid, monkeypatch):
+    """hook_delta_v (u_t, the value the delta rule writes after the per-channel decay) replaced at one
+    position equals the brute-force rule with that u_t (later u are recomputed from the edited state)."""
+    directory, hf_model, row = hybrid
+    model = HookedSSM.from_pretrained(directory)
+    tokens, edits_at = _tokens(2, 90, seed=4), (30,)
+    gen = torch.Generator().manual_seed(9)
+    replacement = {t: torch.randn(2, model.cfg.n_heads, model.cfg.d_v, generator=gen) for t in edits_at}
+
+    def replace_delta_v(delta_v, hook):
+        delta_v = delta_v.clone()
+        for t, u in replacement.items():
+            delta_v[:, t] = u
+        return delta_v
+
+    with torch.no_grad():
+        clean = model(tokens)
+        edited = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{LAYER}.mixer.hook_delta_v", replace_delta_v)])
+    expected = brute_force_logits(hf_model, row, tokens, monkeypatch, delta_v_override=replacement)
+    assert (edited - expected).abs().max() <= TOL
+    assert torch.equal(edited[:, :30], clean[:, :30]) and (edited[:, 30] - clean[:, 30]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("execution", ["chunked", "recurrent"])

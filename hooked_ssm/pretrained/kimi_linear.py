@@ -3,10 +3,11 @@ layers and multi-head latent attention layers (no RoPE), each followed by a dens
 mixture of SwiGLU experts with DeepSeek-V3 sigmoid group routing and a shared expert ->
 HookedSSMConfig fields and state dict.
 
-Checkpoints (the Hub's, and what ``save_pretrained`` writes) store the short convolution per q/k/v
-(``q_conv1d`` ...: concatenated into the mixer's one ``conv_weight``), the forget gate's and the output
-gate's low-rank factors (``f_a_proj`` / ``f_b_proj``, ``g_a_proj`` / ``g_b_proj``), every MLP under
-``block_sparse_moe`` and the experts one by one (``w1`` / ``w3`` / ``w2`` = gate / up / down).
+Checkpoints (the Hub's, and what ``save_pretrained`` writes) store q/k/v projections and short convs
+apart (``q_proj``, ``q_conv1d`` ...: concatenated into the Gated DeltaNet layout, ``in_proj_qkv`` and
+``conv_weight``), the forget gate's and the output gate's low-rank factors (``f_a_proj`` / ``f_b_proj``
+-> ``in_proj_a``, ``g_a_proj`` / ``g_b_proj`` -> ``in_proj_z``), every MLP under ``block_sparse_moe``
+and the experts one by one (``w1`` / ``w3`` / ``w2`` = gate / up / down).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ class HookedSSMConfig:
       (B and C are shared by ``n_heads // n_groups`` heads, like grouped keys).
     - RWKV-7: ``d_k`` = ``d_v`` = head size, ``n_key_heads`` = ``n_heads``; ``d_mlp`` is the
       channel-mix width; the ``rwkv_*_lora`` fields are the LoRA ranks.
+    - Kimi Delta Attention: as Gated DeltaNet, without grouped keys (``n_key_heads`` = ``n_heads``).
     """
 
     d_model: int
@@ -43,6 +44,11 @@ class HookedSSMConfig:
     gdn_beta_scale: float = 1.0
     gdn_norm_eps: float | None = None
     gdn_gate_act: Literal["silu", "sigmoid"] = "silu"  # the output gate's activation (Qwen4-Exp: either)
+    # Kimi Delta Attention: rank of the low-rank forget-gate and output-gate projections (0: full rank);
+    # the forget gate's form: None: log a = -exp(A_log) softplus(f), a float L: the bounded
+    # log a = L sigmoid(exp(A_log) f) in (L, 0) (BailingHybrid's kda_safe_gate).
+    kda_gate_rank: int = 0
+    kda_gate_lower_bound: float | None = None
     chunk_size: int = 64
     execution: Execution = "chunked"
     # Mamba-2: conv bias, in/out projection bias, dt clamp, fp32 residual stream.
@@ -78,6 +84,15 @@ class HookedSSMConfig:
     attn_bias: bool = False  # biases on q/k/v/o projections
     attn_sliding_window: int = 0  # tokens a "sliding_attention" layer sees (LaraMini)
     attn_scale: float | None = None  # the scores' scale; None: d_head ** -0.5 (muP models set their own)
+    # Multi-head latent attention (Kimi Linear's, BailingHybrid's attention layers): the query's LoRA rank (0: a full
+    # q projection), the key/value latent's rank, the per-head key part, the key part shared by all
+    # heads, and the value head size.
+    mla_q_lora_rank: int = 0
+    mla_kv_lora_rank: int = 0
+    mla_qk_nope_dim: int = 0
+    mla_qk_rope_dim: int = 0
+    mla_v_head_dim: int = 0
+    mla_head_gate: bool = False  # a sigmoid gate per head on the output (BailingHybrid)
     # MLP: dense (SwiGLU, or plain with mlp_gated=False) or a sparse mixture of experts with a shared expert.
     d_mlp: int = 0
     act_fn: str = "silu"
@@ -105,6 +120,11 @@ class HookedSSMConfig:
     n_shared_blocks: int = 1
     shared_adapter_rank: int = 0
     shared_attn_adapters: bool = False
+    # SwiGLU clipping per layer (BailingHybrid): act(gate) <= L and |up| <= L inside the routed
+    # experts (swiglu_limits) and the shared expert (swiglu_limits_shared) of group-routed MoE layers;
+    # 0, or an empty list: no clipping.
+    swiglu_limits: list[float] = field(default_factory=list)
+    swiglu_limits_shared: list[float] = field(default_factory=list)
     # Norms: Qwen3.5 / Qwen3-Next RMSNorms scale by (1 + w); Mamba-2 uses plain RMSNorms,
     # RWKV-7 LayerNorms with bias (norm_type="layernorm").
     eps: float = 1e-6

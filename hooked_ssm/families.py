@@ -30,6 +30,8 @@ from hooked_ssm.components.attention import GatedAttention
 from hooked_ssm.components.gated_deltanet import GatedDeltaNetMixer
 from hooked_ssm.components.hyper_connection_block import HyperConnectionBlock
 from hooked_ssm.components.indexed_attention import IndexedAttention
+from hooked_ssm.components.kimi_delta_attention import KimiDeltaAttentionMixer
+from hooked_ssm.components.latent_attention import LatentAttention
 from hooked_ssm.components.lightning_attention import LightningAttentionMixer
 from hooked_ssm.components.mamba2 import Mamba2Mixer
 from hooked_ssm.components.mlstm import MLSTMCache, MLSTMMixer
@@ -79,6 +81,9 @@ LAYER_KINDS: dict[str, LayerKind] = {
     "sliding_attention": LayerKind(GatedAttention, AttentionCache, slot="attn", options={"sliding": True}),
     "lightning_attention": LayerKind(LightningAttentionMixer, MixerCache),
     "mlstm": LayerKind(MLSTMMixer, MLSTMCache),  # xLSTM
+    "kimi_delta_attention": LayerKind(KimiDeltaAttentionMixer, MixerCache, grouped_keys=True),  # n_key_heads = n_heads
+    "latent_attention": LayerKind(LatentAttention, AttentionCache, slot="attn"),  # Kimi Linear's MLA, no RoPE
+    "latent_attention_rope": LayerKind(LatentAttention, AttentionCache, slot="attn", options={"rotary": True}),
     "mlp": LayerKind(None, NoCache, slot="mlp"),  # NemotronH's MLP / MoE layers
     # Falcon-H1: Mamba-2 and attention side by side in one block
     "mamba2_parallel_attention": LayerKind(Mamba2Mixer, ParallelCache, grouped_keys=True, block=ParallelHybridBlock),
@@ -130,6 +135,8 @@ CHECKPOINT_FAMILIES: tuple[CheckpointFamily, ...] = (
     CheckpointFamily("xLSTM", "xlstm", ("xLSTMForCausalLM",), ("xlstm",)),
     CheckpointFamily("Zamba2", "zamba2", ("Zamba2ForCausalLM",), ("zamba2",)),
     CheckpointFamily("Qwen4-Exp", "qwen4_exp", ("Qwen4ExpForCausalLM",), ("qwen4_exp_text",)),
+    CheckpointFamily("Kimi Linear", "kimi_linear", ("KimiLinearForCausalLM",), ("kimi_linear",)),
+    CheckpointFamily("BailingHybrid (Ling 3)", "bailing_hybrid", ("BailingHybridForCausalLM",), ("bailing_hybrid",)),
 )
 
 

@@ -7,6 +7,13 @@ Per value head ``h`` (key-major state ``S`` of shape ``[d_k, d_v]``)::
     o_t = S_t^T q_t                                               hook_read = o_t
     y_t = w * o_t / rms(o_t) * silu(z_t)  (sigmoid: Qwen4-Exp)    hook_z = y_t
 
+with ``log a_t = -exp(A_log) softplus(W_a x + dt_bias)``. Its variants are parameters: the range of
+``b`` (OLMo-Hybrid's (0, 2)), and Kimi Delta Attention's (``kimi_delta_attention``): a decay per
+key channel (``a_t`` a vector, ``A_t = diag(a_t)`` applied before the erase:
+``S_t = (I - b_t k_t k_t^T) A_t S_{t-1} + b_t k_t v_t^T``), low-rank decay and output-gate
+projections, the bounded gate ``log a_t = L sigmoid(exp(A_log) (W_a x + dt_bias))`` and a sigmoid
+gate in the output norm.
+
 ``hook_write`` is the input-determined rank-1 write (the paper's native write), and
 ``hook_write_factors`` its factors ``[k_t | b_t v_t]`` (observation only); ``hook_delta_v``
 is the state-dependent delta-form value. An edit of either becomes an additive change of the
@@ -20,6 +27,7 @@ delta rule erases). Hooks are per value head, after grouped keys are expanded.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -44,6 +52,7 @@ from hooked_ssm.config import HookedSSMConfig
 from hooked_ssm.hook_names import MATRIX_STATE_HOOK_DIMS, HookDims
 from hooked_ssm.ops.causal_conv import causal_depthwise_conv
 from hooked_ssm.ops.gated_delta_rule import (
+    LogDecay,
     chunked_gated_delta_rule,
     gated_delta_rule_with_edits,
     l2_normalize,
@@ -52,23 +61,43 @@ from hooked_ssm.ops.gated_delta_rule import (
 from hooked_ssm.state import MixerCache
 
 
+def _projection(d_model: int, width: int, rank: int) -> nn.Module:
+    """``x -> W x``, low rank (``W = W_b W_a``: ``.0`` then ``.1``) when ``rank > 0``."""
+    if rank <= 0:
+        return nn.Linear(d_model, width, bias=False)
+    return nn.Sequential(nn.Linear(d_model, rank, bias=False), nn.Linear(rank, width, bias=False))
+
+
 class GatedDeltaNetMixer(nn.Module):
     HOOK_DIMS: HookDims = {**MATRIX_STATE_HOOK_DIMS, "hook_delta_v": ("d_v",), "hook_gate": ("d_v",)}
 
-    def __init__(self, cfg: HookedSSMConfig):
+    def __init__(
+        self,
+        cfg: HookedSSMConfig,
+        per_channel_decay: bool = False,
+        gate_rank: int = 0,
+        gate_lower_bound: float | None = None,
+        norm_gate: Literal["silu", "sigmoid"] | None = None,
+    ):
+        """``per_channel_decay``: one decay per key channel; ``gate_rank`` > 0: the decay's and the output
+        gate's projections are low rank; ``gate_lower_bound`` L: the bounded decay; ``norm_gate``: the
+        output norm's gate activation, default ``cfg.gdn_gate_act`` (Kimi Delta Attention sets them)."""
         super().__init__()
         self.n_heads, self.n_key_heads, self.d_k, self.d_v = cfg.n_heads, cfg.n_key_heads, cfg.d_k, cfg.d_v
         self.chunk_size, self.execution = cfg.chunk_size, cfg.execution
         key_dim, value_dim = self.n_key_heads * self.d_k, self.n_heads * self.d_v
+        self.per_channel_decay, self.gate_lower_bound = per_channel_decay, gate_lower_bound
+        decay_dim = self.n_heads * self.d_k if per_channel_decay else self.n_heads
         self.in_proj_qkv = nn.Linear(cfg.d_model, 2 * key_dim + value_dim, bias=False)
-        self.in_proj_z = nn.Linear(cfg.d_model, value_dim, bias=False)
+        self.in_proj_z = _projection(cfg.d_model, value_dim, gate_rank)
         self.in_proj_b = nn.Linear(cfg.d_model, self.n_heads, bias=False)
-        self.in_proj_a = nn.Linear(cfg.d_model, self.n_heads, bias=False)
+        self.in_proj_a = _projection(cfg.d_model, decay_dim, gate_rank)
         self.conv_weight = nn.Parameter(torch.empty(2 * key_dim + value_dim, cfg.conv_kernel))
         nn.init.normal_(self.conv_weight, std=cfg.conv_kernel**-0.5)
         self.A_log = nn.Parameter(torch.zeros(self.n_heads))
-        self.dt_bias = nn.Parameter(torch.ones(self.n_heads))
-        self.norm = GatedRMSNorm(self.d_v, cfg.eps if cfg.gdn_norm_eps is None else cfg.gdn_norm_eps, cfg.gdn_gate_act)
+        self.dt_bias = nn.Parameter(torch.ones(decay_dim))
+        eps = cfg.eps if cfg.gdn_norm_eps is None else cfg.gdn_norm_eps
+        self.norm = GatedRMSNorm(self.d_v, eps, norm_gate or cfg.gdn_gate_act)
         self.beta_scale = cfg.gdn_beta_scale
         self.out_proj = nn.Linear(value_dim, cfg.d_model, bias=False)
 
@@ -76,11 +105,12 @@ class GatedDeltaNetMixer(nn.Module):
         self.hook_k = HookPoint()  # [batch, pos, head, d_k]: L2-normalised write/erase key
         self.hook_v = HookPoint()  # [batch, pos, head, d_v]
         self.hook_beta = HookPoint()  # [batch, pos, head]: write strength b_t in (0, beta_scale): (0, 1) or (0, 2)
-        self.hook_decay = HookPoint()  # [batch, pos, head]: forget gate a_t = exp(g_t) in (0, 1]
+        # [batch, pos, head] (per channel: [batch, pos, head, d_k]): forget gate a_t = exp(g_t) in (0, 1]
+        self.hook_decay = HookPoint()
         self.hook_gate = HookPoint()  # [batch, pos, head, d_v]: output gate logits z_t
         self.hook_write = HookPoint()  # [batch, pos, head, d_k*d_v]: b_t k_t v_t^T, key-major
         self.hook_write_factors = HookPoint()  # [batch, pos, head, d_k+d_v]: [k_t | b_t v_t], observation only
-        self.hook_delta_v = HookPoint()  # [batch, pos, head, d_v]: u_t = b_t (v_t - a_t S_{t-1}^T k_t)
+        self.hook_delta_v = HookPoint()  # [batch, pos, head, d_v]: u_t = b_t (v_t - (A_t S_{t-1})^T k_t)
         self.hook_state = HookPoint()  # [batch, pos or selected pos, head, d_k*d_v]: S_t after the update
         # hook_state edits replace: position t reads exactly the returned state and the recurrence goes on
         # from it (a returned S_t + E moves only t's read by E^T q_t). To make an edit persist, edit hook_write.
@@ -133,8 +163,14 @@ class GatedDeltaNetMixer(nn.Module):
         group = self.n_heads // self.n_key_heads
         return x if group == 1 else x.repeat_interleave(group, dim=2)
 
-    def _log_decay(self, x: Tensor, real: Tensor | None) -> Float[Tensor, "batch pos head"]:
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
+    def _log_decay(self, x: Tensor, real: Tensor | None) -> LogDecay:
+        a, rate = self.in_proj_a(x).float() + self.dt_bias, self.A_log.float().exp()
+        if self.per_channel_decay:
+            a, rate = a.view(*x.shape[:2], self.n_heads, self.d_k), rate[:, None]
+        if self.gate_lower_bound is None:
+            g = -rate * F.softplus(a)
+        else:
+            g = self.gate_lower_bound * torch.sigmoid(rate * a)
         return log_decay_through_hook(self.hook_decay, fill_pads(g, real))
 
     def _scan(self, q, k, v, beta, g, initial_state, state_positions):

@@ -15,10 +15,14 @@ from hooked_ssm.config import HookedSSMConfig
 
 
 class GatedMLP(nn.Module):
-    """``down(act(gate(x)) * up(x))``."""
+    """``down(act(gate(x)) * up(x))``; with a ``limit`` L > 0, ``act(gate)`` is clipped at L and ``up``
+    to [-L, L] before the product (BailingHybrid's SwiGLU limits)."""
 
-    def __init__(self, d_model: int, d_mlp: int, act_fn: str, with_hooks: bool = True, bias: bool = False):
+    def __init__(
+        self, d_model: int, d_mlp: int, act_fn: str, with_hooks: bool = True, bias: bool = False, limit: float = 0.0
+    ):
         super().__init__()
+        self.limit = limit
         self.gate_proj = nn.Linear(d_model, d_mlp, bias=bias)
         self.up_proj = nn.Linear(d_model, d_mlp, bias=bias)
         self.down_proj = nn.Linear(d_mlp, d_model, bias=bias)
@@ -31,7 +35,10 @@ class GatedMLP(nn.Module):
         pre = self.gate_proj(x)
         if hasattr(self, "hook_pre"):
             pre = self.hook_pre(pre)
-        post = self.act(pre) * self.up_proj(x)
+        gate, up = self.act(pre), self.up_proj(x)
+        if self.limit > 0:
+            gate, up = gate.clamp(max=self.limit), up.clamp(min=-self.limit, max=self.limit)
+        post = gate * up
         if hasattr(self, "hook_post"):
             post = self.hook_post(post)
         return self.down_proj(post)
@@ -123,7 +130,7 @@ class GroupRoutedMoE(nn.Module):
     for the choice only; the experts are chosen among the ``topk_group`` best of ``n_group`` groups
     (a group scores the sum of its two best); the chosen experts weigh their unbiased scores,
     renormalised if ``norm_topk_prob``, times ``routed_scale``; plain (ungated) MLP experts and an
-    always-on shared expert."""
+    always-on shared expert, or gated ones (``gated=True``: Kimi Linear)."""
 
     def __init__(
         self,
@@ -137,14 +144,22 @@ class GroupRoutedMoE(nn.Module):
         n_group: int,
         topk_group: int,
         routed_scale: float,
+        gated: bool = False,
+        limits: tuple[float, float] = (0.0, 0.0),
     ):
         super().__init__()
         self.top_k, self.n_group, self.topk_group = n_experts_per_tok, n_group, topk_group
         self.norm_topk_prob, self.routed_scale = norm_topk_prob, routed_scale
         self.router = nn.Linear(d_model, n_experts, bias=False)
         self.score_bias = nn.Parameter(torch.zeros(n_experts))  # e_score_correction_bias
-        self.experts = nn.ModuleList(MLP(d_model, d_expert, act_fn, with_hooks=False) for _ in range(n_experts))
-        self.shared_expert = MLP(d_model, d_shared_expert, act_fn, with_hooks=False)
+        if gated:  # limits: the SwiGLU clipping of the routed experts and of the shared expert
+            self.experts = nn.ModuleList(
+                GatedMLP(d_model, d_expert, act_fn, with_hooks=False, limit=limits[0]) for _ in range(n_experts)
+            )
+            self.shared_expert = GatedMLP(d_model, d_shared_expert, act_fn, with_hooks=False, limit=limits[1])
+        else:
+            self.experts = nn.ModuleList(MLP(d_model, d_expert, act_fn, with_hooks=False) for _ in range(n_experts))
+            self.shared_expert = MLP(d_model, d_shared_expert, act_fn, with_hooks=False)
         self.hook_expert_weights = HookPoint()  # [batch, pos, top_k]
         self.hook_expert_indices = HookPoint()  # [batch, pos, top_k]
 
@@ -172,9 +187,10 @@ def build_mlp(cfg: HookedSSMConfig, layer: int) -> nn.Module:
     """The feed-forward layer of ``layer``: a mixture of experts where ``cfg.moe_layers`` says so
     (softmax- or sigmoid-group-routed, per ``cfg.moe_router``), else a gated or plain MLP."""
     if cfg.moe_layers[layer] and cfg.moe_router == "sigmoid_group":
+        limits = tuple(float(x[layer]) if x else 0.0 for x in (cfg.swiglu_limits, cfg.swiglu_limits_shared))
         return GroupRoutedMoE(
             cfg.d_model, cfg.n_experts, cfg.n_experts_per_tok, cfg.d_expert, cfg.d_shared_expert, cfg.act_fn,
-            cfg.norm_topk_prob, cfg.moe_n_group, cfg.moe_topk_group, cfg.moe_routed_scale,
+            cfg.norm_topk_prob, cfg.moe_n_group, cfg.moe_topk_group, cfg.moe_routed_scale, cfg.mlp_gated, limits,
         )
     if cfg.moe_layers[layer]:
         return SparseMoE(

@@ -38,7 +38,7 @@ _GATE_ACTIVATIONS = {"silu": F.silu, "sigmoid": torch.sigmoid}
 
 class GatedRMSNorm(nn.Module):
     """Per-head RMS norm followed by a gate: ``w * o / rms(o) * act(z)`` (norm before gate), ``act``
-    SiLU (Qwen3.5) or sigmoid (Qwen4-Exp's ``output_gate_type="sigmoid"``).
+    SiLU (Qwen3.5) or sigmoid (Qwen4-Exp's ``output_gate_type="sigmoid"``, Kimi Delta Attention).
 
     The cast points follow transformers' ``Qwen3_5RMSNormGated`` so bf16 runs match it too.
     """

@@ -9,6 +9,15 @@ Orientation is key-major throughout: per head the state ``S`` is ``[d_k, d_v]`` 
 with ``alpha_t = exp(g_t)``. Inputs are expected already normalised and scaled (``q`` carries the
 ``d_k ** -0.5`` factor), already expanded to one key per value head, and in float32.
 
+The decay is per head (``g`` ``[batch, pos, head]``: Gated DeltaNet) or per key channel (``g``
+``[batch, pos, head, d_k]``: Kimi Delta Attention), where ``alpha_t`` is the diagonal matrix
+``diag(exp(g_t))`` applied to the rows of ``S`` before the erase reads it::
+
+    S_t = (I - beta_t k_t k_t^T) diag(alpha_t) S_{t-1} + beta_t k_t v_t^T
+
+(for a per-head decay the two orders coincide). Per head is the special case of a decay broadcast
+over d_k; every form below takes either.
+
 The update is affine in ``S``: the transition ``alpha_t (I - beta_t k_t k_t^T)`` does not depend on
 the state. So adding a matrix ``D`` to ``S_t`` (a write edit, a state edit) is exact if the scan is
 split at ``t``: scan up to ``t``, add ``D`` to the carried state, correct the read at ``t``, scan on.
@@ -35,9 +44,55 @@ def l2_normalize(x: Float[Tensor, "... d"], eps: float = 1e-6) -> Float[Tensor, 
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
+# The log decay: per head, or per key channel (Kimi Delta Attention).
+LogDecay = Float[Tensor, "batch pos head"] | Float[Tensor, "batch pos head d_k"]
+
+
 def _zero_state(k: Tensor, v: Tensor) -> Tensor:
     batch, _, heads, d_k = k.shape
     return k.new_zeros(batch, heads, d_k, v.shape[-1])
+
+
+def _per_channel(g: LogDecay) -> Float[Tensor, "batch pos head d_k_or_1"]:
+    """The log decay with a key-channel axis: size d_k (per channel) or 1 (per head, broadcast)."""
+    return g if g.dim() == 4 else g[..., None]
+
+
+def _pair_decay(cum_g: Float[Tensor, "... chunk d_k_or_1"], causal: Tensor) -> Tensor:
+    """``exp(cum_i - cum_j)`` for ``j <= i``, 0 above the diagonal: ``[.., chunk, chunk]`` for a
+    per-head decay (``cum_g`` ``[.., chunk, 1]``), ``[.., chunk, chunk, d_k]`` per channel. Exponents
+    are masked before ``exp``: only ``cum_i - cum_j <= 0`` is exponentiated, however strong the decay."""
+    if cum_g.shape[-1] == 1:
+        cum = cum_g[..., 0]
+        return (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    diff = cum_g[..., :, None, :] - cum_g[..., None, :, :]
+    return diff.masked_fill(~causal[..., None], float("-inf")).exp()
+
+
+def _intra_chunk_products(
+    k_beta: Float[Tensor, "batch head n chunk d_k"],
+    k: Float[Tensor, "batch head n chunk d_k"],
+    q: Float[Tensor, "batch head n chunk d_k"],
+    cum_g: Float[Tensor, "batch head n chunk d_k_or_1"],
+    causal: Tensor,
+) -> tuple[Float[Tensor, "batch head n chunk chunk"], Float[Tensor, "batch head n chunk chunk"], Tensor | None]:
+    """``(system, intra, decay)``: ``M[i, j] = sum_c a_ic k_jc exp(cum_ic - cum_jc)`` for ``j <= i`` (0
+    above), with ``a = k_beta`` and ``a = q``.
+
+    A per-head decay factors out of the dot products: two matmuls times the pair decay, which is
+    returned for the in-chunk states. A per-channel one does not, so each pair is weighted per
+    channel (``[chunk, chunk, d_k]``, as transformers' ``chunk_kimi_delta_attention`` does), one
+    chunk at a time to keep that tensor to one chunk's size; no pair decay is returned.
+    """
+    if cum_g.shape[-1] == 1:
+        decay = _pair_decay(cum_g, causal)
+        return (k_beta @ k.transpose(-1, -2)) * decay, (q @ k.transpose(-1, -2)) * decay, decay
+    system, intra = [], []
+    for i in range(cum_g.shape[2]):
+        decay = _pair_decay(cum_g[:, :, i], causal)
+        system.append(torch.einsum("...ic,...jc,...ijc->...ij", k_beta[:, :, i], k[:, :, i], decay))
+        intra.append(torch.einsum("...ic,...jc,...ijc->...ij", q[:, :, i], k[:, :, i], decay))
+    return torch.stack(system, dim=2), torch.stack(intra, dim=2), None
 
 
 def recurrent_gated_delta_rule(
@@ -45,7 +100,7 @@ def recurrent_gated_delta_rule(
     k: Float[Tensor, "batch pos head d_k"],
     v: Float[Tensor, "batch pos head d_v"],
     beta: Float[Tensor, "batch pos head"],
-    g: Float[Tensor, "batch pos head"],
+    g: LogDecay,
     initial_state: Float[Tensor, "batch head d_k d_v"] | None = None,
     edits: StateEdits | None = None,
     state_positions: Sequence[int] | None = None,
@@ -65,9 +120,10 @@ def recurrent_gated_delta_rule(
     state = _zero_state(k, v) if initial_state is None else initial_state
     edits = edits or {}
     wanted = set(state_positions or ())
+    row_decay = _per_channel(g).exp()[..., None]  # [batch, pos, head, d_k or 1, 1]: scales the state's rows
     outputs, states, delta_vs = [], {}, []
     for t in range(q.shape[1]):
-        state = state * g[:, t].exp()[..., None, None]
+        state = state * row_decay[:, t]
         predicted = torch.einsum("bhkv,bhk->bhv", state, k[:, t])
         delta_v = beta[:, t, :, None] * (v[:, t] - predicted)
         state = state + k[:, t, :, :, None] * delta_v[:, :, None, :]
@@ -88,7 +144,7 @@ def chunked_gated_delta_rule(
     k: Float[Tensor, "batch pos head d_k"],
     v: Float[Tensor, "batch pos head d_v"],
     beta: Float[Tensor, "batch pos head"],
-    g: Float[Tensor, "batch pos head"],
+    g: LogDecay,
     initial_state: Float[Tensor, "batch head d_k d_v"] | None = None,
     chunk_size: int = 64,
     state_positions: Sequence[int] | None = None,
@@ -119,25 +175,21 @@ def chunked_gated_delta_rule(
         x = F.pad(x, (0, 0, 0, pad)) if x.dim() == 4 else F.pad(x, (0, pad))
         return x.reshape(batch, heads, -1, chunk_size, *x.shape[3:])
 
-    q_c, k_c, v_c, beta_c, g_c = map(to_chunks, (q, k, v, beta, g))
-    cum_g = g_c.cumsum(dim=-1)  # log of the decay from the chunk start to each position
+    q_c, k_c, v_c, beta_c, g_c = map(to_chunks, (q, k, v, beta, _per_channel(g)))
+    # Log of the decay from the chunk start to each position, per key channel (or 1: per head).
+    cum_g = g_c.cumsum(dim=-2)
     causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
-    # decay[i, j] = exp(cum_g_i - cum_g_j) for j <= i, 0 above the diagonal (masked before exp).
-    decay = (cum_g[..., :, None] - cum_g[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-
     k_beta = k_c * beta_c[..., None]
+    # decay[i, j] = exp(cum_g_i - cum_g_j) for j <= i (per channel: one per key channel), 0 above the diagonal.
     # UT transform: (I + strictly-lower(k_beta k^T * decay)) [u | w] = [v_beta | k_beta * exp(cum_g)]
     # Only the strictly lower triangle is read: decay is 0 above the diagonal and
     # unitriangular=True takes the diagonal as 1 without looking at it.
-    system = (k_beta @ k_c.transpose(-1, -2)) * decay
+    system, intra, decay = _intra_chunk_products(k_beta, k_c, q_c, cum_g, causal)
     pseudo_values = torch.linalg.solve_triangular(system, v_c * beta_c[..., None], upper=False, unitriangular=True)
-    state_readers = torch.linalg.solve_triangular(
-        system, k_beta * cum_g.exp()[..., None], upper=False, unitriangular=True
-    )
-    intra = (q_c @ k_c.transpose(-1, -2)) * decay
-    q_decayed = q_c * cum_g.exp()[..., None]
-    k_to_end = k_c * (cum_g[..., -1:] - cum_g).exp()[..., None]
-    chunk_decay = cum_g[..., -1].exp()[..., None, None]
+    state_readers = torch.linalg.solve_triangular(system, k_beta * cum_g.exp(), upper=False, unitriangular=True)
+    q_decayed = q_c * cum_g.exp()
+    k_to_end = k_c * (cum_g[..., -1:, :] - cum_g).exp()
+    chunk_decay = cum_g[..., -1, :].exp()[..., None]  # scales the rows of the state: [.., d_k or 1, 1]
 
     outputs, entering, written = [], [], []
     for i in range(q_c.shape[2]):
@@ -150,8 +202,9 @@ def chunked_gated_delta_rule(
     o = torch.stack(outputs, dim=2).reshape(batch, heads, -1, v.shape[-1])[:, :, :length]
     states = None
     if state_positions:
+        cum = cum_g[..., 0] if cum_g.shape[-1] == 1 else cum_g  # per head: [.., chunk]; per channel: [.., chunk, d_k]
         states = states_inside_chunks(
-            torch.stack(entering, dim=2), k_c, torch.stack(written, dim=2), decay, cum_g, state_positions, chunk_size
+            torch.stack(entering, dim=2), k_c, torch.stack(written, dim=2), decay, cum, state_positions, chunk_size
         )
     return o.transpose(1, 2), state, states
 
@@ -161,7 +214,7 @@ def gated_delta_rule_with_edits(
     k: Float[Tensor, "batch pos head d_k"],
     v: Float[Tensor, "batch pos head d_v"],
     beta: Float[Tensor, "batch pos head"],
-    g: Float[Tensor, "batch pos head"],
+    g: LogDecay,
     initial_state: Float[Tensor, "batch head d_k d_v"] | None = None,
     edits: StateEdits | None = None,
     state_positions: Sequence[int] | None = None,

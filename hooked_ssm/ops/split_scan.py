@@ -25,8 +25,8 @@ def states_inside_chunks(
     entering: Float[Tensor, "batch head n_chunks d_k d_v"],
     keys: Float[Tensor, "batch head n_chunks chunk d_k"],
     values: Float[Tensor, "batch head n_chunks chunk d_v"],
-    pair_decay: Float[Tensor, "batch head n_chunks chunk chunk"],
-    cum_log_decay: Float[Tensor, "batch head n_chunks chunk"],
+    pair_decay: Float[Tensor, "batch head n_chunks chunk chunk"] | None,
+    cum_log_decay: Float[Tensor, "batch head n_chunks chunk"] | Float[Tensor, "batch head n_chunks chunk d_k"],
     positions: Sequence[int],
     chunk_size: int,
 ) -> Float[Tensor, "batch n_sel head d_k d_v"]:
@@ -36,17 +36,20 @@ def states_inside_chunks(
     ``S_t = exp(cum_r) S_enter + sum_{j <= r} pair_decay[r, j] k_j values_j^T``: the entering state
     decayed, plus the chunk's writes so far, each decayed to ``t`` (``values`` are what was actually
     written: the delta-rule values for Gated DeltaNet, ``dt x`` for SSD; ``cum_log_decay`` is the
-    in-chunk cumulative log decay, ``pair_decay`` zero above the diagonal). Computed for whole
-    chunks (those holding a wanted position), all chunks in parallel, never token by token.
+    in-chunk cumulative log decay, ``pair_decay`` zero above the diagonal; where the decay is per
+    key channel (Kimi Delta Attention) ``cum_log_decay`` has a trailing d_k axis and ``pair_decay``
+    is None: the states are walked). Computed for whole chunks (those holding a wanted position),
+    all chunks in parallel, never token by token.
     """
     index = torch.as_tensor(list(positions), device=keys.device)
     chunk, offset = index // chunk_size, index % chunk_size
     needed, slot = torch.unique(chunk, return_inverse=True)
     if len(needed) < keys.shape[2]:  # only the chunks holding a wanted position
         entering, keys, values, pair_decay, cum_log_decay = (
-            x.index_select(2, needed) for x in (entering, keys, values, pair_decay, cum_log_decay)
+            None if x is None else x.index_select(2, needed)
+            for x in (entering, keys, values, pair_decay, cum_log_decay)
         )
-    form = _states_by_matmul if keys.is_cuda else _states_by_walk
+    form = _states_by_matmul if keys.is_cuda and pair_decay is not None else _states_by_walk
     states = form(entering, keys, values, pair_decay, cum_log_decay).flatten(-2)  # [b, h, n, c, d_k*d_v]
     if index.tolist() == list(range(len(index))):  # a prefix of the positions (e.g. all): a view, no gather
         selected = states.flatten(2, 3)[:, :, : len(index)]
@@ -67,8 +70,10 @@ def _states_by_matmul(entering, keys, values, pair_decay, cum_log_decay):
 def _states_by_walk(entering, keys, values, pair_decay, cum_log_decay):
     """CPU form: ``S_r = exp(a_r) S_{r-1} + k_r values_r^T`` over the positions of a chunk, every
     chunk at once (``chunk`` batched steps, not one per token; arithmetic-bound CPUs prefer it)."""
-    step_log_decay = torch.diff(cum_log_decay, dim=-1, prepend=torch.zeros_like(cum_log_decay[..., :1]))
-    step_decay = step_log_decay.exp()[..., None, None]
+    per_channel = cum_log_decay.dim() == keys.dim()  # [.., chunk, d_k], else [.., chunk]
+    cum = cum_log_decay if per_channel else cum_log_decay[..., None]
+    step_log_decay = torch.diff(cum, dim=-2, prepend=torch.zeros_like(cum[..., :1, :]))
+    step_decay = step_log_decay.exp()[..., None]  # scales the rows of the state: [.., chunk, d_k or 1, 1]
     state, walked = entering, []
     for r in range(keys.shape[3]):
         state = torch.addcmul(keys[:, :, :, r, :, None] * values[:, :, :, r, None, :], step_decay[:, :, :, r], state)

@@ -5,7 +5,8 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+from random_weights import randomize_
+from transformers import KimiLinearConfig, KimiLinearForCausalLM, Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
 from hooked_ssm import HookedSSM
 from writesae_lens.analysis.report import format_logit_shift_table
@@ -37,6 +38,26 @@ def one_layer(tmp_path_factory):
             param.add_((0.3 if "norm" in name or "dt_bias" in name else 0.05) * torch.randn(param.shape, generator=gen))
         hf.model.layers[0].linear_attn.A_log.fill_(-3.0)
     directory = tmp_path_factory.mktemp("one_layer_gdn")
+    hf.save_pretrained(directory)
+    return HookedSSM.from_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def one_layer_kda(tmp_path_factory):
+    """A 1-layer Kimi Delta Attention model whose key channels decay at very different rates
+    (a_s from ~0.98 to ~0.4 within each head), so a gate averaged over d_k would be far off."""
+    config = KimiLinearConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=1, layer_types=["linear_attention"],
+        mlp_layer_types=["dense"], num_attention_heads=4, num_key_value_heads=4, linear_head_dim=16,
+        linear_num_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    hf = randomize_(KimiLinearForCausalLM(config))
+    gate = hf.model.layers[0].self_attn.forget_gate
+    with torch.no_grad():
+        gate.A_log.zero_()
+        gate.dt_bias.copy_(torch.linspace(-4.0, 0.5, 16).repeat(4))
+    directory = tmp_path_factory.mktemp("one_layer_kda")
     hf.save_pretrained(directory)
     return HookedSSM.from_pretrained(directory)
 
@@ -138,6 +159,57 @@ def test_state_perturbation_reads_back_exactly_without_erase(one_layer, tokens):
     predicted = eps * (gate * uq)[..., None] * w
     torch.testing.assert_close(delta, predicted, atol=1e-5 * delta.abs().max(), rtol=0)
     assert (moved[names[0]] - base[names[0]])[:, :T0].abs().max() == 0  # nothing before t0 moves
+
+
+def test_closed_form_is_exact_with_a_per_channel_decay(one_layer_kda, tokens):
+    """Kimi Delta Attention: the gate form uses each key channel's own product (u . (G_t * q_t))."""
+    model = one_layer_kda
+    hooks = [no_erase_after_t0(model), *linearising_hooks(model)]
+    with identity_final_norm(model):
+        records, _ = run_logit_shift_audit(
+            model, layer=0, head=HEAD, tokens=tokens, factors=directions(model), t0=T0, horizon=6,
+            eps=(0.3, 3.0), eps_unit="absolute", token_ranks=(0, 3, 50), extra_hooks=hooks, progress=False,
+        )
+    measured, gate, jvp = column(records, "measured"), column(records, "gate"), column(records, "jvp")
+    scale = measured.abs().max()
+    assert scale > 1e-3
+    torch.testing.assert_close(gate, measured, atol=1e-5 * scale, rtol=0)
+    torch.testing.assert_close(jvp, measured, atol=1e-5 * scale, rtol=0)
+    G, lag = column(records, "gate_product"), column(records, "lag")  # the atom's gate u^T diag(G) u
+    torch.testing.assert_close(G[lag == 0], torch.ones_like(G[lag == 0]))
+    assert (G <= 1 + 1e-6).all() and (G[lag == 6] < 0.6).all()
+
+
+def test_per_channel_perturbation_reads_back_exactly_without_erase(one_layer_kda, tokens):
+    """Against a brute-force re-run (the model run again with the state perturbed through hook_write):
+    with b_s = 0 after t0 the read moves by eps (u . (G_t * q_t)) w, G per key channel; the same
+    formula with the decay averaged over d_k (one gate per head) is far off."""
+    model = one_layer_kda
+    u, w = (x[0] / x[0].norm() for x in directions(model))
+    eps = 0.7
+
+    def add(act, hook):
+        act[:, T0, HEAD] += eps * torch.outer(u, w).flatten()
+        return act
+
+    names = ["blocks.0.mixer.hook_read", "blocks.0.mixer.hook_q", "blocks.0.mixer.hook_decay"]
+    with model.hooks(fwd_hooks=[no_erase_after_t0(model)]):
+        _, base = model.run_with_cache(tokens, names_filter=names)
+        with model.hooks(fwd_hooks=[("blocks.0.mixer.hook_write", add)]):
+            _, moved = model.run_with_cache(tokens, names_filter=names[:1])
+    delta = (moved[names[0]] - base[names[0]])[:, T0:, HEAD]  # [batch, pos, d_v]
+    log_decay = base[names[2]][:, :, HEAD].log()  # [batch, pos, d_k]
+    q = base[names[1]][:, T0:, HEAD]
+    positions = list(range(T0, tokens.shape[1]))
+
+    def predicted(log_decay):
+        gate = torch.stack([gate_products(log_decay[b], T0, positions) for b in range(len(tokens))]).float()
+        uq = (gate * q) @ u if gate.dim() == 3 else gate * (q @ u)
+        return eps * uq[..., None] * w
+
+    torch.testing.assert_close(delta, predicted(log_decay), atol=1e-5 * delta.abs().max(), rtol=0)
+    averaged = predicted(log_decay.mean(dim=-1))
+    assert (averaged - delta).abs().max() > 0.1 * delta.abs().max()
 
 
 def test_jvp_form_matches_finite_differences(one_layer, tokens):

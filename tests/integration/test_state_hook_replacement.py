@@ -1,14 +1,16 @@
 """``hook_state`` is a replacement: the state that position t reads is exactly what the hook returned.
 
-Checked on the three bundled toys (Gated DeltaNet, Mamba-2, RWKV-7) and both execution paths
-against a float64 per-token loop written here from the mixer's own input hooks (``hook_q/k/v``,
-decay, ``hook_beta`` / ``hook_a`` / ``hook_erase_key``), independent of ``hooked_ssm.ops``. The
+Checked on the three bundled toys (Gated DeltaNet, Mamba-2, RWKV-7), a tiny random Kimi Linear
+(Kimi Delta Attention: per-channel decay) and both execution paths against a float64 per-token
+loop written here from the mixer's own input hooks (``hook_q/k/v``, decay, ``hook_beta`` /
+``hook_a`` / ``hook_erase_key``), independent of ``hooked_ssm.ops``. The
 quantity compared is ``hook_read``, the read ``o_t = S_t^T q_t`` of each position.
 """
 
 import pytest
 import torch
 from sae_lens import SAE
+from test_kda_hybrids import build_kimi_linear
 
 import hooked_ssm.components.recurrent_mixer as recurrent_mixer
 import writesae_lens  # noqa: F401  (registers the bundled releases)
@@ -20,10 +22,12 @@ from writesae_lens.demo import toy_sae_id
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 LAYER, HEAD, LENGTH, CHUNK = 1, 2, 72, 16  # 72 tokens: several chunks of 16, then a partial one
-FAMILIES = ["toy-gdn", "toy-mamba2", "toy-rwkv7"]
+FAMILIES = ["toy-gdn", "toy-mamba2", "toy-rwkv7", "kimi-linear"]
+TINY = {"kimi-linear": build_kimi_linear}  # families without a bundled toy: a tiny random checkpoint
 EXECUTIONS = ["chunked", "recurrent"]
 INPUTS = {  # the hooks the recurrence is computed from, per family
     "toy-gdn": ("hook_q", "hook_k", "hook_v", "hook_decay", "hook_beta"),
+    "kimi-linear": ("hook_q", "hook_k", "hook_v", "hook_decay", "hook_beta"),
     "toy-mamba2": ("hook_q", "hook_k", "hook_v", "hook_decay"),
     "toy-rwkv7": ("hook_q", "hook_k", "hook_v", "hook_decay", "hook_a", "hook_erase_key"),
 }
@@ -34,9 +38,13 @@ def mixer_hook(name: str) -> str:
 
 
 @pytest.fixture(scope="module", params=[(f, e) for f in FAMILIES for e in EXECUTIONS], ids=lambda p: f"{p[0]}-{p[1]}")
-def setup(request):
+def setup(request, tmp_path_factory):
     family, execution = request.param
-    model = HookedSSM.from_pretrained(family, execution=execution)
+    source = family
+    if family in TINY:
+        source = tmp_path_factory.mktemp(family)
+        TINY[family]().save_pretrained(source)
+    model = HookedSSM.from_pretrained(source, execution=execution)
     for block in model.blocks:
         if hasattr(getattr(block, "mixer", None), "chunk_size"):
             block.mixer.chunk_size = CHUNK  # several chunks, so the chunked path splits inside and across them
@@ -61,7 +69,8 @@ def run(model, tokens, state_hook=None, **kwargs):
 
 def model_family(model) -> str:
     mixer = type(model.blocks[LAYER].mixer).__name__
-    return {"GatedDeltaNetMixer": "toy-gdn", "Mamba2Mixer": "toy-mamba2", "RWKV7Mixer": "toy-rwkv7"}[mixer]
+    return {"GatedDeltaNetMixer": "toy-gdn", "Mamba2Mixer": "toy-mamba2", "RWKV7Mixer": "toy-rwkv7",
+            "KimiDeltaAttentionMixer": "kimi-linear"}[mixer]
 
 
 def reference_reads(family, inputs, replacements=None, write_edits=None):
@@ -81,10 +90,11 @@ def reference_reads(family, inputs, replacements=None, write_edits=None):
     for t in range(length):
         new = []
         for s in (state, unedited):
-            if family == "toy-gdn":
+            if family in ("toy-gdn", "kimi-linear"):  # (I - b k k^T) A_t S + b k v^T, A_t per head or per key channel
                 kt, bt = k[:, t], x["hook_beta"][:, t, :, None, None]
+                s = (decay[:, t, ..., None] if decay.dim() == 4 else decay[:, t, :, None, None]) * s
                 erased = s - bt * kt[..., :, None] * torch.einsum("bhk,bhkv->bhv", kt, s)[..., None, :]
-                s = decay[:, t, :, None, None] * erased + bt * kt[..., :, None] * v[:, t, :, None, :]
+                s = erased + bt * kt[..., :, None] * v[:, t, :, None, :]
             elif family == "toy-mamba2":
                 s = decay[:, t, :, None, None] * s + k[:, t, ..., :, None] * v[:, t, :, None, :]
             else:  # RWKV-7: diag(w) S - (a * kappa)(kappa^T S) + k v^T

@@ -4,8 +4,9 @@ put through the substitution test, whose fast path must equal naive re-runs. So 
 ``writesae_lens`` assumes one family.
 
 The tiny models are the parity tests' own (``HYBRIDS`` of test_mamba2_hybrids, ``VARIANTS`` of
-test_gdn_variants, test_minimax's, test_xlstm's), each with its recurrent layer at index 2 (Zamba2: a
-hybrid layer, so the substitution test's runs from layer 2 on carry the token embeddings).
+test_gdn_variants, test_minimax's, test_xlstm's, ``HYBRIDS`` of test_kda_hybrids), each with its recurrent
+layer at index 2 (Zamba2: a hybrid layer, so the substitution test's runs from layer 2 on carry the
+token embeddings).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 import torch
 from sae_lens import SAE
 from test_gdn_variants import VARIANTS
+from test_kda_hybrids import HYBRIDS as KDA_HYBRIDS
 from test_mamba2_hybrids import HYBRIDS
 from test_minimax import build as build_minimax
 from test_xlstm import build as build_xlstm
@@ -33,7 +35,8 @@ FAMILIES = {"bamba": HYBRIDS["bamba"].build, "granitemoehybrid": HYBRIDS["granit
             "nemotron_h": HYBRIDS["nemotron_h"].build, "falcon_h1": HYBRIDS["falcon_h1"].build,
             "olmo_hybrid": VARIANTS["olmo_hybrid"].build, "lara_mini": VARIANTS["lara_mini"].build,
             "qwen3_5_moe": VARIANTS["qwen3_5_moe"].build, "qwen4_exp": VARIANTS["qwen4_exp"].build,
-            "minimax": build_minimax, "xlstm": build_xlstm, "zamba2": HYBRIDS["zamba2_two_blocks"].build}
+            "minimax": build_minimax, "xlstm": build_xlstm, "zamba2": HYBRIDS["zamba2_two_blocks"].build,
+            "kimi_linear": KDA_HYBRIDS["kimi_linear"].build, "bailing_hybrid": KDA_HYBRIDS["bailing_hybrid"].build}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

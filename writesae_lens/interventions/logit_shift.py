@@ -9,6 +9,10 @@ unit norm; paper App. A writes the same atom ``v_i w_i^T`` with its ``w_i`` = ou
 
     d logit_tok(t) ~ eps * G(t0->t) * (u . q_t) * <J(t) W_O[h]^T w, W_U[:, tok]>.
 
+Where the decay is per key channel (RWKV-7, Kimi Delta Attention) ``G`` is the diagonal matrix
+``prod_s diag(a_s)``: ``dS_t ~ eps diag(G) u w^T`` and ``G (u . q_t)`` becomes ``u . (G * q_t)``, with
+each channel's own product (records carry ``gate_product = u^T diag(G) u``, the atom's gate).
+
 Three forms are offered (``forms=``):
 
 - ``"gate"``: ``J`` = identity, i.e. ``eps G (u . q_t) (w . W_O[h] W_U[:, tok])`` with
@@ -80,16 +84,22 @@ def readout_matrix(model: HookedSSM, layer: int, head: int) -> Float[Tensor, "d_
     return (model.W_O[layer][head].float() @ model.W_U.float()).detach()
 
 
-def gate_products(log_decay: Float[Tensor, "... pos"], t0: int, positions: Sequence[int]) -> Tensor:
-    """``G(t0 -> t) = prod_{s=t0+1..t} a_s`` for each ``t`` in ``positions`` (``t >= t0``)."""
-    cum = torch.cumsum(log_decay.double(), dim=-1)
+def gate_products(
+    log_decay: Float[Tensor, "pos"] | Float[Tensor, "pos d_k"], t0: int, positions: Sequence[int]
+) -> Float[Tensor, "n_pos"] | Float[Tensor, "n_pos d_k"]:
+    """``G(t0 -> t) = prod_{s=t0+1..t} a_s`` for each ``t`` in ``positions`` (``t >= t0``).
+
+    A per-head decay ``[pos]`` gives ``[n_pos]``; a per-key-channel decay ``[pos, d_k]`` (RWKV-7, Kimi
+    Delta Attention: ``a_s`` is ``diag(a_s)``) gives ``[n_pos, d_k]``, one product per key channel.
+    """
+    cum = torch.cumsum(log_decay.double(), dim=0)
     idx = torch.tensor(list(positions), device=log_decay.device)
-    return (cum[..., idx] - cum[..., t0 : t0 + 1]).exp()
+    return (cum[idx] - cum[t0 : t0 + 1]).exp()
 
 
 def closed_form_gate(
     q: Float[Tensor, "pos d_k"],
-    log_decay: Float[Tensor, "pos"],
+    log_decay: Float[Tensor, "pos"] | Float[Tensor, "pos d_k"],
     readout: Float[Tensor, "d_v d_vocab"],
     u: Float[Tensor, "atom d_k"],
     w: Float[Tensor, "atom d_v"],
@@ -99,16 +109,24 @@ def closed_form_gate(
 ) -> Float[Tensor, "atom n_pos n_tok"]:
     """The gate form per unit eps: ``G(t0->t) (u . q_t) (w . W_O[h] W_U[:, tok])``.
 
+    With a per-key-channel decay (``log_decay`` ``[pos, d_k]``) the perturbation decays as
+    ``diag(G) u w^T``, so the key-side factor is ``u . (G_t * q_t)``: each channel of ``u`` keeps its
+    own product, none is summed or averaged over d_k.
+
     ``tokens`` is ``[n_pos, n_tok]`` (the eval tokens at each position) or ``[n_tok]`` (the same
     tokens at every position). One prompt; many atoms, positions and tokens at once.
     """
     idx = torch.tensor(list(positions), device=q.device)
-    gate = gate_products(log_decay, t0, positions).float().to(q.device)  # [n_pos]
+    gate = gate_products(log_decay, t0, positions).float().to(q.device)  # [n_pos] or [n_pos, d_k]
     u, w = u.to(q.device), w.to(readout.device)
-    uq = u.float() @ q[idx].float().T  # [atom, n_pos]
+    q_sel = q[idx].float()
+    if gate.dim() == 2:
+        guq = u.float() @ (gate * q_sel).T  # [atom, n_pos]: u . (G_t * q_t)
+    else:
+        guq = gate * (u.float() @ q_sel.T)
     tok = tokens if tokens.dim() == 2 else tokens.expand(len(positions), -1)
     wr = w.float() @ readout  # [atom, vocab]
-    return (gate * uq)[..., None] * wr[:, tok.to(wr.device)]  # [atom, n_pos, n_tok]
+    return guq[..., None] * wr[:, tok.to(wr.device)]  # [atom, n_pos, n_tok]
 
 
 # ---------------------------------------------------------------- the audit
@@ -257,7 +275,10 @@ def run_logit_shift_audit(
     for i, p in enumerate(plans):
         obs = seen[p.prompt]
         log_decay = obs["hook_decay"].clamp_min(1e-30).log()
-        G = gate_products(log_decay, p.t0, p.positions).tolist()
+        G = gate_products(log_decay, p.t0, p.positions)
+        if G.dim() == 2:  # per key channel: the atom's own gate, u^T diag(G) u for its unit u
+            G = G @ u_sel[p.slot].double() ** 2
+        G = G.tolist()
         gate = None
         if "gate" in forms:
             gate = closed_form_gate(obs["hook_q"], log_decay, readout, u_sel[p.slot : p.slot + 1],

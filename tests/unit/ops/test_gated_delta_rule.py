@@ -13,26 +13,29 @@ from hooked_ssm.ops.gated_delta_rule import (
 )
 
 
-def random_inputs(batch, length, heads, d_k, d_v, seed, decay_scale=1.0):
+def random_inputs(batch, length, heads, d_k, d_v, seed, decay_scale=1.0, per_channel=False):
+    """``per_channel``: the log decay is ``[batch, pos, head, d_k]`` (Kimi Delta Attention)."""
     g = torch.Generator().manual_seed(seed)
     q = l2_normalize(torch.randn(batch, length, heads, d_k, generator=g)) * d_k**-0.5
     k = l2_normalize(torch.randn(batch, length, heads, d_k, generator=g))
     v = torch.randn(batch, length, heads, d_v, generator=g)
     beta = torch.rand(batch, length, heads, generator=g)
-    log_decay = -decay_scale * torch.rand(batch, length, heads, generator=g)
+    log_decay = -decay_scale * torch.rand(batch, length, heads, *((d_k,) if per_channel else ()), generator=g)
     return q, k, v, beta, log_decay
 
 
 def explicit_recurrence(q, k, v, beta, g, initial=None, edits=None):
-    """S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T (+ edit), o_t = S_t^T q_t, in float64."""
+    """S_t = (I - b_t k_t k_t^T) A_t S_{t-1} + b_t k_t v_t^T (+ edit), o_t = S_t^T q_t, in float64;
+    A_t = diag(exp(g_t)) for a per-channel ``g`` ``[.., d_k]``, exp(g_t) I for a per-head one."""
     q, k, v, beta, g = (x.double() for x in (q, k, v, beta, g))
     batch, length, heads, d_k = k.shape
     state = torch.zeros(batch, heads, d_k, v.shape[-1], dtype=torch.float64) if initial is None else initial.double()
     eye = torch.eye(d_k, dtype=torch.float64)
     outputs, states = [], []
     for t in range(length):
-        kt, bt, at = k[:, t], beta[:, t, :, None, None], g[:, t].exp()[:, :, None, None]
-        transition = at * (eye - bt * kt[..., :, None] * kt[..., None, :])
+        kt, bt = k[:, t], beta[:, t, :, None, None]
+        at = torch.diag_embed(g[:, t].exp()) if g.dim() == 4 else g[:, t].exp()[:, :, None, None] * eye
+        transition = (eye - bt * kt[..., :, None] * kt[..., None, :]) @ at
         state = transition @ state + bt * kt[..., :, None] * v[:, t, :, None, :]
         if edits and t in edits:
             state = state + edits[t].double()
@@ -50,12 +53,13 @@ def explicit_recurrence(q, k, v, beta, g, initial=None, edits=None):
     d_v=st.sampled_from([4, 8, 12]),
     chunk_size=st.sampled_from([8, 16, 64]),
     decay_scale=st.sampled_from([0.05, 1.0, 20.0]),
+    per_channel=st.booleans(),
     seed=st.integers(0, 10_000),
 )
 def test_chunked_and_recurrent_forms_match_the_explicit_recurrence(
-    batch, length, heads, d_k, d_v, chunk_size, decay_scale, seed
+    batch, length, heads, d_k, d_v, chunk_size, decay_scale, per_channel, seed
 ):
-    q, k, v, beta, g = random_inputs(batch, length, heads, d_k, d_v, seed, decay_scale)
+    q, k, v, beta, g = random_inputs(batch, length, heads, d_k, d_v, seed, decay_scale, per_channel)
     initial = torch.randn(batch, heads, d_k, d_v, generator=torch.Generator().manual_seed(seed + 1))
     o_ref, s_ref, _ = explicit_recurrence(q, k, v, beta, g, initial)
     o_rec, s_rec, _, _ = recurrent_gated_delta_rule(q, k, v, beta, g, initial)
@@ -70,11 +74,12 @@ def test_chunked_and_recurrent_forms_match_the_explicit_recurrence(
     length=st.integers(2, 120),
     n_edits=st.integers(1, 4),
     n_states=st.integers(0, 3),
+    per_channel=st.booleans(),
     seed=st.integers(0, 10_000),
 )
-def test_edits_and_state_reads_match_the_explicit_recurrence(length, n_edits, n_states, seed):
+def test_edits_and_state_reads_match_the_explicit_recurrence(length, n_edits, n_states, per_channel, seed):
     gen = torch.Generator().manual_seed(seed)
-    q, k, v, beta, g = random_inputs(2, length, 2, 8, 6, seed)
+    q, k, v, beta, g = random_inputs(2, length, 2, 8, 6, seed, per_channel=per_channel)
     edit_positions = torch.randperm(length, generator=gen)[:n_edits].tolist()
     edits = {t: torch.randn(2, 2, 8, 6, generator=gen) for t in edit_positions}
     state_positions = sorted(torch.randperm(length, generator=gen)[:n_states].tolist())
@@ -113,13 +118,14 @@ def test_split_form_avoids_a_per_token_loop_for_few_edits(monkeypatch):
     assert len(calls) == 2
 
 
-def test_every_state_comes_from_the_chunks_without_a_per_token_loop(monkeypatch):
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per head", "per channel"])
+def test_every_state_comes_from_the_chunks_without_a_per_token_loop(monkeypatch, per_channel):
     """All positions' states (with an initial state, edits at some of them, a ragged last chunk)
     equal the explicit recurrence, and the token-by-token form is never called."""
     import hooked_ssm.ops.gated_delta_rule as ops
 
     monkeypatch.setattr(ops, "recurrent_gated_delta_rule", lambda *a, **kw: pytest.fail("per-token loop"))
-    q, k, v, beta, g = random_inputs(2, 75, 3, 8, 6, seed=11)
+    q, k, v, beta, g = random_inputs(2, 75, 3, 8, 6, seed=11, per_channel=per_channel)
     initial = torch.randn(2, 3, 8, 6, generator=torch.Generator().manual_seed(12))
     edits = {9: torch.randn(2, 3, 8, 6), 40: torch.randn(2, 3, 8, 6)}
     positions = list(range(75))

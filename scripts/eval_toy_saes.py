@@ -1,6 +1,6 @@
 """Evaluate the bundled WriteSAE releases of the toy GDN model on the toy corpus's validation split.
 
-    python scripts/eval_toy_saes.py [--sae-ids blocks.1.mixer.hook_state.h0,...] [--prompts 32] [--out report.json]
+    python scripts/eval_toy_saes.py [--sae-ids blocks.1.mixer.hook_state.h1,...] [--prompts 32] [--out report.json]
 
 For each SAE: the spliced-model loss (``HookedSAESSM.run_with_saes``, mean next-token cross-entropy
 in nats/token, against the clean model) and SAELens's eval metrics through
@@ -22,10 +22,11 @@ from sae_lens.evals import EvalConfig
 import writesae_lens  # noqa: F401  (registers the architecture and the bundled releases)
 from hooked_ssm.pretrained.toy.corpus import iter_documents
 from writesae_lens import run_evals
+from writesae_lens.demo import toy_sae_id
 from writesae_lens.splicing import HookedSAESSM
 
 RELEASE = "writesae-toy-gdn"
-SAE_IDS = ("blocks.1.mixer.hook_state.h0", "blocks.1.mixer.hook_write.h0")
+SAE_IDS = (toy_sae_id(site="state"), toy_sae_id(site="write"))
 
 
 def validation_tokens(model: HookedSAESSM, n_prompts: int, context_size: int) -> torch.Tensor:

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from writesae_lens.demo import toy_site
+
 
 def test_writesae_demo_prints_the_headline_tables(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -23,5 +25,7 @@ def test_writesae_demo_prints_the_headline_tables(tmp_path):
     assert summaries["substitution"]["population"]["min_firings_per_atom"] == 5
     assert "fitted_null" in summaries["logit_shift"]["forms"]
     memory = summaries["memory"]
-    assert memory["state_ablation_kl"] > 0 and (memory["layer"], memory["head"]) == (1, 0)
+    assert memory["state_ablation_kl"] > 0 and (memory["layer"], memory["head"]) == toy_site("toy-gdn")
     assert memory["linear_response"]["n"] == summaries["substitution"]["n"]
+    assert memory["model_metric"]["last"]["n"] == summaries["substitution"]["n"]
+    assert "in the model's own metric" in out

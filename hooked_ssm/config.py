@@ -93,6 +93,7 @@ class HookedSSMConfig:
     mla_qk_rope_dim: int = 0
     mla_v_head_dim: int = 0
     mla_head_gate: bool = False  # a sigmoid gate per head on the output (BailingHybrid)
+    mla_norm_eps: float = 1e-6  # eps of the q / kv latent norms (Kimi Linear: 1e-6 whatever eps says)
     # MLP: dense (SwiGLU, or plain with mlp_gated=False) or a sparse mixture of experts with a shared expert.
     d_mlp: int = 0
     act_fn: str = "silu"
@@ -125,6 +126,10 @@ class HookedSSMConfig:
     # 0, or an empty list: no clipping.
     swiglu_limits: list[float] = field(default_factory=list)
     swiglu_limits_shared: list[float] = field(default_factory=list)
+    # GLM-5.3: the gate is clipped *before* the activation, act(min(gate, L)), and the dense MLPs clip
+    # too, at swiglu_limit_dense (0: not).
+    swiglu_clip_before_act: bool = False
+    swiglu_limit_dense: float = 0.0
     # Norms: Qwen3.5 / Qwen3-Next RMSNorms scale by (1 + w); Mamba-2 uses plain RMSNorms,
     # RWKV-7 LayerNorms with bias (norm_type="layernorm").
     eps: float = 1e-6
@@ -150,6 +155,11 @@ class HookedSSMConfig:
     # writes into each with a learned weight. 1: one ordinary residual stream.
     hc_count: int = 1
     hc_lowrank: int = 0
+    # "manifold": GLM-5.3-Flash's mHC instead (per sublayer: input weights, output weights and a doubly
+    # stochastic hc x hc mix of the streams, from hc_sinkhorn_iters Sinkhorn iterations with floor hc_eps).
+    hc_type: Literal["lowrank", "manifold"] = "lowrank"
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
     # Qwen4-Exp's QSA indexer on "indexed_attention" layers: each query attends only to the tokens of
     # the indexer_budget / indexer_compress_ratio best-scoring complete blocks of indexer_compress_ratio
     # tokens, plus the incomplete last block; indexer_n_heads query heads, one key head.
@@ -157,6 +167,9 @@ class HookedSSMConfig:
     indexer_head_dim: int = 0
     indexer_budget: int = 0
     indexer_compress_ratio: int = 0
+    # GLM-5.3's k-pool indexer ("indexed_latent_attention" layers, same four fields: n_heads, head_dim,
+    # budget = index_topk, compress ratio = index_kpool): also select the incomplete last pool's tokens.
+    indexer_tail: bool = True
     # Qwen4-Exp's Per-Layer Embeddings ("gated_deltanet_hc_ple" layers): hashed n-grams of orders
     # 2..ngram_size, heads_per_ngram heads each, ple_embed_dim wide in all, from a table of
     # ple_ngram_rows[layer] rows (its own per layer); a depthwise conv of ple_conv_kernel taps

@@ -30,6 +30,7 @@ from hooked_ssm.components.attention import GatedAttention
 from hooked_ssm.components.gated_deltanet import GatedDeltaNetMixer
 from hooked_ssm.components.hyper_connection_block import HyperConnectionBlock
 from hooked_ssm.components.indexed_attention import IndexedAttention
+from hooked_ssm.components.indexed_latent_attention import IndexedLatentAttention
 from hooked_ssm.components.kimi_delta_attention import KimiDeltaAttentionMixer
 from hooked_ssm.components.latent_attention import LatentAttention
 from hooked_ssm.components.lightning_attention import LightningAttentionMixer
@@ -96,6 +97,11 @@ LAYER_KINDS: dict[str, LayerKind] = {
     "gated_deltanet_hc_ple": LayerKind(GatedDeltaNetMixer, PLEMixerCache, grouped_keys=True, block=HyperConnectionBlock,
                                        reads_tokens=True),
     "indexed_attention_hc": LayerKind(IndexedAttention, IndexedAttentionCache, slot="attn", block=HyperConnectionBlock),
+    # GLM-5.3-Flash: KDA and latent attention narrowed by its k-pool indexer, in a hyper-connection
+    # block (cfg.hc_type="manifold")
+    "kimi_delta_attention_hc": LayerKind(KimiDeltaAttentionMixer, MixerCache, grouped_keys=True, block=HyperConnectionBlock),
+    "indexed_latent_attention_hc": LayerKind(IndexedLatentAttention, IndexedAttentionCache, slot="attn",
+                                             block=HyperConnectionBlock),
 }
 
 
@@ -137,6 +143,7 @@ CHECKPOINT_FAMILIES: tuple[CheckpointFamily, ...] = (
     CheckpointFamily("Qwen4-Exp", "qwen4_exp", ("Qwen4ExpForCausalLM",), ("qwen4_exp_text",)),
     CheckpointFamily("Kimi Linear", "kimi_linear", ("KimiLinearForCausalLM",), ("kimi_linear",)),
     CheckpointFamily("BailingHybrid (Ling 3)", "bailing_hybrid", ("BailingHybridForCausalLM",), ("bailing_hybrid",)),
+    CheckpointFamily("Glm5Next (GLM-5.3-Flash)", "glm5_next", ("Glm5NextForConditionalGeneration",), ("glm5_next",)),
 )
 
 

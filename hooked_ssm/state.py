@@ -73,8 +73,9 @@ class AttentionCache:
 
 @dataclass
 class IndexedAttentionCache(AttentionCache):
-    """An attention layer with Qwen4-Exp's QSA indexer: also the raw index keys and the RoPE position
-    of every slot (``per_slot``: a ragged stack pads them like the keys)."""
+    """An attention layer with an indexer: also the raw index keys of every slot (GLM-5.3's k-pool
+    indexer: ``[key | pooling logit]``) and their RoPE positions (Qwen4-Exp's QSA indexer) (``per_slot``:
+    a ragged stack pads them like the keys)."""
 
     index_keys: Float[Tensor, "batch pos d_index"] | None = field(default=None, metadata={"per_slot": True})
     index_positions: Int[Tensor, "batch pos"] | None = field(default=None, metadata={"per_slot": True})

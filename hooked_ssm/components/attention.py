@@ -94,11 +94,13 @@ class SoftmaxAttention(nn.Module, ABC):
         cache: AttentionCache | None = None,
         attention_mask: Tensor | None = None,
         key_selection: Bool[Tensor, "batch pos key_pos"] | None = None,
+        projected: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """``key_selection``: the keys (cache slots) each query may see besides the causal mask
-        (Qwen4-Exp's indexer); None: all."""
+        (Qwen4-Exp's and GLM-5.3's indexers); None: all. ``projected``: ``_project(x)``, when the caller
+        computed it already (an indexer that reads the query's latent)."""
         batch, length, _ = x.shape
-        q, k, v, gate = self._project(x)
+        q, k, v, gate = self._project(x) if projected is None else projected
 
         offset = 0 if cache is None else cache.length
         slots = torch.arange(offset, offset + length, device=x.device)  # cache slots of this call's tokens

@@ -21,6 +21,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from hooked_ssm.components.hyper_connection import HyperConnectionReadout
+from hooked_ssm.components.manifold_hyper_connection import ManifoldHyperConnectionReadout
 from hooked_ssm.components.mlp import build_mlp
 from hooked_ssm.components.norms import LayerNorm, RMSNorm
 from hooked_ssm.config import HookedSSMConfig
@@ -106,9 +107,9 @@ def build_blocks(cfg: HookedSSMConfig) -> list[nn.Module]:
 
 def build_final_norm(cfg: HookedSSMConfig) -> nn.Module:
     """``ln_final``: a LayerNorm for RWKV-7 (``norm_type="layernorm"``), the read-out of the streams
-    with hyper-connections (Qwen4-Exp), else an RMSNorm."""
+    with hyper-connections (Qwen4-Exp's, or GLM-5.3's manifold ones), else an RMSNorm."""
     if cfg.hc_count > 1:
-        return HyperConnectionReadout(cfg)
+        return ManifoldHyperConnectionReadout(cfg) if cfg.hc_type == "manifold" else HyperConnectionReadout(cfg)
     if cfg.norm_type == "layernorm":
         return LayerNorm(cfg.d_model, cfg.eps)
     if cfg.residual_in_fp32:

@@ -1,6 +1,8 @@
-"""The block of a model with hyper-connections (Qwen4-Exp): no residual norms; each sublayer reads
-its input from the streams through a ``HyperConnection`` (``hc1`` before the token mixer, ``hc2``
-before the MLP) and is written back into every stream with that connection's weights::
+"""The block of a model with hyper-connections (Qwen4-Exp's ``HyperConnection``, or GLM-5.3's
+``ManifoldHyperConnection`` with ``cfg.hc_type="manifold"``, which norms the sublayer's input itself):
+no residual norms; each sublayer reads its input from the streams through its connection (``hc1``
+before the token mixer, ``hc2`` before the MLP) and is written back into the streams with that
+connection's weights::
 
     x, w = hc1(resid);  resid = resid + w (x) mixer(x)       hook_mixer_out / hook_attn_out = mixer(x)
     x, w = hc2(resid);  resid = resid + w (x) mlp(x)         hook_mlp_out = mlp(x)
@@ -21,6 +23,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from hooked_ssm.components.hyper_connection import HyperConnection
+from hooked_ssm.components.manifold_hyper_connection import ManifoldHyperConnection
 from hooked_ssm.components.mlp import build_mlp
 from hooked_ssm.components.per_layer_embedding import PerLayerEmbedding
 from hooked_ssm.config import HookedSSMConfig
@@ -38,9 +41,10 @@ class HyperConnectionBlock(nn.Module):
             raise ValueError(f"A hyper-connection block holds a token mixer, not a {kind.slot!r} layer.")
         self.slot = kind.slot
         self.ple = PerLayerEmbedding(cfg, layer) if kind.reads_tokens else None
-        self.hc1 = HyperConnection(cfg)
+        connection = ManifoldHyperConnection if cfg.hc_type == "manifold" else HyperConnection
+        self.hc1 = connection(cfg)
         setattr(self, self.slot, kind.mixer(cfg, **kind.options))
-        self.hc2 = HyperConnection(cfg)
+        self.hc2 = connection(cfg)
         self.mlp = build_mlp(cfg, layer)
 
         self.hook_resid_pre = HookPoint()  # [batch, pos, hc * d_model]
@@ -68,7 +72,7 @@ class HyperConnectionBlock(nn.Module):
         else:
             out = self.mixer(x, cache, attention_mask, state_positions)
         out = getattr(self, f"hook_{self.slot}_out")(out)
-        resid = self.hook_resid_mid(HyperConnection.inject(resid, out, weights))
+        resid = self.hook_resid_mid(self.hc1.inject(resid, out, weights))
         x, weights = self.hc2(resid)
         out = self.hook_mlp_out(self.mlp(x))
-        return self.hook_resid_post(HyperConnection.inject(resid, out, weights))
+        return self.hook_resid_post(self.hc2.inject(resid, out, weights))

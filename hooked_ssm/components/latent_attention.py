@@ -30,9 +30,6 @@ from hooked_ssm.components.attention import SoftmaxAttention
 from hooked_ssm.components.norms import RMSNorm
 from hooked_ssm.config import HookedSSMConfig
 
-LATENT_NORM_EPS = 1e-6  # KimiLinearAttention's q_a / kv_a norms, whatever rms_norm_eps says
-
-
 class LatentAttention(SoftmaxAttention):
     def __init__(self, cfg: HookedSSMConfig, rotary: bool = False):
         super().__init__()
@@ -44,21 +41,31 @@ class LatentAttention(SoftmaxAttention):
         self.scale = self.d_head**-0.5 if cfg.attn_scale is None else cfg.attn_scale
         if cfg.mla_q_lora_rank > 0:
             self.q_a_proj = nn.Linear(cfg.d_model, cfg.mla_q_lora_rank, bias=cfg.attn_bias)
-            self.q_a_norm = RMSNorm(cfg.mla_q_lora_rank, LATENT_NORM_EPS, zero_centered=False)
+            self.q_a_norm = RMSNorm(cfg.mla_q_lora_rank, cfg.mla_norm_eps, zero_centered=False)
             self.q_b_proj = nn.Linear(cfg.mla_q_lora_rank, self.n_heads * self.d_head, bias=False)
         else:
             self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.d_head, bias=False)
         self.kv_a_proj = nn.Linear(cfg.d_model, self.kv_rank + self.d_shared, bias=cfg.attn_bias)
-        self.kv_a_norm = RMSNorm(self.kv_rank, LATENT_NORM_EPS, zero_centered=False)
+        self.kv_a_norm = RMSNorm(self.kv_rank, cfg.mla_norm_eps, zero_centered=False)
         self.kv_b_proj = nn.Linear(self.kv_rank, self.n_heads * (self.d_nope + self.d_v), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.d_v, cfg.d_model, bias=cfg.attn_bias)
         if self.output_gate:
             self.g_proj = nn.Linear(cfg.d_model, self.n_heads, bias=False)
         self._init_attention(cfg, sliding=False, rotary_dim=self.d_shared if rotary else 0, rotary_at_end=True)
 
+    def query_latent(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos q_rank"] | None:
+        """The normed low-rank query latent (None with a full-rank query)."""
+        return None if hasattr(self, "q_proj") else self.q_a_norm(self.q_a_proj(x))
+
     def _project(self, x: Float[Tensor, "batch pos d_model"]) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        return self.project_from_latent(x, self.query_latent(x))
+
+    def project_from_latent(
+        self, x: Float[Tensor, "batch pos d_model"], q_latent: Float[Tensor, "batch pos q_rank"] | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``_project`` with the query latent computed by the caller."""
         batch, length, _ = x.shape
-        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
+        q = self.q_proj(x) if q_latent is None else self.q_b_proj(q_latent)
         q = self.hook_q(q.view(batch, length, self.n_heads, self.d_head))
         latent, shared = self.kv_a_proj(x).split([self.kv_rank, self.d_shared], dim=-1)
         kv = self.kv_b_proj(self.kv_a_norm(latent)).view(batch, length, self.n_heads, self.d_nope + self.d_v)

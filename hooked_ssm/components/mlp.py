@@ -16,13 +16,15 @@ from hooked_ssm.config import HookedSSMConfig
 
 class GatedMLP(nn.Module):
     """``down(act(gate(x)) * up(x))``; with a ``limit`` L > 0, ``act(gate)`` is clipped at L and ``up``
-    to [-L, L] before the product (BailingHybrid's SwiGLU limits)."""
+    to [-L, L] before the product (BailingHybrid's SwiGLU limits), or, ``clip_before_act``, the gate
+    before its activation, ``act(min(gate, L))`` (GLM-5.3's)."""
 
     def __init__(
-        self, d_model: int, d_mlp: int, act_fn: str, with_hooks: bool = True, bias: bool = False, limit: float = 0.0
+        self, d_model: int, d_mlp: int, act_fn: str, with_hooks: bool = True, bias: bool = False, limit: float = 0.0,
+        clip_before_act: bool = False,
     ):
         super().__init__()
-        self.limit = limit
+        self.limit, self.clip_before_act = limit, clip_before_act
         self.gate_proj = nn.Linear(d_model, d_mlp, bias=bias)
         self.up_proj = nn.Linear(d_model, d_mlp, bias=bias)
         self.down_proj = nn.Linear(d_mlp, d_model, bias=bias)
@@ -35,9 +37,13 @@ class GatedMLP(nn.Module):
         pre = self.gate_proj(x)
         if hasattr(self, "hook_pre"):
             pre = self.hook_pre(pre)
-        gate, up = self.act(pre), self.up_proj(x)
-        if self.limit > 0:
-            gate, up = gate.clamp(max=self.limit), up.clamp(min=-self.limit, max=self.limit)
+        up = self.up_proj(x)
+        if self.limit > 0 and self.clip_before_act:
+            gate, up = self.act(pre.clamp(max=self.limit)), up.clamp(min=-self.limit, max=self.limit)
+        elif self.limit > 0:
+            gate, up = self.act(pre).clamp(max=self.limit), up.clamp(min=-self.limit, max=self.limit)
+        else:
+            gate = self.act(pre)
         post = gate * up
         if hasattr(self, "hook_post"):
             post = self.hook_post(post)
@@ -146,6 +152,7 @@ class GroupRoutedMoE(nn.Module):
         routed_scale: float,
         gated: bool = False,
         limits: tuple[float, float] = (0.0, 0.0),
+        clip_before_act: bool = False,
     ):
         super().__init__()
         self.top_k, self.n_group, self.topk_group = n_experts_per_tok, n_group, topk_group
@@ -154,9 +161,12 @@ class GroupRoutedMoE(nn.Module):
         self.score_bias = nn.Parameter(torch.zeros(n_experts))  # e_score_correction_bias
         if gated:  # limits: the SwiGLU clipping of the routed experts and of the shared expert
             self.experts = nn.ModuleList(
-                GatedMLP(d_model, d_expert, act_fn, with_hooks=False, limit=limits[0]) for _ in range(n_experts)
+                GatedMLP(d_model, d_expert, act_fn, with_hooks=False, limit=limits[0], clip_before_act=clip_before_act)
+                for _ in range(n_experts)
             )
-            self.shared_expert = GatedMLP(d_model, d_shared_expert, act_fn, with_hooks=False, limit=limits[1])
+            self.shared_expert = GatedMLP(
+                d_model, d_shared_expert, act_fn, with_hooks=False, limit=limits[1], clip_before_act=clip_before_act
+            )
         else:
             self.experts = nn.ModuleList(MLP(d_model, d_expert, act_fn, with_hooks=False) for _ in range(n_experts))
             self.shared_expert = MLP(d_model, d_shared_expert, act_fn, with_hooks=False)
@@ -191,6 +201,7 @@ def build_mlp(cfg: HookedSSMConfig, layer: int) -> nn.Module:
         return GroupRoutedMoE(
             cfg.d_model, cfg.n_experts, cfg.n_experts_per_tok, cfg.d_expert, cfg.d_shared_expert, cfg.act_fn,
             cfg.norm_topk_prob, cfg.moe_n_group, cfg.moe_topk_group, cfg.moe_routed_scale, cfg.mlp_gated, limits,
+            cfg.swiglu_clip_before_act,
         )
     if cfg.moe_layers[layer]:
         return SparseMoE(
@@ -198,5 +209,6 @@ def build_mlp(cfg: HookedSSMConfig, layer: int) -> nn.Module:
             cfg.d_shared_expert, cfg.act_fn, cfg.norm_topk_prob, cfg.shared_expert_gated,
         )
     if cfg.mlp_gated:
-        return GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, bias=cfg.mlp_bias)
+        return GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, bias=cfg.mlp_bias, limit=cfg.swiglu_limit_dense,
+                        clip_before_act=cfg.swiglu_clip_before_act)
     return MLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, bias=cfg.mlp_bias)

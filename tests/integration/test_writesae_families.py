@@ -36,7 +36,8 @@ FAMILIES = {"bamba": HYBRIDS["bamba"].build, "granitemoehybrid": HYBRIDS["granit
             "olmo_hybrid": VARIANTS["olmo_hybrid"].build, "lara_mini": VARIANTS["lara_mini"].build,
             "qwen3_5_moe": VARIANTS["qwen3_5_moe"].build, "qwen4_exp": VARIANTS["qwen4_exp"].build,
             "minimax": build_minimax, "xlstm": build_xlstm, "zamba2": HYBRIDS["zamba2_two_blocks"].build,
-            "kimi_linear": KDA_HYBRIDS["kimi_linear"].build, "bailing_hybrid": KDA_HYBRIDS["bailing_hybrid"].build}
+            "kimi_linear": KDA_HYBRIDS["kimi_linear"].build, "bailing_hybrid": KDA_HYBRIDS["bailing_hybrid"].build,
+            "glm5_next": KDA_HYBRIDS["glm5_next"].build}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -74,19 +74,20 @@ class KPoolIndexer(nn.Module):
         slots = torch.arange(n_keys, device=device)
         visible = (slots[None, :] <= slots[n_keys - length :, None]) & real[:, None, :]  # [batch, query, key]
 
-        # Pool j of a row: the slots first + j*r ... first + j*r + r - 1 after its first real slot.
-        first = torch.where(real.any(-1), real.long().argmax(-1), n_keys)
+        # Pool j of a row holds its real slots j*r ... j*r + r - 1, in order (consecutive slots from its first
+        # real one, unless a ragged cache leaves empty slots between its prefix and this call's tokens).
         n_pools = -(-n_keys // self.pool_size)
-        pool_slots = first[:, None, None] + torch.arange(n_pools * self.pool_size, device=device).view(n_pools, -1)
-        safe = pool_slots.clamp(0, n_keys - 1)
-        rows = torch.arange(batch, device=device)[:, None, None]
-        in_pool = real[rows, safe] & (pool_slots < n_keys)
+        real_slots = torch.sort(torch.where(real, slots, n_keys + slots), dim=1).values
+        pool_slots = F.pad(real_slots, (0, n_pools * self.pool_size - n_keys), value=2 * n_keys)
+        pool_slots = pool_slots.view(batch, n_pools, self.pool_size)
+        in_pool = pool_slots < n_keys
         complete = in_pool.all(-1)
+        safe = pool_slots.clamp_max(n_keys - 1)
+        rows = torch.arange(batch, device=device)[:, None, None]
         pool_logits = (logits[rows, safe].float() + self.pool_logit_bias.float()).masked_fill(~in_pool[..., None], float("-inf"))
         pool_keys = (torch.nan_to_num(pool_logits.softmax(dim=2)).to(keys.dtype) * keys[rows, safe]).sum(dim=2)
         some_row = complete.any(0)  # transformers' row of pools: those complete in some row
-        pool_keys, pool_slots, complete = pool_keys[:, some_row], pool_slots[:, some_row], complete[:, some_row]
-        safe = pool_slots.clamp(0, n_keys - 1)
+        pool_keys, safe, complete = pool_keys[:, some_row], safe[:, some_row], complete[:, some_row]
 
         scores = F.relu(torch.matmul(q.float(), pool_keys.transpose(-1, -2).float().unsqueeze(1)) * self.d_head**-0.5)
         weights = self.head_weights(x).float() * self.n_heads**-0.5
@@ -96,12 +97,13 @@ class KPoolIndexer(nn.Module):
         best = scores.topk(min(self.pools_kept, scores.shape[-1]), dim=-1).indices
         kept = torch.zeros_like(pickable).scatter_(-1, best, True) & pickable  # [batch, query, pool]
 
-        token_kept = kept[..., None].expand(-1, -1, -1, self.pool_size).flatten(-2).int()
-        counts = torch.zeros(batch, length, n_keys, dtype=torch.int32, device=device)
-        selected = counts.scatter_add_(-1, safe.flatten(1)[:, None].expand(-1, length, -1), token_kept) > 0
+        # Each slot's pool (its rank among the row's real slots // r), and whether the query kept it.
+        rank = real.long().cumsum(-1) - 1
+        pool_of_slot = (rank // self.pool_size).clamp(0, kept.shape[-1])  # the last column: in no complete pool
+        in_complete_pool = real & (rank < complete.sum(-1, keepdim=True) * self.pool_size)
+        selected = F.pad(kept, (0, 1)).gather(-1, pool_of_slot[:, None].expand(-1, length, -1)) & in_complete_pool[:, None]
         if self.tail:  # the real tokens a query sees after its last complete pool
-            seen = visible.long().sum(-1)
-            tail_start = first[:, None] + seen - seen.remainder(self.pool_size)
-            selected |= (slots >= tail_start[..., None]) & visible
+            seen = visible.long().sum(-1, keepdim=True)
+            selected |= visible & (rank[:, None] >= seen - seen.remainder(self.pool_size))
         # A pad query selects nothing (the attention lets it see itself only).
         return self.hook_selected(selected & visible & real[:, n_keys - length :, None]), packed

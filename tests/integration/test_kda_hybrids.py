@@ -31,6 +31,7 @@ from transformers.models.kimi_linear import modeling_kimi_linear
 
 from hooked_ssm import HookedSSM, as_flat
 from hooked_ssm.state import RecurrentState
+from writesae_lens.interventions.engine import stack_states
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -253,6 +254,27 @@ def test_glm5_next_indexer_narrows_the_attention(tmp_path):
     with torch.no_grad():
         assert (wide(input_ids=tokens, use_cache=False).logits - hf_model(input_ids=tokens, use_cache=False).logits
                 ).abs().max() > 1e-3
+
+
+def test_glm5_next_rows_of_different_lengths_continue_in_one_batch(tmp_path):
+    """States of prefixes of different lengths, stacked (ragged caches with empty slots between a row's
+    prefix and its next tokens, as the intervention engine builds them) and continued in two calls, give
+    each row's logits of one full forward: the indexer pools a row's real slots in order. (16 indexer
+    heads, so no two pools' scores tie at 0 and the selection does not depend on the layout.)"""
+    build_glm5_next(index_n_heads=16).save_pretrained(tmp_path)
+    model = HookedSSM.from_pretrained(tmp_path)
+    tokens, prefixes = _tokens(2, 40, seed=7), (3, 21)
+    states = [RecurrentState.empty(model.cfg.layer_types) for _ in prefixes]
+    with torch.no_grad():
+        full = model(tokens)
+        for row, (state, n) in enumerate(zip(states, prefixes)):
+            model(tokens[row : row + 1, :n], past_state=state)
+        stacked = stack_states(states)
+        steps = [model(torch.stack([tokens[row, n + start : n + start + size] for row, n in enumerate(prefixes)]),
+                       past_state=stacked) for start, size in ((0, 9), (9, 6))]
+    continued = torch.cat(steps, dim=1)
+    for row, n in enumerate(prefixes):
+        assert (continued[row] - full[row, n : n + 15]).abs().max() <= TOL
 
 
 def test_glm5_next_shared_indexer_layers_are_refused(tmp_path):

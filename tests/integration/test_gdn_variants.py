@@ -243,8 +243,12 @@ def test_rows_of_different_lengths_continue_in_one_batch(variant):
     name, directory, _, _ = variant
     if name == "lara_mini":
         pytest.skip("LaraMini's sliding-window attention refuses ragged caches (with a clear error).")
-    model = HookedSSM.from_pretrained(directory)
-    tokens, prefixes = _tokens(2, 40, seed=7), (3, 21)
+    check_rows_of_different_lengths(HookedSSM.from_pretrained(directory), _tokens(2, 40, seed=7))
+
+
+def check_rows_of_different_lengths(model: HookedSSM, tokens: torch.Tensor, prefixes: tuple[int, int] = (3, 21)) -> None:
+    """Each row's prefix run alone, the states stacked (ragged), continued in two calls of 9 and 6
+    tokens: each row's logits of one full forward."""
     states = [RecurrentState.empty(model.cfg.layer_types) for _ in prefixes]
     with torch.no_grad():
         full = model(tokens)
@@ -256,7 +260,7 @@ def test_rows_of_different_lengths_continue_in_one_batch(variant):
     continued = torch.cat(steps, dim=1)
     for row, n in enumerate(prefixes):
         diff = (continued[row] - full[row, n : n + 15]).abs().max().item()
-        assert diff <= TOL, f"{name}: row {row} continued from {n} tokens differs by {diff:.2e}"
+        assert diff <= TOL, f"row {row} continued from {n} tokens differs by {diff:.2e}"
 
 
 def test_ngrams_restart_after_eos(variant):

@@ -15,6 +15,7 @@ from types import ModuleType
 import pytest
 import torch
 from random_weights import randomize_
+from test_gdn_variants import check_rows_of_different_lengths
 from test_mamba2_hybrids import check_generation
 from transformers import (
     BailingHybridConfig,
@@ -29,9 +30,8 @@ from transformers.models.bailing_hybrid import modeling_bailing_hybrid
 from transformers.models.glm5_next import modeling_glm5_next
 from transformers.models.kimi_linear import modeling_kimi_linear
 
-from hooked_ssm import HookedSSM, as_flat
+from hooked_ssm import CheckpointError, HookedSSM, as_flat
 from hooked_ssm.state import RecurrentState
-from writesae_lens.interventions.engine import stack_states
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -262,24 +262,10 @@ def test_glm5_next_rows_of_different_lengths_continue_in_one_batch(tmp_path):
     each row's logits of one full forward: the indexer pools a row's real slots in order. (16 indexer
     heads, so no two pools' scores tie at 0 and the selection does not depend on the layout.)"""
     build_glm5_next(index_n_heads=16).save_pretrained(tmp_path)
-    model = HookedSSM.from_pretrained(tmp_path)
-    tokens, prefixes = _tokens(2, 40, seed=7), (3, 21)
-    states = [RecurrentState.empty(model.cfg.layer_types) for _ in prefixes]
-    with torch.no_grad():
-        full = model(tokens)
-        for row, (state, n) in enumerate(zip(states, prefixes)):
-            model(tokens[row : row + 1, :n], past_state=state)
-        stacked = stack_states(states)
-        steps = [model(torch.stack([tokens[row, n + start : n + start + size] for row, n in enumerate(prefixes)]),
-                       past_state=stacked) for start, size in ((0, 9), (9, 6))]
-    continued = torch.cat(steps, dim=1)
-    for row, n in enumerate(prefixes):
-        assert (continued[row] - full[row, n : n + 15]).abs().max() <= TOL
+    check_rows_of_different_lengths(HookedSSM.from_pretrained(tmp_path), _tokens(2, 40, seed=7))
 
 
 def test_glm5_next_shared_indexer_layers_are_refused(tmp_path):
-    from hooked_ssm.pretrained.checkpoint import CheckpointError
-
     config = glm5_next_config(num_hidden_layers=5, layer_types=["linear_attention"] * 3 + ["indexed_attention"] * 2,
                               mlp_layer_types=["dense"] * 5, indexer_types=["full"] * 4 + ["shared"])
     Glm5NextForConditionalGeneration(config).save_pretrained(tmp_path)

@@ -1,8 +1,10 @@
 """GLM-5.3-Flash's sparse-attention indexer (``Glm5NextTextIndexer``: DeepSeek Sparse Attention with
 k-pool compression): which keys each query of an ``indexed_latent_attention`` layer may see.
 
-Each row's tokens, from its first real one, are cut into pools of ``r = indexer_compress_ratio``
-consecutive slots; a pool is complete when all its slots hold real tokens. Per token, an index key
+Each row's real tokens, in order from its first, are cut into pools of ``r = indexer_compress_ratio``
+(consecutive slots, except where a ragged cache leaves empty slots between a row's prefix and its next
+tokens: the pools skip them, so a continued row pools as a re-run does); a pool is complete when it
+holds ``r`` real tokens. Per token, an index key
 ``k = LayerNorm(W_k x)`` and a pooling logit ``W_gate x``; a pool's key is the average of its
 tokens' keys weighted by ``softmax(W_gate x + ape)`` over the pool (``ape``: a learned logit per
 place in the pool). A query scores each pool by ``sum_h w_h relu(q_h . K_pool) / sqrt(d)``, with

@@ -30,6 +30,7 @@ from hooked_ssm.components.attention import SoftmaxAttention
 from hooked_ssm.components.norms import RMSNorm
 from hooked_ssm.config import HookedSSMConfig
 
+
 class LatentAttention(SoftmaxAttention):
     def __init__(self, cfg: HookedSSMConfig, rotary: bool = False):
         super().__init__()

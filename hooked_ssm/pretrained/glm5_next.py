@@ -7,12 +7,14 @@ hyper-connection blocks (``hc_mult`` residual streams) -> HookedSSMConfig fields
 Checkpoints (the Hub's, and what ``save_pretrained`` writes) store the KDA tensors as Kimi Linear
 does (read by its helpers) and each hyper-connection as ``hc_attn_*`` / ``hc_ffn_*``; the sublayers'
 input norms (``input_layernorm`` / ``post_attention_layernorm``) belong to the hyper-connections
-(``hc1.ln`` / ``hc2.ln``), the final ``norm`` to the read-out. Layers that reuse an earlier layer's indexer selection
-(``indexer_types`` "shared") are refused.
+(``hc1.ln`` / ``hc2.ln``), the final ``norm`` to the read-out. The multi-token-prediction layer after
+the decoder is dropped. Layers that reuse an earlier layer's indexer selection (``indexer_types``
+"shared") are refused.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +105,11 @@ def convert_state_dict(state: dict[str, Tensor], cfg: HookedSSMConfig) -> dict[s
     """Map a ``Glm5NextForConditionalGeneration`` state dict to HookedSSM's names, consuming every tensor
     of the text model."""
     state = {k.replace("model.language_model.", "model."): v for k, v in state.items()
-             if not k.startswith("model.visual.")}
+             if not k.startswith(("model.visual.", "visual."))}
+    # The multi-token-prediction layer stored after the decoder (and its shared head) is dropped, as
+    # transformers drops it.
+    state = {k: v for k, v in state.items() if not (
+        ".shared_head." in k or ((m := re.match(r"model\.layers\.(\d+)\.", k)) and int(m.group(1)) >= cfg.n_layers))}
     out = take_embeddings(state, cfg.tie_word_embeddings, "model.embed_tokens.weight", None)
     out["ln_final.norm.w"] = take(state, "model.norm.weight")
     for layer, kind in enumerate(cfg.layer_types):

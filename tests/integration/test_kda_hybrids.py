@@ -14,6 +14,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from random_weights import randomize_
 from test_gdn_variants import check_rows_of_different_lengths
 from test_mamba2_hybrids import check_generation
@@ -263,6 +264,24 @@ def test_glm5_next_rows_of_different_lengths_continue_in_one_batch(tmp_path):
     heads, so no two pools' scores tie at 0 and the selection does not depend on the layout.)"""
     build_glm5_next(index_n_heads=16).save_pretrained(tmp_path)
     check_rows_of_different_lengths(HookedSSM.from_pretrained(tmp_path), _tokens(2, 40, seed=7))
+
+
+def test_glm5_next_multi_token_prediction_layer_is_dropped(tmp_path):
+    """Checkpoints store a multi-token-prediction layer after the decoder (``layers.{n_layers}``, with a
+    ``shared_head``); transformers drops it, and so does the converter (other stray tensors still fail)."""
+    hf_model = build_glm5_next()
+    hf_model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["model.language_model.layers.4.self_attn.q_proj.weight"] = torch.zeros(4, 4)
+    weights["model.language_model.layers.4.shared_head.head.weight"] = torch.zeros(4, 4)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    tokens = _tokens(1, 12)
+    with torch.no_grad():
+        assert (HookedSSM.from_pretrained(tmp_path)(tokens) - hf_model(input_ids=tokens).logits).abs().max() <= TOL
+    weights["model.language_model.layers.0.stray.weight"] = torch.zeros(4)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="stray"):
+        HookedSSM.from_pretrained(tmp_path)
 
 
 def test_glm5_next_shared_indexer_layers_are_refused(tmp_path):

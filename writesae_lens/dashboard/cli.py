@@ -1,6 +1,6 @@
 """``writesae dashboard``: the atom dashboard of one SAE as a static site.
 
-    writesae dashboard --sae writesae-toy-gdn/blocks.1.mixer.hook_write.h0 --out site/
+    writesae dashboard --sae writesae-toy-gdn/blocks.1.mixer.hook_write.h1 --out site/
     writesae dashboard --model M --sae RELEASE/ID --out DIR [--text FILE ...] [--substitution rows.jsonl]
 
 Registered by ``writesae_lens.cli``, which imports this module only when ``dashboard`` runs.

@@ -374,10 +374,23 @@ def toy_training_dataset(model: HookedSSM, context_size: int) -> Dataset:
     return Dataset.from_dict({"input_ids": corpus_windows(model, "train", context_size).tolist()})
 
 
+def _site(args: argparse.Namespace) -> tuple[int, int]:
+    """``(layer, head)``: as given, else those of the bundled release of a toy ``--model``."""
+    if args.layer is not None and args.head is not None:
+        return args.layer, args.head
+    from writesae_lens.demo import toy_site
+
+    try:
+        layer, head = toy_site(args.model)
+    except FileNotFoundError as err:
+        raise ValueError(f"{args.model!r} has no bundled release to take a site from; pass --layer and --head.") from err
+    return (layer if args.layer is None else args.layer), (head if args.head is None else args.head)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="toy-gdn", help="bundled toy name or checkpoint directory (default: toy-gdn)")
-    p.add_argument("--layer", type=int, default=1)
-    p.add_argument("--head", type=int, default=0)
+    p.add_argument("--layer", type=int, default=None, help="default: the bundled toy's release layer (toy-gdn: 1)")
+    p.add_argument("--head", type=int, default=None, help="default: the bundled toy's release head (toy-gdn: 1)")
     p.add_argument("--site", choices=["write", "state"], default="write")
     p.add_argument("--budget", type=int, default=256, help="atoms per dictionary (default 256)")
     p.add_argument("--k", type=int, default=16, help="active atoms per token; also the SVD / PCA rank (default 16)")
@@ -403,7 +416,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = HookedSSM.from_pretrained(args.model, device=args.device)
     rows = compare_dictionaries(
-        model, toy_training_dataset(model, args.context_size), args.layer, args.head, args.site, args.budget,
+        model, toy_training_dataset(model, args.context_size), *_site(args), args.site, args.budget,
         out_dir=args.out_dir, progress=not args.quiet, k=args.k, svd_rank=args.svd_rank, epochs=args.epochs,
         n_sequences=args.n_sequences, context_size=args.context_size, lr=args.lr, train_batch_size_tokens=args.batch_size,
         substitution_firings=args.substitution_firings, methods=args.methods, seed=args.seed,

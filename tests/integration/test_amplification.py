@@ -18,8 +18,8 @@ def test_amplification_equals_adding_the_atom_to_the_write():
     feature, offset = 7, 3.0
     atom = sae.decode(torch.eye(sae.cfg.d_sae)[feature][None]) - sae.decode(torch.zeros(1, sae.cfg.d_sae))
 
-    def add_atom(write, hook):
-        write[:, :, 0] += offset * atom[0]
+    def add_atom(write, hook, head=sae.cfg.metadata.hook_head_index):
+        write[:, :, head] += offset * atom[0]
         return write
 
     with torch.no_grad():

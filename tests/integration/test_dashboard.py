@@ -19,11 +19,12 @@ from writesae_lens.dashboard import (
     substitution_by_atom,
 )
 from writesae_lens.interventions.tokens import token_windows, toy_validation_texts
-from writesae_lens.demo import toy_sae_id
+from writesae_lens.demo import toy_sae_id, toy_site
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIG = DashboardConfig(n_contexts=3, min_firings=3)
 SKIP = CONFIG.min_position
+LAYER, HEAD = toy_site("toy-gdn")
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +45,9 @@ def site_data(request, model, tokens):
 
 @pytest.fixture(scope="module")
 def reference(model, tokens):
-    names = ["blocks.1.mixer.hook_write", "blocks.1.mixer.hook_state", "blocks.1.mixer.hook_q", "blocks.1.mixer.hook_k"]
+    names = [f"blocks.{LAYER}.mixer.hook_{kind}" for kind in ("write", "state", "q", "k")]
     _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
-    return {name.rsplit(".", 1)[-1]: cache[name][:, :, 0].float() for name in names}
+    return {name.rsplit(".", 1)[-1]: cache[name][:, :, HEAD].float() for name in names}
 
 
 def test_counts_and_contexts_match_the_model(model, tokens, site_data, reference):

@@ -35,7 +35,7 @@ def test_boundary_features_equal_a_hand_computed_selection(toy):
     options = AmplificationOptions(n_features=5)
     chosen = boundary_features(model, sae, windows, options)
     _, cache = model.run_with_cache(windows, names_filter="blocks.1.mixer.hook_write")
-    codes = sae.encode(cache["blocks.1.mixer.hook_write"][:, :, 0].flatten(0, 1)).detach().double()
+    codes = sae.encode(cache["blocks.1.mixer.hook_write"][:, :, sae.cfg.metadata.hook_head_index].flatten(0, 1)).detach().double()
     texts = model.to_str_tokens(windows.flatten())
     boundary = torch.tensor([t.strip() != "" and t.strip()[-1] in ".!?" for t in texts])
     score = codes[boundary].mean(0) - codes[~boundary].mean(0)

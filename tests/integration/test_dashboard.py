@@ -87,7 +87,7 @@ def test_counts_and_contexts_match_the_model(model, tokens, site_data, reference
 def test_factor_views_match_brute_force(model, tokens, site_data, reference):
     _, sae, data = site_data
     u, w = (x.detach() for x in sae.atoms())
-    readout = (model.W_O[1][0].float() @ model.W_U.float()).detach()  # [d_v, vocab]
+    readout = (model.W_O[LAYER][HEAD].float() @ model.W_U.float()).detach()  # [d_v, vocab]
     keys = reference["hook_k"][:, SKIP:].reshape(-1, model.cfg.d_k)
     ids = tokens[:, SKIP:].reshape(-1)
     for a in data["atoms"][:5]:
@@ -191,7 +191,7 @@ def test_build_dashboard_writes_the_site_and_the_neuronpedia_batch(model, tokens
     saved = json.loads((site / "data.json").read_text())
     assert saved == data and set(data["substitution"]) == {str(a) for a in range(50)}
     batch = json.loads((site / "neuronpedia" / "batch-0.json").read_text())
-    assert (batch["model_id"], batch["layer"], batch["sae_set"]) == ("toy-gdn", 1, "write-h0")
+    assert (batch["model_id"], batch["layer"], batch["sae_set"]) == ("toy-gdn", LAYER, f"write-h{HEAD}")
     feature = batch["features"][0]
     assert feature["feature_index"] == alive[0] and feature["frac_nonzero"] == data["atoms"][0]["density"]
     assert len(feature["pos_str"]) == len(feature["pos_values"]) == config.n_tokens

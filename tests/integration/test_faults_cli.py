@@ -17,7 +17,7 @@ import pytest
 
 from writesae_lens.cli import main
 from writesae_lens.loading import load_sae
-from writesae_lens.demo import toy_sae_id
+from writesae_lens.demo import toy_sae_id, toy_site
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -119,7 +119,8 @@ def test_results_file_records_what_made_it(finished_run):
     header = json.loads(finished_run.read_text().splitlines()[0])["_run"]
     assert header["protocol"] == "substitution" and header["model"]["name"] == "toy-gdn"
     assert header["sae"]["hook_name"] == "blocks.1.mixer.hook_write" and len(header["sae"]["weights_sha256"]) == 64
-    assert header["site"] == {"layer": 1, "head": 0, "kind": "write"} and header["seed"] == 0
+    layer, head = toy_site("toy-gdn")
+    assert header["site"] == {"layer": layer, "head": head, "kind": "write"} and header["seed"] == 0
     assert header["settings"]["--max-firings"] == 12 and header["versions"]["writesae_lens"]
     summary = json.loads(finished_run.with_name(finished_run.name + ".summary.json").read_text())
     assert summary["run"] == header

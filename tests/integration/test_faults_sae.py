@@ -17,11 +17,12 @@ from writesae_lens.interventions.firings import resolve_site
 from writesae_lens.interventions.logit_shift import run_logit_shift_audit
 from writesae_lens.loading import load_sae
 from writesae_lens.sae_checks import SAEModelMismatchError, SAEModelMismatchWarning
-from writesae_lens.demo import toy_sae_id
+from writesae_lens.demo import toy_sae_id, toy_site
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 RELEASE, SAE_ID = "writesae-toy-gdn", toy_sae_id(site="write")
+OTHER_HEADS = [h for h in range(4) if h != toy_site("toy-gdn")[1]]  # toy-gdn has 4 heads
 TOKENS = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
@@ -70,8 +71,8 @@ ERRORS = [
      ValueError, ["features 600 out of range"]),
     ("SAE of another model spliced with strict=True", lambda s, m, d: m["mamba2"].add_sae(s, strict=True),
      SAEModelMismatchError, ["trained on model 'toy-gdn'", "used on 'toy-mamba2'", "load the SAE trained for this model"]),
-    ("protocol site on another head with strict=True", lambda s, m, d: resolve_site(m["gdn"], s, 1, 2, strict=True),
-     SAEModelMismatchError, ["trained on head 0", "used on head 2"]),
+    ("protocol site on another head with strict=True", lambda s, m, d: resolve_site(m["gdn"], s, 1, OTHER_HEADS[0], strict=True),
+     SAEModelMismatchError, [f"trained on head {toy_site()[1]}", f"used on head {OTHER_HEADS[0]}"]),
 ]
 
 
@@ -95,8 +96,8 @@ WARNINGS = [
      ["trained on model 'toy-gdn'", "used on 'toy-mamba2'"]),
     ("protocol on another layer", lambda s, m: resolve_site(m["gdn"], s, 0, 0),
      ["trained on hook 'blocks.1.mixer.hook_write'", "used on 'blocks.0.mixer.hook_write'"]),
-    ("protocol on another head", lambda s, m: resolve_site(m["gdn"], s, 1, 3),
-     ["trained on head 0", "used on head 3"]),
+    ("protocol on another head", lambda s, m: resolve_site(m["gdn"], s, 1, OTHER_HEADS[1]),
+     [f"trained on head {toy_site()[1]}", f"used on head {OTHER_HEADS[1]}"]),
 ]
 
 

@@ -5,12 +5,20 @@ import json
 
 import pytest
 
+from safetensors.torch import load_file
+
 from writesae_lens.cli import main
-from writesae_lens.demo import toy_sae_id
+from writesae_lens.demo import RELEASES, toy_release, toy_sae_id
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SAE = "writesae-toy-gdn/" + toy_sae_id(site="write")
 COMMON = ["--sae", SAE, "--quiet", "--context-size", "16"]
+
+
+def most_frequent_feature() -> int:
+    """The bundled write SAE's densest feature (its SAELens sparsity file): it fires on any few windows."""
+    sparsity = load_file(str(RELEASES / toy_release() / toy_sae_id(site="write") / "sparsity.safetensors"))["sparsity"]
+    return int(sparsity.argmax())
 
 
 def run(capsys, tmp_path, *argv):
@@ -26,7 +34,7 @@ def test_steer_erase_amplify(capsys, tmp_path):
     assert "100.0% (native 33.3%" in printed and "84.6%" in printed and "key='atom'" in printed
     assert summary["installs"]["config"]["starts"] == [9, 10, 11, 12, 13] and summary["sign_prediction"]["n"] == 10
 
-    printed, summary = run(capsys, tmp_path, "erase", "--n-windows", "8", "--feature", "152", "--n", "5",
+    printed, summary = run(capsys, tmp_path, "erase", "--n-windows", "8", "--feature", str(most_frequent_feature()), "--n", "5",
                            "--control-n", "3", "--dose-n", "2")
     assert "variant: erase='write'" in printed and "-0.116" in printed and "m=4" in printed
     assert summary["firing"]["n"] == 5 and len(summary["dose_sweep"]["median_by_dose"]) == 6

@@ -28,7 +28,7 @@ from hooked_ssm.config import HookedSSMConfig
 from hooked_ssm.ops.rwkv7_chunked import DEFAULT_CHUNK_SIZE
 from hooked_ssm.pretrained.rwkv7 import BLINK, to_blink_state_dict
 
-D_MODEL, N_LAYERS, HEAD_SIZE = 256, 4, 64
+D_MODEL, N_LAYERS, HEAD_SIZE = 128, 2, 64  # small enough to learn the memory tasks in a CPU-sized run
 D_MLP = 4 * D_MODEL  # BlinkDL's channel-mix width
 MODEL_CLASS = "HookedSSM"
 

@@ -21,7 +21,7 @@ from writesae_lens.demo import toy_sae_id
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-LAYER, HEAD, LENGTH, CHUNK = 1, 2, 72, 16  # 72 tokens: several chunks of 16, then a partial one
+LAYER, HEAD, LENGTH, CHUNK = 1, 1, 72, 16  # 72 tokens: several chunks of 16, then a partial one; head 1 of the 2+ every family has
 FAMILIES = ["toy-gdn", "toy-mamba2", "toy-rwkv7", "kimi-linear"]
 TINY = {"kimi-linear": build_kimi_linear}  # families without a bundled toy: a tiny random checkpoint
 EXECUTIONS = ["chunked", "recurrent"]

@@ -171,7 +171,7 @@ def write_card(report: dict, heads: dict, layer: int, head: int, args) -> None:
         f"sae = SAE.from_pretrained(\"{release}\", \"blocks.{layer}.mixer.hook_state.h{head}\")",
         "```",
         "",
-        f"Reproduce: `python scripts/train_toy_saes.py --model {args.model} --layer {layer} --head {args.head} "
+        f"Reproduce: `python scripts/train_toy_saes.py --model {args.model} --layer {layer} --head {args.head} --sites {args.sites} "
         f"--sequences {args.sequences} --epochs {args.epochs:g} --d-sae {args.d_sae} --k {args.k} --lr {args.lr:g} "
         f"--batch-tokens {args.batch_tokens} --checkpoints {args.checkpoints}`",
         "",

@@ -49,6 +49,7 @@ from hooked_ssm.components.recurrent_mixer import (
     write_edits,
 )
 from hooked_ssm.config import HookedSSMConfig
+from hooked_ssm.dtypes import at_least_fp32
 from hooked_ssm.hook_names import MATRIX_STATE_HOOK_DIMS, HookDims
 from hooked_ssm.ops.causal_conv import causal_depthwise_conv
 from hooked_ssm.ops.gated_delta_rule import (
@@ -138,12 +139,12 @@ class GatedDeltaNetMixer(nn.Module):
             self.in_proj_qkv(x), self.conv_weight, conv_state=None if cache is None else cache.conv_state
         )
         q, k, v = F.silu(conv_out).split([key_dim, key_dim, self.n_heads * self.d_v], dim=-1)
-        q = self._per_value_head(l2_normalize(q.float().view(batch, length, -1, self.d_k)))
-        k = self._per_value_head(l2_normalize(k.float().view(batch, length, -1, self.d_k)))
+        q = self._per_value_head(l2_normalize(at_least_fp32(q).view(batch, length, -1, self.d_k)))
+        k = self._per_value_head(l2_normalize(at_least_fp32(k).view(batch, length, -1, self.d_k)))
         q = self.hook_q(q * self.d_k**-0.5)
         k = self.hook_k(k)
-        v = self.hook_v(v.float().view(batch, length, self.n_heads, self.d_v))
-        beta = fill_pads(torch.sigmoid(self.in_proj_b(x)).float(), real)
+        v = self.hook_v(at_least_fp32(v).view(batch, length, self.n_heads, self.d_v))
+        beta = fill_pads(at_least_fp32(torch.sigmoid(self.in_proj_b(x))), real)
         beta = self.hook_beta(beta if self.beta_scale == 1.0 else beta * self.beta_scale)
         g = self._log_decay(x, real)
         z = self.hook_gate(self.in_proj_z(x).view(batch, length, self.n_heads, self.d_v))
@@ -164,7 +165,7 @@ class GatedDeltaNetMixer(nn.Module):
         return x if group == 1 else x.repeat_interleave(group, dim=2)
 
     def _log_decay(self, x: Tensor, real: Tensor | None) -> LogDecay:
-        a, rate = self.in_proj_a(x).float() + self.dt_bias, self.A_log.float().exp()
+        a, rate = at_least_fp32(self.in_proj_a(x)) + self.dt_bias, at_least_fp32(self.A_log).exp()
         if self.per_channel_decay:
             a, rate = a.view(*x.shape[:2], self.n_heads, self.d_k), rate[:, None]
         if self.gate_lower_bound is None:

@@ -55,6 +55,7 @@ from hooked_ssm.components.recurrent_mixer import (
     write_edits,
 )
 from hooked_ssm.config import HookedSSMConfig
+from hooked_ssm.dtypes import at_least_fp32
 from hooked_ssm.hook_names import MATRIX_STATE_HOOK_DIMS, HookDims
 from hooked_ssm.ops.causal_conv import causal_depthwise_conv
 from hooked_ssm.ops.ssd import chunked_ssd, recurrent_ssd, ssd_with_edits
@@ -73,12 +74,12 @@ class GroupedGatedRMSNorm(nn.Module):
 
     def forward(self, y: Float[Tensor, "... d"], gate: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         dtype = y.dtype
-        x = y.float() * F.silu(gate.float()) if self.gate_first else y.float()
+        x = at_least_fp32(y) * F.silu(at_least_fp32(gate)) if self.gate_first else at_least_fp32(y)
         groups = x.unflatten(-1, (-1, self.group_size))
         normed = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
         if self.gate_first:
             return self.w * normed.to(dtype)
-        return (self.w.float() * normed * F.silu(gate.float())).to(dtype)
+        return (at_least_fp32(self.w) * normed * F.silu(at_least_fp32(gate))).to(dtype)
 
 
 class Mamba2Mixer(nn.Module):
@@ -146,12 +147,12 @@ class Mamba2Mixer(nn.Module):
         xs, B, C = xBC.split([self.d_inner, group_dim, group_dim], dim=-1)
         per_group = self.n_heads // self.n_groups
         xs = self.hook_x(xs.view(batch, length, self.n_heads, self.headdim))
-        k = self.hook_k(B.float().view(batch, length, self.n_groups, self.d_state).repeat_interleave(per_group, dim=2))
-        q = self.hook_q(C.float().view(batch, length, self.n_groups, self.d_state).repeat_interleave(per_group, dim=2))
+        k = self.hook_k(at_least_fp32(B).view(batch, length, self.n_groups, self.d_state).repeat_interleave(per_group, dim=2))
+        q = self.hook_q(at_least_fp32(C).view(batch, length, self.n_groups, self.d_state).repeat_interleave(per_group, dim=2))
         dt = F.softplus(dt + self.dt_bias.to(dt.dtype)).clamp(*self.time_step_limit)
-        dt = self.hook_dt(fill_pads(dt.float(), real))
-        v = self.hook_v(xs.float() * dt[..., None])
-        log_decay = log_decay_through_hook(self.hook_decay, dt * -self.A_log.float().exp())
+        dt = self.hook_dt(fill_pads(at_least_fp32(dt), real))
+        v = self.hook_v(at_least_fp32(xs) * dt[..., None])
+        log_decay = log_decay_through_hook(self.hook_decay, dt * -at_least_fp32(self.A_log).exp())
         gate = self.hook_gate(gate.view(batch, length, self.n_heads, self.headdim))
 
         observe_write_factors(self.hook_write_factors, lambda: (k, v))
@@ -161,9 +162,9 @@ class Mamba2Mixer(nn.Module):
             cache.conv_state, cache.ssm_state = conv_state, final_state
 
         read = self.hook_read(o)
-        y = read + self.D.float()[:, None] * xs.float()
+        y = read + at_least_fp32(self.D)[:, None] * at_least_fp32(xs)
         y, gate = y.reshape(batch, length, self.d_inner), gate.reshape(batch, length, self.d_inner)
-        z = self.norm(y, gate) if hasattr(self, "norm") else y * F.silu(gate.float())
+        z = self.norm(y, gate) if hasattr(self, "norm") else y * F.silu(at_least_fp32(gate))
         z = self.hook_z(z.view(batch, length, self.n_heads, self.headdim))
         return self.out_proj(z.reshape(batch, length, self.d_inner).to(x.dtype))
 

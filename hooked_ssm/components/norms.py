@@ -7,7 +7,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
+
 from transformer_lens.hook_points import HookPoint
+
+from hooked_ssm.dtypes import at_least_fp32
 
 
 class RMSNorm(nn.Module):
@@ -26,10 +29,10 @@ class RMSNorm(nn.Module):
         self.hook_normalized = HookPoint()  # [batch, pos, d] (or [batch, pos, head, d] for per-head norms)
 
     def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
-        x32 = x.float() if self.group_size is None else x.float().unflatten(-1, (-1, self.group_size))
+        x32 = at_least_fp32(x) if self.group_size is None else at_least_fp32(x).unflatten(-1, (-1, self.group_size))
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         normed = normed if self.group_size is None else normed.flatten(-2)
-        scale = (1.0 + self.w.float()) if self.zero_centered else self.w.float()
+        scale = (1.0 + at_least_fp32(self.w)) if self.zero_centered else at_least_fp32(self.w)
         return self.hook_normalized((normed * scale).type_as(x))
 
 
@@ -55,9 +58,9 @@ class GatedRMSNorm(nn.Module):
         self, o: Float[Tensor, "... d"], gate: Float[Tensor, "... d"]
     ) -> Float[Tensor, "... d"]:
         dtype = o.dtype
-        o32 = o.float()
+        o32 = at_least_fp32(o)
         normed = (o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
-        return (self.w * normed * self.activation(gate.float())).to(dtype)
+        return (self.w * normed * self.activation(at_least_fp32(gate))).to(dtype)
 
 
 class LayerNorm(nn.Module):
@@ -71,5 +74,5 @@ class LayerNorm(nn.Module):
         self.hook_normalized = HookPoint()  # [batch, pos, d]
 
     def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
-        out = F.layer_norm(x.float(), (x.shape[-1],), self.w.float(), self.b.float(), self.eps)
+        out = F.layer_norm(at_least_fp32(x), (x.shape[-1],), at_least_fp32(self.w), at_least_fp32(self.b), self.eps)
         return self.hook_normalized(out.type_as(x))

@@ -64,6 +64,7 @@ from hooked_ssm.components.recurrent_mixer import (
     write_edits,
 )
 from hooked_ssm.config import HookedSSMConfig
+from hooked_ssm.dtypes import at_least_fp32
 from hooked_ssm.hook_names import MATRIX_STATE_HOOK_DIMS, HookDims
 from hooked_ssm.ops.rwkv7 import recurrent_rwkv7
 from hooked_ssm.ops.rwkv7_chunked import DEFAULT_CHUNK_SIZE, chunked_rwkv7
@@ -164,7 +165,7 @@ class RWKV7Mixer(nn.Module):
 
         r = self.hook_q(self._heads(self.r_proj(xr)))
         w_logit = self.w0 + torch.tanh(xw @ self.w1) @ self.w2
-        w = self.hook_decay(fill_pads(self._heads(torch.exp(-DECAY_SCALE * torch.sigmoid(w_logit.float()))), real, 1.0))
+        w = self.hook_decay(fill_pads(self._heads(torch.exp(-DECAY_SCALE * torch.sigmoid(at_least_fp32(w_logit)))), real, 1.0))
         a = self.hook_a(fill_pads(self._heads(torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)), real))
         g = self.hook_gate(self._heads(torch.sigmoid(xg @ self.g1) @ self.g2))
         k = self._heads(self.k_proj(xk))
@@ -182,9 +183,9 @@ class RWKV7Mixer(nn.Module):
             v = torch.lerp(v, v_first, self._heads(torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)))
         v = self.hook_v(fill_pads(v, real))
 
-        observe_write_factors(self.hook_write_factors, lambda: (k.float(), v.float()))
+        observe_write_factors(self.hook_write_factors, lambda: (at_least_fp32(k), at_least_fp32(v)))
         initial_state = None if cache is None else cache.ssm_state
-        o, final_state = self._scan(r.float(), w.float(), k.float(), v.float(), kappa.float(), a.float(),
+        o, final_state = self._scan(at_least_fp32(r), at_least_fp32(w), at_least_fp32(k), at_least_fp32(v), at_least_fp32(kappa), at_least_fp32(a),
                                     initial_state, state_positions)
         if cache is not None:
             cache.mixer_shift, cache.ssm_state = last, final_state

@@ -7,7 +7,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
-
 from transformer_lens.hook_points import HookPoint
 
 from hooked_ssm.dtypes import at_least_fp32

@@ -25,6 +25,7 @@ from hooked_ssm.components.manifold_hyper_connection import ManifoldHyperConnect
 from hooked_ssm.components.mlp import build_mlp
 from hooked_ssm.components.norms import LayerNorm, RMSNorm
 from hooked_ssm.config import HookedSSMConfig
+from hooked_ssm.dtypes import at_least_fp32
 from hooked_ssm.families import layer_kind
 from hooked_ssm.state import AttentionCache, MixerCache, NoCache
 
@@ -72,7 +73,7 @@ class Block(nn.Module):
             out = self.mixer(x, cache, attention_mask, state_positions)
         out = getattr(self, f"hook_{self.slot}_out")(self.ln1(out) if self.post_norm else out)
         if self.residual_in_fp32:
-            resid = resid.float()
+            resid = at_least_fp32(resid)
         resid = self._join(x if self.normed_residual else resid, out, self.slot)
         if self.has_mlp:
             resid = self.hook_resid_mid(resid)

@@ -27,6 +27,7 @@ from hooked_ssm.components.padding import fill_pads, real_tokens
 from hooked_ssm.components.mamba2 import scan_ssd_with_hooks
 from hooked_ssm.components.recurrent_mixer import log_decay_through_hook, observe_write_factors
 from hooked_ssm.config import HookedSSMConfig
+from hooked_ssm.dtypes import at_least_fp32
 from hooked_ssm.hook_names import MATRIX_STATE_HOOK_DIMS, HookDims
 from hooked_ssm.state import MixerCache
 
@@ -76,9 +77,9 @@ class LightningAttentionMixer(nn.Module):
         # (log decay 0: no decay), on either side of the row (hooked_ssm.components.padding).
         real = real_tokens(attention_mask, length)
         qkv = fill_pads(F.silu(self.qkv_proj(x)), real)
-        q, k, v = qkv.view(batch, length, self.n_heads, 3 * self.d_v).float().split(self.d_v, dim=-1)
+        q, k, v = at_least_fp32(qkv.view(batch, length, self.n_heads, 3 * self.d_v)).split(self.d_v, dim=-1)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        log_decay = fill_pads((-self.slope.float()).expand(batch, length, -1), real)
+        log_decay = fill_pads((-at_least_fp32(self.slope)).expand(batch, length, -1), real)
         log_decay = log_decay_through_hook(self.hook_decay, log_decay)
         gate = self.hook_gate(self.output_gate(x).view(batch, length, self.n_heads, self.d_v))
 

@@ -23,6 +23,7 @@ from transformer_lens.hook_points import HookPoint
 
 from hooked_ssm.components.norms import RMSNorm
 from hooked_ssm.config import HookedSSMConfig
+from hooked_ssm.dtypes import at_least_fp32
 
 MixWeights = tuple[Float[Tensor, "batch pos hc"], Float[Tensor, "batch pos hc hc"]]
 
@@ -52,11 +53,11 @@ class ManifoldHyperConnection(nn.Module):
     ) -> tuple[Float[Tensor, "batch pos d_model"], MixWeights]:
         """The sublayer's input and ``(post, comb)``, the weights ``inject`` writes back with."""
         hc = self.hc
-        flat = resid.float()
+        flat = at_least_fp32(resid)
         flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.eps)
-        pre_w, post_w, comb_w = F.linear(flat, self.fn.float()).split([hc, hc, hc * hc], dim=-1)
-        pre_b, post_b, comb_b = self.base.float().split([hc, hc, hc * hc])
-        pre_scale, post_scale, comb_scale = self.scale.float().unbind(0)
+        pre_w, post_w, comb_w = F.linear(flat, at_least_fp32(self.fn)).split([hc, hc, hc * hc], dim=-1)
+        pre_b, post_b, comb_b = at_least_fp32(self.base).split([hc, hc, hc * hc])
+        pre_scale, post_scale, comb_scale = at_least_fp32(self.scale).unbind(0)
         pre = self.hook_read_weights(torch.sigmoid(pre_w * pre_scale + pre_b) + self.hc_eps)
         post = self.hook_write_weights(2 * torch.sigmoid(post_w * post_scale + post_b))
         comb = torch.softmax(comb_w.unflatten(-1, (hc, hc)) * comb_scale + comb_b.view(hc, hc), dim=-1) + self.hc_eps

@@ -12,6 +12,7 @@ from transformer_lens.hook_points import HookPoint
 from transformers.activations import ACT2FN
 
 from hooked_ssm.config import HookedSSMConfig
+from hooked_ssm.dtypes import at_least_fp32
 
 
 class GatedMLP(nn.Module):
@@ -175,8 +176,8 @@ class GroupRoutedMoE(nn.Module):
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         flat_x = x.reshape(-1, x.shape[-1])
-        scores = torch.sigmoid(flat_x.float() @ self.router.weight.float().T)
-        for_choice = scores + self.score_bias.float()
+        scores = torch.sigmoid(at_least_fp32(flat_x) @ at_least_fp32(self.router.weight).T)
+        for_choice = scores + at_least_fp32(self.score_bias)
         grouped = for_choice.view(len(flat_x), self.n_group, -1)
         group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
         groups = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]

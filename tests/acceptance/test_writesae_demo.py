@@ -29,3 +29,7 @@ def test_writesae_demo_prints_the_headline_tables(tmp_path):
     assert memory["linear_response"]["n"] == summaries["substitution"]["n"]
     assert memory["model_metric"]["last"]["n"] == summaries["substitution"]["n"]
     assert "in the model's own metric" in out
+    curve = memory["oracle_curve"]
+    assert 0 < curve["n"] <= summaries["substitution"]["n"]
+    assert len(curve["win_rate"]["last"]) == len(curve["cosines"]) and "median_cos" in curve["atoms"]
+    assert "oracle rank-1 writes" in out

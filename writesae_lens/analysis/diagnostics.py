@@ -23,6 +23,9 @@ how far the firing atoms are from the writes they replace.
   (``r = 1``) must align to better than 1/2; a loud atom needs more, and no alignment rescues an
   atom read more than twice as strongly (``rho <= 1``). ``|rho| > 1`` flags where the quadratic
   picture fails (the edit is not small).
+* :func:`~writesae_lens.analysis.oracle_curve.oracle_curve`: the model's side alone, with no
+  dictionary: how often an oracle rank-1 write at Frobenius cosine ``c`` to the native write (same
+  norm) beats deletion, for a range of ``c``; beside it, where this SAE's atoms sit.
 * :func:`memory_diagnostics` runs them all; :func:`format_diagnostics` prints them.
 """
 
@@ -37,6 +40,7 @@ from jaxtyping import Float, Int
 from scipy import stats
 from torch import Tensor
 
+from writesae_lens.analysis.oracle_curve import atoms_beside_curve, format_oracle_curve, oracle_curve
 from writesae_lens.interventions.atoms import unit_atoms
 from writesae_lens.interventions.engine import KL, Branch, InterventionEngine, add_write, kl_divergence
 from writesae_lens.interventions.sites import resolve_site
@@ -220,21 +224,26 @@ def memory_diagnostics(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Whole-state ablation KL at the SAE's head, median KL per condition, the cosine /
-    linear-response table and the model-metric decomposition (at the window's end and at
-    ``t + 1``) of the substitution ``rows`` (run on ``tokens`` with ``score="last"``)."""
+    linear-response table, the model-metric decomposition (at the window's end and at ``t + 1``)
+    of the substitution ``rows`` (run on ``tokens`` with ``score="last"``) and the oracle curve at
+    the rows' positions."""
     site = resolve_site(model, sae)
     ablation = state_ablation_kl(model, site.layer, site.head, tokens,
                                  positions_per_window=positions_per_window, seed=seed)
     kl_add = atom_alone_kl(model, sae, tokens, rows)
+    cosines = firing_cosines(model, sae, tokens, rows)
+    curve = oracle_curve(model, site.layer, site.head, tokens, [(r["prompt"], r["position"]) for r in rows], seed=seed)
+    curve["atoms"] = atoms_beside_curve(curve, cosines)
     return {
         "layer": site.layer,
         "head": site.head,
         "state_ablation_kl": ablation["median_last"],
         "state_ablation": {k: v for k, v in ablation.items() if not k.startswith("kl_")},
         "median_kl": condition_medians(rows),
-        "linear_response": linear_response(rows, firing_cosines(model, sae, tokens, rows)),
+        "linear_response": linear_response(rows, cosines),
         "model_metric": {"last": model_metric(rows, kl_add["last"], "_last"),
                          "next": model_metric(rows, kl_add["next"], "_next")},
+        "oracle_curve": curve,
     }
 
 
@@ -265,6 +274,8 @@ def format_diagnostics(diag: dict[str, Any]) -> str:
                      f"   {100 * m['fraction_rho_outside_unit']:8.1f}%   {100 * m['win_rate']:7.1f}%")
     lines.append("  (medians; the atom wins iff rho > r/2: r = sqrt(KL_add/KL_delete), "
                  "rho = (KL_add + KL_delete - KL_atom) / (2 sqrt(KL_add KL_delete)))")
+    if "oracle_curve" in diag:
+        lines += format_oracle_curve(diag["oracle_curve"])
     return "\n".join(lines)
 
 

@@ -32,4 +32,5 @@ def test_writesae_demo_prints_the_headline_tables(tmp_path):
     curve = memory["oracle_curve"]
     assert 0 < curve["n"] <= summaries["substitution"]["n"]
     assert len(curve["win_rate"]["last"]) == len(curve["cosines"]) and "median_cos" in curve["atoms"]
+    assert set(curve["by_side"]) == {"key", "value"} and "key side only" in out
     assert "oracle rank-1 writes" in out

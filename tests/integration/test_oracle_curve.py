@@ -25,6 +25,14 @@ def test_oracle_writes_have_the_cosine_norm_and_rank_asked_for():
         assert float(write.norm()) == pytest.approx(float(native.norm()), rel=1e-12)
         assert float((write * native).sum() / native.norm() ** 2) == pytest.approx(c, abs=1e-12)
     torch.testing.assert_close(writes[-1], native, rtol=0, atol=1e-12)
+    left, _, right = torch.linalg.svd(native)
+    k, v = left[:, 0], right[0]
+    for side in ("key", "value"):
+        for c, write in zip(cosines, oracle_writes(native, cosines, torch.Generator().manual_seed(2), side)):
+            assert float((write * native).sum() / native.norm() ** 2) == pytest.approx(c, abs=1e-12)
+            # the other factor is exactly the native one: all of the write lies along v (or k)
+            kept = write @ v if side == "key" else write.T @ k
+            assert float(kept.norm()) == pytest.approx(float(native.norm()), rel=1e-12)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         oracle_writes(native, (1.2,), g)
 

@@ -232,8 +232,11 @@ def memory_diagnostics(
                                  positions_per_window=positions_per_window, seed=seed)
     kl_add = atom_alone_kl(model, sae, tokens, rows)
     cosines = firing_cosines(model, sae, tokens, rows)
-    curve = oracle_curve(model, site.layer, site.head, tokens, [(r["prompt"], r["position"]) for r in rows], seed=seed)
+    positions = [(r["prompt"], r["position"]) for r in rows]
+    curve = oracle_curve(model, site.layer, site.head, tokens, positions, seed=seed)
     curve["atoms"] = atoms_beside_curve(curve, cosines)
+    curve["by_side"] = {side: oracle_curve(model, site.layer, site.head, tokens, positions, side=side, seed=seed)["win_rate"]
+                        for side in ("key", "value")}
     return {
         "layer": site.layer,
         "head": site.head,

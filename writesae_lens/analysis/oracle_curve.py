@@ -12,9 +12,12 @@ cosine ``c`` to it and the same norm::
     D_c = s u w^T,   u = sqrt(c) k + sqrt(1 - c) n_k,   w = sqrt(c) v + sqrt(1 - c) n_v
 
 with ``n_k``, ``n_v`` random unit directions orthogonal to ``k`` and ``v`` (the cosine is split
-evenly between the key and the value side, ``<D_c, D> / ||D||^2 = c``). The **oracle curve** is the
-fraction of positions where ``D_c`` beats deletion, scored exactly as the substitution test scores
-(``KL(p_patched || p_base)`` at ``t + 1`` and at the window's last position). Where the curve stays
+evenly between the key and the value side, ``<D_c, D> / ||D||^2 = c``). ``side="key"`` or
+``"value"`` puts the whole deviation on one factor and keeps the other exact (``u = c k +
+sqrt(1 - c^2) n_k, w = v``, or the mirror): which side of the write the model is sensitive to.
+The **oracle curve** is the fraction of positions where ``D_c`` beats deletion, scored exactly as
+the substitution test scores (``KL(p_patched || p_base)`` at ``t + 1`` and at the window's last
+position). Where the curve stays
 below a target win rate up to a cosine no dictionary reaches at its firings, no dictionary passes
 the test on that model; the SAE's own atom-write cosines (``firing_cosines``) sit beside it.
 """
@@ -22,7 +25,7 @@ the test on that model; the SAE's own atom-write cosines (``firing_cosines``) si
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -34,6 +37,7 @@ from writesae_lens.interventions.firings import firing_generator
 from writesae_lens.interventions.sites import resolve_site
 
 DEFAULT_COSINES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+Side = Literal["both", "key", "value"]
 
 
 def _orthogonal_unit(x: Float[Tensor, "d"], generator: torch.Generator) -> Float[Tensor, "d"]:
@@ -44,11 +48,12 @@ def _orthogonal_unit(x: Float[Tensor, "d"], generator: torch.Generator) -> Float
 
 
 def oracle_writes(
-    native: Float[Tensor, "d_k d_v"], cosines: Sequence[float], generator: torch.Generator
+    native: Float[Tensor, "d_k d_v"], cosines: Sequence[float], generator: torch.Generator, side: Side = "both"
 ) -> Float[Tensor, "cosine d_k d_v"]:
     """Rank-1 writes with the Frobenius norm of the rank-1 ``native`` and Frobenius cosine
-    ``cosines[i]`` to it, the cosine split evenly between the key and the value factor (module
-    docstring). One pair of noise directions serves every cosine, so the writes lie on one path."""
+    ``cosines[i]`` to it: the cosine split evenly between the key and the value factor, or all on
+    ``side`` (module docstring). One pair of noise directions serves every cosine, so the writes
+    lie on one path."""
     left, sigma, right = torch.linalg.svd(native.double(), full_matrices=False)
     k, v, s = left[:, 0], right[0], sigma[0]
     n_k, n_v = _orthogonal_unit(k, generator), _orthogonal_unit(v, generator)
@@ -56,8 +61,10 @@ def oracle_writes(
     for c in cosines:
         if not 0.0 <= c <= 1.0:
             raise ValueError(f"cosines must lie in [0, 1], got {c}.")
-        a, b = c**0.5, (1.0 - c) ** 0.5
-        out.append(s * torch.outer(a * k + b * n_k, a * v + b * n_v))
+        key_cos, value_cos = {"both": (c**0.5, c**0.5), "key": (c, 1.0), "value": (1.0, c)}[side]
+        u = key_cos * k + (1.0 - key_cos**2) ** 0.5 * n_k
+        w = value_cos * v + (1.0 - value_cos**2) ** 0.5 * n_v
+        out.append(s * torch.outer(u, w))
     return torch.stack(out).to(native.dtype)
 
 
@@ -70,11 +77,13 @@ def oracle_curve(
     positions: Sequence[tuple[int, int]],
     cosines: Sequence[float] = DEFAULT_COSINES,
     *,
+    side: Side = "both",
     seed: int = 0,
     batch_size: int = 8,
 ) -> dict[str, Any]:
     """The oracle curve (module docstring) at ``(layer, head)`` over ``positions`` (``(window,
-    t)`` pairs; each scored at ``t + 1`` and at its window's last position).
+    t)`` pairs; each scored at ``t + 1`` and at its window's last position), the deviation from
+    the write on ``side``.
 
     Returns ``{"n", "cosines", "win_rate": {"last": [...], "next": [...]}, "median_ratio": {...},
     "cosine_for": {"last": {target: c or None}, ...}}``: per cosine, the fraction of positions where
@@ -94,14 +103,14 @@ def oracle_curve(
     branches = []
     for p, t in positions:
         native = writes[row_of[p], t].double()
-        candidates = [torch.zeros_like(native), *oracle_writes(native, cosines, firing_generator(seed, p, t))]
+        candidates = [torch.zeros_like(native), *oracle_writes(native, cosines, firing_generator(seed, p, t), side)]
         branches += [Branch(p, [replace_write(layer, head, t, write.float())], scored=[t + 1, length - 1], end=length - 1)
                      for write in candidates]
     results = InterventionEngine(model).run(tokens, branches, KL(), batch_size)
     per = len(cosines) + 1
     kl = {"next": np.array([float(r.scores["kl"][0]) for r in results]).reshape(len(positions), per),
           "last": np.array([float(r.scores["kl"][-1]) for r in results]).reshape(len(positions), per)}
-    summary: dict[str, Any] = {"n": len(positions), "cosines": [float(c) for c in cosines],
+    summary: dict[str, Any] = {"n": len(positions), "side": side, "cosines": [float(c) for c in cosines],
                                "win_rate": {}, "median_ratio": {}, "cosine_for": {}}
     for where, values in kl.items():
         delete, oracle = values[:, :1], values[:, 1:]
@@ -124,12 +133,16 @@ def atoms_beside_curve(curve: dict[str, Any], atom_cosines: np.ndarray) -> dict[
 
 def format_oracle_curve(curve: dict[str, Any]) -> list[str]:
     """Report lines for :func:`oracle_curve` (with ``curve["atoms"]`` from :func:`atoms_beside_curve`
-    when present)."""
+    and ``curve["by_side"]``, the ``win_rate`` of the ``side="key"`` / ``"value"`` curves, when present)."""
+    rows = [(label, curve["win_rate"][where]) for where, label in (("last", "window end"), ("next", "t+1"))]
+    for side, rates in curve.get("by_side", {}).items():  # the whole deviation on one factor
+        rows += [(f"{side} side only, {label}", rates[where]) for where, label in (("last", "end"), ("next", "t+1"))]
+    width = max(len(label) for label, _ in rows) + 2
     lines = [f"  oracle rank-1 writes at Frobenius cosine c to the native write, same norm (no SAE; "
              f"{curve['n']} firing positions): win rate against deletion",
-             "  cosine c        " + "".join(f"{c:>8.2f}" for c in curve["cosines"])]
-    for where, label in (("last", "window end"), ("next", "t+1")):
-        lines.append(f"  {label:<16}" + "".join(f"{100 * w:7.1f}%" for w in curve["win_rate"][where]))
+             "  " + "cosine c".ljust(width) + "".join(f"{c:>8.2f}" for c in curve["cosines"])]
+    for label, rates in rows:
+        lines.append("  " + label.ljust(width) + "".join(f"{100 * w:7.1f}%" for w in rates))
     need = curve["cosine_for"]["last"]["0.85"]
     verdict = (f"an atom needs cosine >= {need:.2f} to its write on most firings to win 85% at the window's end"
                if need is not None else
@@ -141,4 +154,4 @@ def format_oracle_curve(curve: dict[str, Any]) -> list[str]:
     return lines
 
 
-__all__ = ["DEFAULT_COSINES", "atoms_beside_curve", "format_oracle_curve", "oracle_curve", "oracle_writes"]
+__all__ = ["DEFAULT_COSINES", "Side", "atoms_beside_curve", "format_oracle_curve", "oracle_curve", "oracle_writes"]

@@ -6,6 +6,7 @@
     writesae erase       --sae ... --feature I
     writesae amplify     --sae ... [--doses 1 2 5 10]
     writesae partition   --sae ...
+    writesae oracle      [--sae ...] [--layer L --head H] [--cosines 0.5 0.9 0.99] [--side both|key|value]
     writesae demo        (the toy GDN + its bundled SAE; see ``writesae_lens.demo`` when present)
 
 Every subcommand loads ``--model`` (a bundled toy name, a local checkpoint directory or a Hub id;
@@ -405,6 +406,50 @@ def _partition(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- oracle
+def _oracle_args(p: argparse.ArgumentParser) -> None:
+    from writesae_lens.analysis.oracle_curve import DEFAULT_COSINES
+
+    _common(p, sae=False, context_size=128, n_windows=24)
+    p.add_argument("--sae", default=None, help="SAE (its layer/head, and its atoms' cosines to the writes at its firings)")
+    p.add_argument("--sae-id", default=None)
+    p.add_argument("--cosines", type=float, nargs="+", default=list(DEFAULT_COSINES))
+    p.add_argument("--side", choices=["both", "key", "value"], default="both",
+                   help="where the deviation from the write goes: split evenly, or all on the key / value factor")
+    p.add_argument("--positions-per-window", type=int, default=20, help="positions drawn per window (without --sae)")
+
+
+def _oracle(args: argparse.Namespace) -> int:
+    import torch
+
+    from writesae_lens.analysis.diagnostics import firing_cosines
+    from writesae_lens.analysis.oracle_curve import atoms_beside_curve, format_oracle_curve, oracle_curve
+    from writesae_lens.interventions.firings import find_firings
+    from writesae_lens.interventions.sites import resolve_site
+
+    model = load_model(args.model, args.device, args.dtype)
+    sae = load_sae(args.sae, args.sae_id, str(model.cfg.device)) if args.sae else None
+    site = resolve_site(model, sae, args.layer, args.head)
+    tokens = load_tokens(model, args)
+    if sae is not None:  # the positions the substitution test would evaluate, with the atoms it would install
+        firings = find_firings(model, sae, tokens, site, max_firings=2000, batch_size=args.batch_size, seed=args.seed)
+        positions = [(f.prompt, f.position) for f in firings]
+    else:
+        g = torch.Generator().manual_seed(args.seed)
+        length = tokens.shape[1]
+        positions = [(w, int(t)) for w in range(len(tokens))
+                     for t in torch.randint(1, length - 1, (args.positions_per_window,), generator=g)]
+    curve = oracle_curve(model, site.layer, site.head, tokens, positions, args.cosines, side=args.side,
+                         seed=args.seed, batch_size=args.batch_size)
+    if sae is not None:
+        rows = [{"prompt": f.prompt, "position": f.position, "atom": f.atom} for f in firings]
+        curve["atoms"] = atoms_beside_curve(curve, firing_cosines(model, sae, tokens, rows))
+    print(f"{args.model}, layer {site.layer} head {site.head}, deviation: {args.side}")
+    print("\n".join(format_oracle_curve(curve)))
+    _save(args, None, curve, model, sae)
+    return 0
+
+
 # ---------------------------------------------------------------- demo
 def _demo_args(p: argparse.ArgumentParser) -> None:
     from writesae_lens.demo import add_arguments
@@ -425,6 +470,8 @@ register_subcommand("steer", "sustained installs during greedy decoding, and sin
 register_subcommand("erase", "cache-slot erasure of one feature at its firings, the non-firing control and a dose sweep", _erase_args, _erase)
 register_subcommand("amplify", "boundary-feature amplification during sampling: the dose-response table", _amplify_args, _amplify)
 register_subcommand("partition", "register / bundle partition of the atoms (2- vs 1-component mixture, BIC)", _partition_args, _partition)
+register_subcommand("oracle", "how close to the native write a same-norm rank-1 write must be to beat deletion (no SAE)",
+                    _oracle_args, _oracle)
 register_subcommand("demo", "toy GDN + its bundled SAE: the paper's headline checks side by side", _demo_args, _demo)
 
 

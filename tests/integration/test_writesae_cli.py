@@ -119,3 +119,22 @@ def test_every_subcommand_takes_json():
         args += ["--atom", "0"] if name == "erase" else []
         args += ["--out", "site"] if name == "dashboard" else []
         assert build_parser().parse_args([name, *args, "--json", "s.json"]).json == "s.json"
+
+
+def test_cli_oracle_curve_with_and_without_an_sae(tmp_path, capsys):
+    model = HookedSSM.from_pretrained("toy-gdn")
+    sae_dir = tmp_path / "sae"
+    make_sae(model.cfg.d_k, model.cfg.d_v, 16, 1, 1).save_model(sae_dir)
+    text = tmp_path / "text.txt"
+    text.write_text("def f(x):\n    return x + 1\n\nThe list type supports append and pop. " * 4)
+    common = ["--text", str(text), "--context-size", "24", "--n-windows", "2", "--quiet", "--cosines", "0.5", "1.0"]
+    assert main(["oracle", *common, "--layer", "1", "--head", "1", "--positions-per-window", "3",
+                 "--json", str(tmp_path / "o.json")]) == 0
+    assert "win rate against deletion" in capsys.readouterr().out
+    curve = json.loads((tmp_path / "o.json").read_text())
+    assert curve["cosines"] == [0.5, 1.0] and curve["side"] == "both" and 0 < curve["n"] <= 6
+    assert curve["win_rate"]["next"][1] == 1.0  # c = 1 is the native write itself
+    assert main(["oracle", *common, "--sae", str(sae_dir), "--side", "key", "--json", str(tmp_path / "a.json")]) == 0
+    assert "this SAE's atoms: median cosine" in capsys.readouterr().out
+    with_sae = json.loads((tmp_path / "a.json").read_text())
+    assert with_sae["side"] == "key" and "median_cos" in with_sae["atoms"]

@@ -139,7 +139,7 @@ def format_oracle_curve(curve: dict[str, Any]) -> list[str]:
         rows += [(f"{side} side only, {label}", rates[where]) for where, label in (("last", "end"), ("next", "t+1"))]
     width = max(len(label) for label, _ in rows) + 2
     lines = [f"  oracle rank-1 writes at Frobenius cosine c to the native write, same norm (no SAE; "
-             f"{curve['n']} firing positions): win rate against deletion",
+             f"{curve['n']} positions): win rate against deletion",
              "  " + "cosine c".ljust(width) + "".join(f"{c:>8.2f}" for c in curve["cosines"])]
     for label, rates in rows:
         lines.append("  " + label.ljust(width) + "".join(f"{100 * w:7.1f}%" for w in rates))

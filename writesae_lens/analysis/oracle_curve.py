@@ -85,7 +85,7 @@ def oracle_curve(
     t)`` pairs; each scored at ``t + 1`` and at its window's last position), the deviation from
     the write on ``side``.
 
-    Returns ``{"n", "cosines", "win_rate": {"last": [...], "next": [...]}, "median_ratio": {...},
+    Returns ``{"n", "side", "cosines", "win_rate": {"last": [...], "next": [...]}, "median_ratio": {...},
     "cosine_for": {"last": {target: c or None}, ...}}``: per cosine, the fraction of positions where
     the oracle write's KL is below deletion's and the median ``KL_oracle / KL_delete``; and the
     smallest tested cosine whose win rate reaches each target (0.5, 0.85)."""
@@ -104,8 +104,8 @@ def oracle_curve(
     for p, t in positions:
         native = writes[row_of[p], t].double()
         candidates = [torch.zeros_like(native), *oracle_writes(native, cosines, firing_generator(seed, p, t), side)]
-        branches += [Branch(p, [replace_write(layer, head, t, write.float())], scored=[t + 1, length - 1], end=length - 1)
-                     for write in candidates]
+        branches += [Branch(p, [replace_write(layer, head, t, write.to(writes.dtype))], scored=sorted({t + 1, length - 1}),
+                            end=length - 1) for write in candidates]
     results = InterventionEngine(model).run(tokens, branches, KL(), batch_size)
     per = len(cosines) + 1
     kl = {"next": np.array([float(r.scores["kl"][0]) for r in results]).reshape(len(positions), per),

@@ -116,7 +116,7 @@ def train_one(model, dataset, layer: int, head: int, site: str, architecture: st
 
 
 def write_card(report: dict, heads: dict, layer: int, head: int, args) -> None:
-    release = args.out.name
+    release = f"writesae-{args.model}"  # the name it ships under, wherever --out put it
     lines = [
         f"# {release}",
         "",
